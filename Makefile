@@ -1,0 +1,37 @@
+# Developer entry points. `make demo` and `make test` each do their own set-up in .venv.
+#
+# CONSTRAINTS pins the CPU build of torch so that set-up on a machine without a GPU never
+# downloads several GB of CUDA wheels. It binds this dev environment only; a user's
+# `pip install 'cvt-deploy[torch]'` is unpinned. `make CONSTRAINTS= test` drops it.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints/cpu.txt
+PY := $(VENV)/bin/python
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test typecheck venv clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_C) -e '.[dev]'
+	# tensorrt-stubs requires the real tensorrt wheel (NVIDIA's index only): stubs alone.
+	$(PY) -m pip install -q --no-deps 'tensorrt-stubs>=10.0'
+	$(PY) tools/repair_trt_stubs.py build/typestubs
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/cvt-demo
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: $(STAMP)
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build
