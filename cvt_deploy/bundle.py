@@ -1,0 +1,236 @@
+"""The deployable bundle: a folder of artifacts plus ``manifest.json`` describing them.
+
+    build/cvt13/
+      manifest.json          what is here: model config, batch range, one entry per artifact
+      model.safetensors      the fp32 PyTorch weights (reference for parity checks)
+      model.onnx             fp32 ONNX graph (metadata_props describe it too)
+      model.fp16.onnx        typed graphs added by --precision
+      model.int8.onnx
+      model.fp16.engine      TensorRT plans, each with a .json sidecar (trt_meta)
+
+Writes are atomic: artifacts are written to a temporary name and renamed, the manifest is
+rewritten last, and a new bundle is assembled in a temporary folder that replaces ``out``
+only when complete. Torch-free: edge runtimes open bundles.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .config import CvtConfig
+from .errors import CvtDeployError
+
+MANIFEST = "manifest.json"
+FORMAT = "cvt-deploy-bundle"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class BatchRange:
+    """Batch sizes an artifact accepts: fixed when min == max (TensorRT profile min/opt/max)."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise CvtDeployError(f"batch range min={self.min} opt={self.opt} max={self.max} is not 1 <= min <= opt <= max",
+                                 "pass --batch N for a fixed batch or --batch MIN:OPT:MAX")
+
+    @property
+    def dynamic(self) -> bool:
+        return self.min != self.max
+
+    @classmethod
+    def parse(cls, text: str) -> BatchRange:
+        """'8' (fixed), '1:32' (opt = max), '1:8:32'."""
+        try:
+            parts = [int(p) for p in str(text).split(":")]
+        except ValueError:
+            raise CvtDeployError(f"--batch {text!r} is not a number or range", "use e.g. 8, 1:32 or 1:8:32") from None
+        if len(parts) == 1:
+            return cls(parts[0], parts[0], parts[0])
+        if len(parts) == 2:
+            return cls(parts[0], min(max(8, parts[0]), parts[1]), parts[1])
+        if len(parts) == 3:
+            return cls(*parts)
+        raise CvtDeployError(f"--batch {text!r} has too many parts", "use e.g. 8, 1:32 or 1:8:32")
+
+    def to_dict(self) -> dict[str, int]:
+        return {"min": self.min, "opt": self.opt, "max": self.max}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, int]) -> BatchRange:
+        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+
+
+@dataclass
+class Artifact:
+    """One file of the bundle and what it is."""
+
+    name: str            # key in the manifest, e.g. "onnx-fp16", "tensorrt-fp16"
+    file: str            # path relative to the bundle
+    kind: str            # "onnx" | "tensorrt" | "torch"
+    precision: str       # "fp32" | "fp16" | "int8"
+    sha256: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # opset, calibration, parity, build flags...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "kind": self.kind, "precision": self.precision, "sha256": self.sha256, **self.info}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any]) -> Artifact:
+        d = dict(d)
+        return cls(name, d.pop("file"), d.pop("kind"), d.pop("precision"), d.pop("sha256", ""), d)
+
+
+def artifact_name(kind: str, precision: str) -> str:
+    return f"{kind}-{precision}"
+
+
+class Bundle:
+    """An exported model folder. Open with :meth:`open`; artifacts by kind and precision."""
+
+    def __init__(self, root: Path, config: CvtConfig, batch: BatchRange,
+                 artifacts: dict[str, Artifact], extra: dict[str, Any]) -> None:
+        self.root = root
+        self.config = config
+        self.batch = batch
+        self.artifacts = artifacts
+        self.extra = extra  # source checkpoint, tool versions, eval data ...
+
+    # -- reading -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str | os.PathLike[str]) -> Bundle:
+        root = Path(root)
+        manifest = root / MANIFEST
+        if not root.is_dir():
+            raise CvtDeployError(f"bundle {str(root)!r} is not a folder",
+                                 "pass the --out folder of cvt-export (it holds manifest.json)")
+        if not manifest.is_file():
+            raise CvtDeployError(f"{root} has no {MANIFEST}, so it is not a cvt-deploy bundle",
+                                 "export one with: cvt-export --format onnx --out DIR")
+        try:
+            raw = json.loads(manifest.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}")
+            if int(raw.get("format_version", 0)) > FORMAT_VERSION:
+                raise CvtDeployError(f"{manifest} has format version {raw['format_version']}, newer than this cvt-deploy reads",
+                                     "upgrade cvt-deploy")
+            bundle = cls(root, CvtConfig.from_dict(raw["model"]), BatchRange.from_dict(raw["batch"]),
+                         {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()},
+                         {k: v for k, v in raw.items() if k not in ("format", "format_version", "model", "batch", "artifacts")})
+        except CvtDeployError:
+            raise
+        except (ValueError, KeyError, TypeError) as e:
+            raise CvtDeployError(f"{manifest} is damaged ({type(e).__name__}: {e})",
+                                 "re-export the bundle with cvt-export") from None
+        for art in bundle.artifacts.values():
+            if not (root / art.file).is_file():
+                raise CvtDeployError(f"bundle {root} lists {art.file} ({art.name}) but the file is missing",
+                                     f"copy the whole bundle folder, or re-export it (cvt-export --out {root})")
+        return bundle
+
+    def path(self, art: Artifact) -> Path:
+        return self.root / art.file
+
+    def find(self, kind: str, precision: str | None = None) -> Artifact | None:
+        """The artifact of this kind at ``precision`` (default: the most precise one present)."""
+        for p in ([precision] if precision else PRECISIONS):
+            art = self.artifacts.get(artifact_name(kind, p))
+            if art is not None:
+                return art
+        return None
+
+    def require(self, kind: str, precision: str | None = None) -> Artifact:
+        art = self.find(kind, precision)
+        if art is None:
+            have = ", ".join(sorted(self.artifacts)) or "nothing"
+            what = f"{kind} {precision}" if precision else kind
+            raise CvtDeployError(f"bundle {self.root} has no {what} artifact (it has: {have})",
+                                 f"add it with: cvt-export --onnx {self.root} --format {'trt' if kind == 'tensorrt' else 'onnx'}"
+                                 + (f" --precision {precision}" if precision else ""))
+        return art
+
+    # -- writing -----------------------------------------------------------------------
+    def add(self, art: Artifact, compute_hash: bool = True) -> Artifact:
+        """Record an artifact whose file is already in place and rewrite the manifest."""
+        if compute_hash:
+            from .checkpoints import file_sha256
+
+            art.sha256 = file_sha256(self.path(art))
+        self.artifacts[art.name] = art
+        self.save()
+        return art
+
+    def save(self) -> None:
+        data = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": self.config.to_dict(),
+                "batch": self.batch.to_dict(), **self.extra,
+                "artifacts": {k: a.to_dict() for k, a in sorted(self.artifacts.items())}}
+        atomic_write_text(self.root / MANIFEST, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+    @classmethod
+    @contextlib.contextmanager
+    def create(cls, out: str | os.PathLike[str], config: CvtConfig, batch: BatchRange,
+               extra: dict[str, Any], overwrite: bool = True) -> Iterator[Bundle]:
+        """Assemble a new bundle in a temporary sibling folder; it replaces ``out`` on success only."""
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
+        if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise CvtDeployError(f"output folder {out} is not empty and is not a bundle; refusing to replace it",
+                                 "choose an empty or new --out folder")
+        if out.is_dir() and not overwrite:
+            raise CvtDeployError(f"output folder {out} already exists", "pass another --out or allow overwriting")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        except OSError as e:
+            raise CvtDeployError(f"cannot write to {out.parent}: {e.strerror}", "choose an --out folder you can write to") from None
+        bundle = cls(tmp, config, batch, {}, dict(extra))
+        try:
+            yield bundle
+            bundle.save()
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                out.rename(old)
+            tmp.rename(out)
+            bundle.root = out
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as e:
+        raise CvtDeployError(f"cannot write {path}: {e.strerror}", "choose an output location you can write to") from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

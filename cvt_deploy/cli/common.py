@@ -1,0 +1,63 @@
+"""What every command shares: error reporting, the model/weights options, progress."""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable, Sequence
+
+from ..errors import CvtDeployError
+
+EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
+
+
+def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
+    """Run a command; a :class:`CvtDeployError` becomes one clear message and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(argv: Sequence[str] | None = None) -> int:
+        try:
+            return fn(argv)
+        except CvtDeployError as e:
+            print(f"error: {e.message}", file=sys.stderr)
+            if e.hint:
+                print(f"  fix: {e.hint}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print("interrupted; nothing was left half-written", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("model (default: the bundled demo model, CvT-tiny trained on digits)")
+    g.add_argument("--model", metavar="VARIANT",
+                   help="architecture: cvt-13, cvt-21, cvt-w24, cvt-tiny. Read from --weights when omitted; "
+                        "with --model alone the weights are random (for trying the pipeline only)")
+    g.add_argument("--weights", metavar="CKPT",
+                   help="official microsoft/CvT .pth, Hugging Face folder or hub id (microsoft/cvt-13), "
+                        "or a cvt-deploy .safetensors")
+    g.add_argument("--img-size", type=int, metavar="N", help="input size (224 or 384 for the paper's models)")
+    g.add_argument("--activation", choices=("quick_gelu", "gelu"),
+                   help="MLP activation; default: what the checkpoint was trained with "
+                        "(quick_gelu official, gelu Hugging Face)")
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
+    """(CvT, description of where it came from) for --model/--weights, else the demo model."""
+    from ..checkpoints import load_checkpoint
+    from ..demo import DEMO_WEIGHTS
+    from ..errors import require
+
+    require("torch", "torch", "Loading a PyTorch model")
+    if args.weights:
+        return load_checkpoint(args.weights, args.model, activation=args.activation, img_size=args.img_size), str(args.weights)
+    if args.model:
+        from ..model import create_model
+
+        overrides = {k: v for k, v in (("img_size", args.img_size), ("activation", args.activation)) if v}
+        print(f"note: --model {args.model} without --weights: random weights, accuracy numbers are meaningless",
+              file=sys.stderr)
+        return create_model(args.model, **overrides), f"{args.model} (random weights)"
+    return load_checkpoint(DEMO_WEIGHTS), "demo:cvt-tiny-digits"

@@ -1,0 +1,225 @@
+"""PyTorch CvT -> ONNX: ``export_onnx`` and ``simplify``, plus the graph's own metadata.
+
+Opset 17 by default: the first opset with a single LayerNormalization node (which TensorRT
+maps to its own normalisation layer and which must stay fp32 in reduced precision) and the
+newest one TensorRT 8.6, the JetPack 5/6 version, parses. torch's exporter writes opset 18
+and converts down.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from ..bundle import BatchRange, atomic_output
+from ..errors import CvtDeployError, require
+
+if TYPE_CHECKING:
+    from ..model import CvT
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+INPUT_NAME = "pixel_values"
+OUTPUT_NAME = "logits"
+META_PREFIX = "cvt_deploy."
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf files cap at 2 GB
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the libraries that took part, for provenance records."""
+    from importlib import metadata
+
+    from .. import __version__
+
+    out = {"cvt_deploy": __version__}
+    for dist in ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def fold_batchnorm(model: CvT) -> CvT:
+    """A copy with every BatchNorm of the convolutional projections folded into its conv."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from ..model import ConvProjection
+
+    folded = copy.deepcopy(model).eval()
+    for mod in folded.modules():
+        if isinstance(mod, ConvProjection) and isinstance(mod.bn, torch.nn.BatchNorm2d):
+            mod.conv = fuse_conv_bn_eval(mod.conv, mod.bn)
+            mod.bn = torch.nn.Identity()  # type: ignore[assignment]
+    return folded
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[io.StringIO]:
+    """torch's exporter logs and prints a lot that is noise to a user; keep it for errors."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            warnings.simplefilter("ignore")
+            yield buf
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET,
+                batch: BatchRange = BatchRange(), metadata: dict[str, str] | None = None) -> Path:
+    """Export ``model`` (fp32, BatchNorm folded, plain MatMul attention) to ``path`` atomically.
+
+    The batch dimension is dynamic over ``batch`` (or fixed when min == max). The result is
+    verified in ONNX Runtime at several batch sizes, because torch's exporter can silently
+    specialise the batch to the example input's.
+    """
+    require("onnx", "onnx", "ONNX export")
+    require("onnxscript", "onnx", "ONNX export")
+    import onnx
+    import torch
+
+    if opset < MIN_OPSET:
+        raise CvtDeployError(f"opset {opset} is too old: LayerNormalization is a single node only from opset 17",
+                             f"use --opset {DEFAULT_OPSET} (TensorRT 8.6+) or newer")
+    path = Path(path)
+    cfg = model.cfg
+    net = fold_batchnorm(model).float()
+    # An example batch of 1 lets the exporter specialise the batch dimension to 1.
+    example_n = batch.min if not batch.dynamic else max(2, batch.min)
+    example = torch.randn(example_n, cfg.in_chans, cfg.img_size, cfg.img_size)
+    dynamic = {"x": {0: torch.export.Dim("batch", min=batch.min, max=batch.max)}} if batch.dynamic else None
+    with _quiet_exporter() as log:
+        try:
+            program = torch.onnx.export(net, (example,), dynamo=True, opset_version=opset,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=dynamic, verbose=False)
+        except Exception as e:  # the exporter raises many internal types; all mean "export failed"
+            raise CvtDeployError(f"torch.onnx.export failed for {cfg.variant}: {type(e).__name__}: {str(e)[:500]}\n{log.getvalue()[-2000:]}",
+                                 "report this with the message above; try another --opset") from None
+    assert program is not None
+    proto = program.model_proto
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    weight_bytes = sum(p.numel() * 4 for p in net.parameters())
+    with atomic_output(path) as tmp:
+        if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+            data_name = path.name + ".data"
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+            os.replace(tmp.parent / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(proto, str(tmp))
+    check_batches(path, cfg.in_chans, cfg.img_size, batch)
+    return path
+
+
+def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
+    """Run the graph at the range's edges and a few sizes inside; fail if any is rejected."""
+    sizes = sorted({batch.min, batch.max, *(n for n in (1, 3, 8) if batch.min <= n <= batch.max)})
+    sizes = [n for n in sizes if n <= 16] or [batch.min]
+    sess = ort_session(path)
+    for n in sizes:
+        x = np.zeros((n, chans, size, size), np.float32)
+        try:
+            out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        except Exception as e:
+            raise CvtDeployError(f"the exported graph {path} rejects batch {n} ({str(e)[:300]}); "
+                                 f"the exporter fixed a dimension it should have left dynamic",
+                                 "report this; meanwhile export a fixed batch with --batch N") from None
+        if out.shape[0] != n:
+            raise CvtDeployError(f"the exported graph {path} returned {out.shape[0]} rows for a batch of {n}",
+                                 "report this; meanwhile export a fixed batch with --batch N")
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def simplify(path: str | os.PathLike[str], *, atol: float = 1e-5) -> dict[str, Any]:
+    """Simplify the graph in place with onnxsim, keeping it only if outputs still match.
+
+    Returns what happened: ``{"simplified": bool, "nodes_before", "nodes_after", "reason"}``.
+    Graphs onnxsim cannot handle (or larger than protobuf's 2 GB) are left as they are.
+    """
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    before = len(model.graph.node)
+    result: dict[str, Any] = {"simplified": False, "nodes_before": before, "nodes_after": before}
+    if (path.parent / (path.name + ".data")).exists():
+        result["reason"] = "external-data graph (over 2 GB with weights); onnxsim works in memory only"
+        return result
+    try:
+        import onnxsim
+    except ImportError:
+        result["reason"] = "onnxsim is not installed (pip install 'cvt-deploy[onnx]')"
+        return result
+    model = onnx.load(str(path))
+    try:
+        with _quiet_exporter():
+            simplified, _ = onnxsim.simplify(model, check_n=0)
+    except Exception as e:  # onnxsim surfaces C++ errors as assorted exception types
+        result["reason"] = f"onnxsim failed: {type(e).__name__}: {str(e)[:200]}"
+        return result
+    shape = model.graph.input[0].type.tensor_type.shape.dim
+    n = shape[0].dim_value or 2
+    x = np.random.default_rng(0).standard_normal((n, *(d.dim_value for d in shape[1:]))).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix=".simplify.", dir=path.parent) as scratch:
+        candidate = Path(scratch) / path.name
+        onnx.save_model(simplified, str(candidate))
+        err = float(np.abs(ort_session(path).run(None, {INPUT_NAME: x})[0]
+                           - ort_session(candidate).run(None, {INPUT_NAME: x})[0]).max())
+        if err > atol:
+            result["reason"] = f"onnxsim changed the outputs (max abs diff {err:.2e} > {atol:g}); kept the original"
+            return result
+        after = len(simplified.graph.node)
+        if after >= before:
+            result["reason"] = f"onnxsim gave no smaller graph ({before} -> {after} nodes); kept the original"
+            return result
+        os.replace(candidate, path)  # same folder, so the swap is atomic
+    result.update(simplified=True, nodes_after=len(simplified.graph.node))
+    return result
+
+
+def graph_metadata(cfg_json: str, precision: str, extra: dict[str, Any]) -> dict[str, str]:
+    """What the graph says about itself in ``metadata_props`` (all values are strings)."""
+    meta = {f"{META_PREFIX}config": cfg_json, f"{META_PREFIX}precision": precision}
+    for key, value in extra.items():
+        meta[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return meta
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``cvt_deploy.*`` metadata_props of a graph, without loading its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise CvtDeployError(f"{path} is not a readable ONNX file (truncated or corrupt?): {str(e)[:200]}",
+                             "re-export it with cvt-export") from None
+    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+

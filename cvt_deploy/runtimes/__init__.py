@@ -1,0 +1,86 @@
+"""Runtimes: one interface (:class:`Runtime`), one file per backend, chosen by name.
+
+    >>> import cvt_deploy.runtimes as rt
+    >>> runtime = rt.load("build/demo")              # best backend the bundle and machine allow
+    >>> runtime.predict(["cat.jpg"]).labels[0][:3]
+
+Backends register here by name only; nothing imports a backend's heavy library until that
+backend is asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CvtDeployError
+from .base import Prediction, Runtime
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+__all__ = ["BACKENDS", "PREFERENCE", "Prediction", "Runtime", "backend_class", "load", "available_backends"]
+
+# name -> "module:Class"; the order of PREFERENCE is what load() tries when no backend is named.
+BACKENDS = {
+    "tensorrt": "cvt_deploy.runtimes.trt:TensorRTRuntime",
+    "onnxruntime": "cvt_deploy.runtimes.ort:OrtRuntime",
+    "torch": "cvt_deploy.runtimes.pytorch:TorchRuntime",
+}
+PREFERENCE = ("tensorrt", "onnxruntime", "torch")
+
+
+def backend_class(name: str) -> type[Runtime]:
+    if name not in BACKENDS:
+        raise CvtDeployError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def available_backends(bundle: Bundle | None = None, device: str | None = None) -> dict[str, str | None]:
+    """Each backend -> None if it can run here (and the bundle has its artifact), else why not."""
+    out: dict[str, str | None] = {}
+    for name in PREFERENCE:
+        cls = backend_class(name)
+        reason = cls.unavailable_reason(device)
+        if reason is None and bundle is not None and bundle.find(cls.artifact_kind) is None:
+            reason = f"the bundle has no {cls.artifact_kind} artifact"
+        out[name] = reason
+    return out
+
+
+def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, device: str | None = None,
+         precision: str | None = None, threads: int | None = None) -> Runtime:
+    """A runtime for a bundle folder (or a single exported ``.onnx``).
+
+    ``backend``: "tensorrt", "onnxruntime" or "torch"; None picks the first of PREFERENCE
+    that is installed and has an artifact in the bundle. ``precision``: "fp32", "fp16" or
+    "int8"; None takes the most precise one the bundle holds for that backend.
+    """
+    from ..bundle import Bundle
+
+    if backend is not None:
+        backend_class(backend)  # unknown names fail before any file is read
+    if not isinstance(source, Bundle) and Path(source).suffix == ".onnx" and Path(source).is_file():
+        if backend not in (None, "onnxruntime"):
+            raise CvtDeployError(f"a bare .onnx file runs on onnxruntime, not {backend}",
+                                 "export a bundle with cvt-export to use other backends")
+        from .ort import OrtRuntime
+
+        return OrtRuntime.from_onnx(source, device=device, threads=threads)
+    bundle = source if isinstance(source, Bundle) else Bundle.open(source)
+    if backend is None:
+        reasons = available_backends(bundle, device)
+        usable = [n for n in PREFERENCE if reasons[n] is None
+                  and (precision is None or bundle.find(backend_class(n).artifact_kind, precision) is not None)]
+        if not usable:
+            detail = "; ".join(f"{n}: {r or f'no {precision} artifact'}" for n, r in reasons.items())
+            raise CvtDeployError(f"no backend can run bundle {bundle.root} here ({detail})",
+                                 "install one: pip install 'cvt-deploy[onnx]' (onnxruntime) or 'cvt-deploy[torch]'")
+        backend = usable[0]
+    cls = backend_class(backend)
+    reason = cls.unavailable_reason(device)
+    if reason is not None:
+        raise CvtDeployError(f"backend {backend} cannot run here: {reason}", cls.install_hint)
+    return cls.from_bundle(bundle, precision=precision, device=device, threads=threads)

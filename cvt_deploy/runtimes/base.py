@@ -1,0 +1,138 @@
+"""The one runtime interface every backend implements.
+
+A runtime only runs: loaders (``from_bundle``) build it from a bundle, ``run`` maps a
+preprocessed NCHW float32 batch to logits, and ``predict`` adds preprocessing, input
+checks and top-k on top. Backends live one per file and never branch on each other.
+
+Thread safety: ``predict`` keeps no per-call state on the runtime. Each backend documents
+how its ``run`` may be shared; all shipped backends allow calling one runtime from several
+threads at once (ONNX Runtime sessions are thread-safe, PyTorch inference runs under
+``torch.inference_mode``, the TensorRT runtime serialises its execution context with a lock).
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..config import CvtConfig
+from ..errors import CvtDeployError
+from ..preprocess import Images, preprocess
+
+if TYPE_CHECKING:
+    from ..bundle import BatchRange, Bundle
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Logits of a batch and their top-k classes (softmax probabilities as scores)."""
+
+    logits: np.ndarray
+    indices: np.ndarray   # (N, k) class indices, best first
+    scores: np.ndarray    # (N, k) probabilities
+    labels: list[list[str]]
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, config: CvtConfig, topk: int = 5) -> Prediction:
+        k = max(1, min(topk, logits.shape[1]))
+        probs = softmax(logits.astype(np.float64))
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return cls(logits, idx, np.take_along_axis(probs, idx, 1).astype(np.float32),
+                   [[config.label(int(i)) for i in row] for row in idx])
+
+    @property
+    def top1(self) -> np.ndarray:
+        return self.indices[:, 0]
+
+    def to_dict(self, names: list[str] | None = None) -> list[dict[str, Any]]:
+        return [{"input": names[n] if names else n,
+                 "top": [{"class": int(i), "label": lab, "score": round(float(s), 6)}
+                         for i, lab, s in zip(self.indices[n], self.labels[n], self.scores[n])]}
+                for n in range(len(self.indices))]
+
+    def to_json(self, names: list[str] | None = None) -> str:
+        return json.dumps(self.to_dict(names), indent=2)
+
+    def table(self, names: list[str] | None = None) -> str:
+        from ..report import format_table
+
+        rows = []
+        for n in range(len(self.indices)):
+            name = names[n] if names else f"#{n}"
+            for r, (lab, s) in enumerate(zip(self.labels[n], self.scores[n])):
+                rows.append([name if r == 0 else "", str(r + 1), lab, f"{100 * float(s):6.2f}%"])
+        return format_table(["input", "rank", "label", "score"], rows)
+
+
+class Runtime(ABC):
+    """A loaded model on one backend. Subclasses set ``backend`` and implement ``run``."""
+
+    backend: ClassVar[str]
+    #: What to install for this backend, shown when it is unavailable.
+    install_hint: ClassVar[str]
+
+    #: The bundle artifact kind this backend runs ("torch", "onnx", "tensorrt").
+    artifact_kind: ClassVar[str]
+
+    def __init__(self, config: CvtConfig, precision: str, device: str, batch: BatchRange | None = None) -> None:
+        self.config = config
+        self.precision = precision
+        self.device = device
+        self.batch = batch  # None: any batch size in one call
+
+    @classmethod
+    @abstractmethod
+    def unavailable_reason(cls, device: str | None = None) -> str | None:
+        """None when this backend can run here on ``device``; else why not, in one sentence."""
+
+    @classmethod
+    @abstractmethod
+    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
+                    threads: int | None = None) -> Runtime:
+        """Load this backend's artifact from a bundle (``threads``: CPU threads, None = library default)."""
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) float32 with N inside ``self.batch`` -> (N, num_classes) float32 logits."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a preprocessed batch of any size.
+
+        Batches above the artifact's maximum are split; a chunk below its minimum (a static
+        batch, a TensorRT profile) is padded with zeros and the padding dropped again.
+        """
+        if self.batch is None or self.batch.min <= len(batch) <= self.batch.max:
+            return np.asarray(self._run(batch), dtype=np.float32)
+        outs = []
+        for i in range(0, len(batch), self.batch.max):
+            chunk = batch[i:i + self.batch.max]
+            n = len(chunk)
+            if n < self.batch.min:
+                chunk = np.concatenate([chunk, np.zeros((self.batch.min - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
+        return np.concatenate(outs)
+
+    def predict(self, images: Images | np.ndarray, topk: int = 5) -> Prediction:
+        """Top-k classes for paths, PIL images, uint8 arrays or a preprocessed float32 batch."""
+        batch = preprocess(images, self.config.preprocess)
+        logits = self.run(batch)
+        if not np.isfinite(logits).all():
+            raise CvtDeployError(
+                f"the {self.backend} {self.precision} model produced NaN/inf logits for finite input",
+                "the precision overflowed on this input: check with cvt-check, or use a higher precision")
+        return Prediction.from_logits(logits, self.config, topk)
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision} on {self.device}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.config.variant} {self.describe()}>"

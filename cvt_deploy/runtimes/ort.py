@@ -1,0 +1,98 @@
+"""ONNX Runtime backend. Imports no torch, so it runs on an edge device with
+``cvt-deploy`` and ``onnxruntime`` alone.
+
+Devices map to execution providers: "cpu" -> CPU, "cuda" -> CUDA, "tensorrt" -> ORT's
+TensorRT provider. A provider that was asked for but is missing is an error, never a
+silent fall-back to CPU. Thread safety: ``InferenceSession.run`` is thread-safe, so one
+runtime serves several threads.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..config import CvtConfig
+from ..errors import CvtDeployError
+from .base import Runtime
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class OrtRuntime(Runtime):
+    backend: ClassVar[str] = "onnxruntime"
+    artifact_kind: ClassVar[str] = "onnx"
+    install_hint: ClassVar[str] = "pip install 'cvt-deploy[onnx]' (CPU) or 'cvt-deploy[gpu]' (CUDA/TensorRT providers)"
+
+    def __init__(self, path: str | os.PathLike[str], config: CvtConfig, precision: str,
+                 device: str = "cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(config, precision, device)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        wanted = PROVIDERS[device]
+        providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
+            raise CvtDeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
+                                 "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
+        if self.session.get_providers()[0] != wanted:
+            raise CvtDeployError(f"ONNX Runtime did not start its {wanted} (it fell back to {self.session.get_providers()[0]})",
+                                 "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use --device cpu")
+        self.input_name = self.session.get_inputs()[0].name
+        self.path = str(path)
+
+    @classmethod
+    def unavailable_reason(cls, device: str | None = None) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed"
+        device = device or "cpu"
+        if device not in PROVIDERS:
+            return f"onnxruntime runs on {', '.join(PROVIDERS)}, not {device!r}"
+        import onnxruntime as ort
+
+        if PROVIDERS[device] not in ort.get_available_providers():
+            return f"this onnxruntime build has no {PROVIDERS[device]} (install onnxruntime-gpu)"
+        return None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
+                    threads: int | None = None) -> OrtRuntime:
+        art = bundle.require("onnx", precision)
+        rt = cls(bundle.path(art), bundle.config, art.precision, device or "cpu", threads)
+        rt.batch = bundle.batch if not bundle.batch.dynamic else None
+        return rt
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike[str], device: str | None = None, threads: int | None = None) -> OrtRuntime:
+        """A runtime for a bare .onnx exported by cvt-deploy (its metadata_props say what it is)."""
+        import onnxruntime as ort
+
+        try:
+            meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        except Exception as e:
+            raise CvtDeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
+                                 "the file is truncated or corrupt: re-export it with cvt-export") from None
+        if "cvt_deploy.config" not in meta:
+            raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
+                                 "export it with cvt-export, or load its bundle folder instead")
+        return cls(path, CvtConfig.from_json(meta["cvt_deploy.config"]), meta.get("cvt_deploy.precision", "fp32"),
+                   device or "cpu", threads)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            out: Any = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as e:
+            raise CvtDeployError(f"ONNX Runtime rejected a batch of shape {batch.shape}: {str(e).splitlines()[0][:300]}",
+                                 "check the batch size against the bundle's --batch range") from None
+        return np.asarray(out)

@@ -1,0 +1,74 @@
+"""PyTorch backend: our CvT in eager mode, CPU or CUDA, fp32 (fp16 on CUDA).
+
+Thread safety: inference runs under ``torch.inference_mode`` and touches no module state,
+so one runtime can serve several threads (PyTorch releases the GIL inside kernels).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..errors import CvtDeployError
+from .base import Runtime
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from ..model import CvT
+
+
+class TorchRuntime(Runtime):
+    backend: ClassVar[str] = "torch"
+    artifact_kind: ClassVar[str] = "torch"
+    install_hint: ClassVar[str] = "pip install 'cvt-deploy[torch]'"
+
+    def __init__(self, model: CvT, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
+        import torch
+
+        if precision not in ("fp32", "fp16"):
+            raise CvtDeployError(f"the torch backend runs fp32 or fp16, not {precision}",
+                                 "use --backend onnxruntime or tensorrt for int8")
+        if precision == "fp16" and device == "cpu":
+            raise CvtDeployError("fp16 on the torch backend needs a CUDA device", "pass --device cuda, or use fp32 on CPU")
+        if threads:
+            torch.set_num_threads(threads)  # process-wide in PyTorch; there is no per-model setting
+        super().__init__(model.cfg, precision, device)
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self._dtype = dtype
+
+    @classmethod
+    def unavailable_reason(cls, device: str | None = None) -> str | None:
+        if importlib.util.find_spec("torch") is None:
+            return "PyTorch is not installed"
+        if device not in (None, "cpu", "cuda") and not str(device).startswith("cuda:"):
+            return f"the torch backend runs on cpu or cuda, not {device!r}"
+        if device and str(device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device is visible to PyTorch"
+        return None
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
+                    threads: int | None = None) -> TorchRuntime:
+        from ..checkpoints import load_checkpoint
+
+        art = bundle.require("torch", "fp32")
+        model = load_checkpoint(bundle.path(art))
+        return cls(model, device or "cpu", precision or "fp32", threads)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, self._dtype)
+            return self.model(x).float().cpu().numpy()
+
+    def synchronize(self) -> Any:
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
