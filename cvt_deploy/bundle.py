@@ -195,6 +195,7 @@ class Bundle:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         except OSError as e:
             raise CvtDeployError(f"cannot write to {out.parent}: {e.strerror}", "choose an --out folder you can write to") from None
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; bundles are meant to be shared
         bundle = cls(tmp, config, batch, {}, dict(extra))
         try:
             yield bundle
@@ -230,7 +231,14 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal file permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from .bundle import atomic_output
 from .config import CvtConfig, PreprocessConfig, get_config, match_variant
 from .errors import CvtDeployError, require
 
@@ -260,27 +260,32 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
             if img_size:
                 changes["preprocess"] = PreprocessConfig.for_size(img_size)
             cfg = cfg.replace(**changes)
-            if variant and get_config(variant).embed_dims != cfg.embed_dims:
+            want = get_config(variant) if variant else None
+            if want is not None and (want.embed_dims, want.depths) != (cfg.embed_dims, cfg.depths):
                 raise CvtDeployError(f"{path} holds a {cfg.variant}, not a {variant}", f"use --model {cfg.variant} or omit --model")
         else:
-            if any(k.startswith("cvt.") for k in state):
-                state = hf_to_official(state)
-            cfg = infer_config(state, activation=activation or "quick_gelu", **overrides)
+            state, default_act = _official_keys(state)
+            cfg = infer_config(state, activation=activation or default_act, **overrides)
         source_kind = "safetensors checkpoint"
     else:
-        state = _read_torch_file(path)
-        if any(k.startswith("cvt.") for k in state):
-            state = hf_to_official(state)
+        state, default_act = _official_keys(_read_torch_file(path))
         m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
         if m and "img_size" not in overrides:
             overrides["img_size"] = int(m.group(1))
-        cfg = infer_config(state, activation=activation or "quick_gelu", **overrides)
-        source_kind = "official checkpoint"
+        cfg = infer_config(state, activation=activation or default_act, **overrides)
+        source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
     if labels is not None:
         cfg = cfg.replace(labels=tuple(labels))
     model = CvT(cfg).eval()
     load_state_into(model, state, f"{source_kind} {path}")
     return model
+
+
+def _official_keys(state: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Official-key state and the activation its weights were trained with (HF's port: gelu)."""
+    if any(k.startswith("cvt.") for k in state):
+        return hf_to_official(state), "gelu"
+    return state, "quick_gelu"
 
 
 def save_checkpoint(model: CvT, path: str | os.PathLike[str]) -> Path:
@@ -291,16 +296,9 @@ def save_checkpoint(model: CvT, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CvtDeployError(f"checkpoint path {path} should end in .safetensors", "rename it to *.safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
     return path
 
 

@@ -88,6 +88,8 @@ def preprocess(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
     different sizes and modes (grayscale, RGBA) can be mixed in one call.
     """
     if isinstance(images, np.ndarray) and images.ndim == 4:
+        if len(images) == 0:
+            raise CvtDeployError("the image batch is empty (0 images)", "pass at least one image")
         if images.dtype == np.uint8:
             return np.stack([transform(load_image(x), cfg) for x in images])
         return validate_batch(images, cfg)

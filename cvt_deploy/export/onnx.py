@@ -212,6 +212,21 @@ def graph_metadata(cfg_json: str, precision: str, extra: dict[str, Any]) -> dict
     return meta
 
 
+def stamp_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
+    """Set ``metadata_props`` on an existing graph (atomically), replacing keys we own."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in meta]
+    del model.metadata_props[:]
+    for key, value in keep + list(meta.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_output(path) as tmp:
+        onnx.save_model(model, str(tmp))
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``cvt_deploy.*`` metadata_props of a graph, without loading its weights."""
     import onnx

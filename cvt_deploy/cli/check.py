@@ -1,0 +1,59 @@
+"""cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine.
+
+Exit status: 0 when every checked artifact meets its precision's gates, 1 when one does
+not, 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..runtimes import BACKENDS
+from .common import cli_entry
+
+EPILOG = """\
+The reference is PyTorch fp32 from the bundle's weights (or the fp32 ONNX graph on ONNX
+Runtime when torch is not installed). Gates: fp32 max |diff| <= 1e-3 and 99.9% top-1
+agreement; fp16 >= 99.5% top-1 agreement; int8 accuracy drop <= 1 point when labels exist.
+
+examples:
+  cvt-check --bundle build/demo
+  cvt-check --bundle build/cvt13 --backend tensorrt --data imagenet-val-subset/
+"""
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..bundle import Bundle
+    from ..export.pipeline import check_bundle
+    from ..parity import summary_table
+
+    ap = argparse.ArgumentParser(prog="cvt-check", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
+    ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b != "torch"],
+                    help="backend(s) to check (repeatable; default onnxruntime)")
+    ap.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8"),
+                    help="only these precisions (repeatable; default all in the bundle)")
+    ap.add_argument("--device", help="device for the checked backend (cpu, cuda)")
+    ap.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
+    ap.add_argument("--limit", type=int, metavar="N", help="check on at most N images (default 512)")
+    ap.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    args = ap.parse_args(argv)
+    bundle = Bundle.open(args.bundle)
+    reports = check_bundle(bundle, data=args.data, limit=args.limit, backends=args.backend or ["onnxruntime"],
+                           precisions=args.precision, device=args.device, progress=not args.quiet)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for rep in reports:
+            print(rep, end="\n\n")
+        print(summary_table(reports))
+    ok = all(reports)
+    if not ok:
+        print("error: parity gates failed for " + ", ".join(r.candidate for r in reports if not r), file=sys.stderr)
+    return 0 if ok else 1

@@ -1,0 +1,127 @@
+"""cvt-export: PyTorch CvT -> checked ONNX bundle (fp32/fp16/int8) -> TensorRT engines."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..bundle import PRECISIONS, BatchRange, Bundle
+from ..errors import CvtDeployError
+from .common import add_model_args, cli_entry, load_model_from_args
+
+EPILOG = """\
+examples:
+  cvt-export --format onnx --out build/demo                 the bundled demo model, fp32
+  cvt-export --model cvt-13 --weights CvT-13-224x224-IN-1k.pth --precision fp16,int8 --out build/cvt13
+  cvt-export --weights microsoft/cvt-13 --format trt --precision fp16 --out build/cvt13
+  cvt-export --format trt --onnx build/cvt13 --precision fp16   build the engine on the target device
+
+Every export checks each graph against PyTorch fp32 on real images (the demo held-out
+digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
+bundle is only written when everything succeeded. Run a bundle with cvt-predict, re-check
+it with cvt-check, time it with cvt-bench.
+"""
+
+
+def parse_precisions(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    for p in out:
+        if p not in PRECISIONS:
+            raise CvtDeployError(f"unknown precision {p!r}", f"use one or more of {', '.join(PRECISIONS)}, comma-separated")
+    return out or ["fp32"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(ap)
+    ap.add_argument("--format", choices=("onnx", "trt"), default="onnx",
+                    help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU)")
+    ap.add_argument("--precision", default=None, metavar="P[,P]",
+                    help="fp32, fp16, int8 or a comma list (default: fp32 for onnx, fp16 for trt). "
+                         "The fp32 graph is always written: it is the reference")
+    ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
+    ap.add_argument("--onnx", type=Path, metavar="BUNDLE",
+                    help="with --format trt: build engines from this existing bundle instead of exporting")
+    ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.6 and newer parse it)")
+    ap.add_argument("--batch", default="1:8:32", metavar="N|MIN:OPT:MAX",
+                    help="batch sizes the graphs and engines accept: fixed N, or a dynamic range (default 1:8:32; "
+                         "OPT is what TensorRT tunes for)")
+    g = ap.add_argument_group("accuracy check")
+    g.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
+    g.add_argument("--check-limit", type=int, metavar="N", help="check on at most N images (default 512)")
+    g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
+    g = ap.add_argument_group("int8 calibration")
+    g.add_argument("--calib", metavar="DIR|FILE.npy", help="calibration images (default: the demo calibration split)")
+    g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.precision)")
+    g.add_argument("--calib-count", type=int, metavar="N", help="number of calibration images")
+    g.add_argument("--calib-cache", type=Path, metavar="DIR",
+                   help="where calibration ranges are cached for reuse (default ~/.cache/cvt-deploy/calibration)")
+    g = ap.add_argument_group("TensorRT (--format trt)")
+    g.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
+    g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
+    g.add_argument("--version-compatible", action="store_true", help="engine runs on newer TensorRT 10.x too")
+    g.add_argument("--hardware-compatible", action="store_true", help="engine runs on all Ampere and newer GPUs")
+    ap.add_argument("--json", action="store_true", help="print the parity reports as JSON on stdout")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..export.pipeline import ParityFailure
+
+    args = build_parser().parse_args(argv)
+    precisions = parse_precisions(args.precision or ("fp16" if args.format == "trt" else "fp32"))
+    progress = not args.quiet
+    if args.onnx is not None:
+        if args.format != "trt":
+            raise CvtDeployError("--onnx BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
+        bundle = Bundle.open(args.onnx)
+        _build_engines(bundle, precisions, args, progress)
+        return 0
+    if args.format == "trt":
+        _require_tensorrt()  # fail before minutes of export work, not after
+    from ..export.pipeline import export_bundle
+
+    model, source = load_model_from_args(args)
+    out = args.out or Path("build") / model.cfg.variant  # type: ignore[attr-defined]
+    try:
+        result = export_bundle(model, out, source=source, precisions=precisions, opset=args.opset,  # type: ignore[arg-type]
+                               batch=BatchRange.parse(args.batch), data=args.data, check=not args.no_check,
+                               check_limit=args.check_limit, calib=args.calib, calib_method=args.calib_method,
+                               calib_count=args.calib_count, calib_cache=args.calib_cache, progress=progress)
+    except ParityFailure as e:
+        for rep in e.reports:
+            print(rep, file=sys.stderr)
+        print(f"error: {e.message}\n  fix: {e.hint}\nnothing was written to {out}", file=sys.stderr)
+        if args.json:
+            print(json.dumps([r.to_dict() for r in e.reports], indent=2))
+        return 1
+    if args.json:
+        print(json.dumps([r.to_dict() for r in result.reports], indent=2))
+    if args.format == "trt":
+        _build_engines(result.bundle, [p for p in precisions], args, progress)
+    print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
+    return 0
+
+
+def _require_tensorrt() -> None:
+    from ..trt_meta import install_hint, tensorrt_unavailable_reason
+
+    reason = tensorrt_unavailable_reason()
+    if reason is not None:
+        raise CvtDeployError(f"--format trt needs TensorRT: {reason}", install_hint())
+
+
+def _build_engines(bundle: Bundle, precisions: list[str], args: argparse.Namespace, progress: bool) -> None:
+    _require_tensorrt()
+    from ..export.tensorrt import build_engine
+
+    for precision in precisions:
+        art = build_engine(bundle, precision, workspace_mib=args.workspace, timing_cache=args.timing_cache,
+                           version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                           progress=progress)
+        print(f"built {bundle.path(art)}", file=sys.stderr)

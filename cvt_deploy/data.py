@@ -1,0 +1,80 @@
+"""Labelled evaluation data for parity checks: the demo held-out split or an image folder.
+
+An image folder holds one sub-folder per class, named as the model's labels (or by class
+index); images directly in the folder are used unlabelled (agreement only, no accuracy).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import CvtConfig
+from .demo import demo_split
+from .errors import CvtDeployError
+from .preprocess import find_images, preprocess
+from .progress import track
+
+DEFAULT_LIMIT = 512
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """A preprocessed batch, its labels (None when unknown) and where it came from."""
+
+    batch: np.ndarray
+    labels: np.ndarray | None
+    description: str
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+def is_demo_model(cfg: CvtConfig) -> bool:
+    return cfg.labels is not None and tuple(cfg.labels) == demo_split("test").names
+
+
+def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit: int | None = DEFAULT_LIMIT,
+                   progress: bool = True) -> EvalData:
+    """``source`` None: the demo model's held-out digits (labelled only for the demo model)."""
+    if source is None:
+        split = demo_split("test")
+        if limit:
+            split = split.head(limit)
+        labelled = is_demo_model(cfg)
+        what = "demo held-out digits" + ("" if labelled else " (not this model's classes: agreement only)")
+        return EvalData(preprocess(list(split.images), cfg.preprocess), split.labels if labelled else None,
+                        f"{what}, {len(split)} images")
+    root = Path(source)
+    files = find_images(root)[: limit or None] if root.is_dir() else []
+    if not root.is_dir():
+        raise CvtDeployError(f"--data {str(source)!r} is not a folder", "pass an image folder with one sub-folder per class")
+    labels = _folder_labels(root, files, cfg)
+    chunks = [preprocess([str(f) for f in files[i:i + 64]], cfg.preprocess) for i in range(0, len(files), 64)]
+    batch = np.concatenate(list(track(chunks, len(chunks), "reading images", progress)))
+    return EvalData(batch, labels, f"{root} ({len(files)} images, {'labelled' if labels is not None else 'unlabelled'})")
+
+
+def _folder_labels(root: Path, files: list[Path], cfg: CvtConfig) -> np.ndarray | None:
+    classes = [f.parent.relative_to(root).parts[0] if f.parent != root else None for f in files]
+    if all(c is None for c in classes):
+        return None
+    if any(c is None for c in classes):
+        raise CvtDeployError(f"{root} mixes images in the top folder with class sub-folders",
+                             "put every image in a sub-folder named after its class")
+    index = {name: i for i, name in enumerate(cfg.labels or ())}
+    out = []
+    for c in classes:
+        assert c is not None
+        if c in index:
+            out.append(index[c])
+        elif c.isdigit() and int(c) < cfg.num_classes:
+            out.append(int(c))
+        else:
+            known = ", ".join(list(index)[:8]) + (" ..." if len(index) > 8 else "")
+            raise CvtDeployError(f"class folder {c!r} in {root} is neither one of the model's labels nor a class index "
+                                 f"below {cfg.num_classes}",
+                                 f"name class folders by label ({known or 'the model has no labels'}) or by class index")
+    return np.asarray(out, dtype=np.int64)
