@@ -22,7 +22,7 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
             print(f"error: {e.message}", file=sys.stderr)
             if e.hint:
                 print(f"  fix: {e.hint}", file=sys.stderr)
-            return EXIT_ERROR
+            return getattr(e, "exit_code", EXIT_ERROR)
         except KeyboardInterrupt:
             print("interrupted; nothing was left half-written", file=sys.stderr)
             return 130

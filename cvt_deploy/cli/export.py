@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in result.reports], indent=2))
     if args.format == "trt":
-        _build_engines(result.bundle, [p for p in precisions], args, progress)
+        _build_engines(result.bundle, precisions, args, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
     return 0
 
@@ -125,3 +125,18 @@ def _build_engines(bundle: Bundle, precisions: list[str], args: argparse.Namespa
                            version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
                            progress=progress)
         print(f"built {bundle.path(art)}", file=sys.stderr)
+    if args.no_check:
+        return
+    from ..export.pipeline import ParityFailure, check_bundle
+    from ..parity import summary_table
+
+    # Engines meet the same gates as the ONNX graphs, on this GPU.
+    reports = check_bundle(bundle, data=args.data, limit=args.check_limit, backends=["tensorrt"],
+                           precisions=precisions, progress=progress)
+    for rep in reports:
+        art = bundle.require("tensorrt", rep.precision)
+        art.info["parity"] = rep.to_dict()
+    bundle.save()
+    print(summary_table(reports), file=sys.stderr)
+    if not all(reports):
+        raise ParityFailure(reports)

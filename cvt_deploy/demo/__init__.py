@@ -17,6 +17,7 @@ from ..errors import CvtDeployError
 DEMO_DIR = Path(__file__).parent
 DEMO_WEIGHTS = DEMO_DIR / "cvt-tiny-digits.safetensors"
 DEMO_DATA = DEMO_DIR / "digits.npz"
+DEMO_SAMPLES = DEMO_DIR / "samples"  # one held-out PNG per class, for the demo and docs
 SPLITS = ("train", "calib", "test")
 
 

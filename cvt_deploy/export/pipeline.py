@@ -28,6 +28,8 @@ ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.in
 class ParityFailure(CvtDeployError):
     """An artifact missed its precision's gates; ``reports`` say by how much."""
 
+    exit_code = 1  # the CLIs' "ran, but a check failed"
+
     def __init__(self, reports: list[ParityReport]) -> None:
         self.reports = reports
         failed = [r for r in reports if not r]
