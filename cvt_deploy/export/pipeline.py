@@ -109,8 +109,9 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
     from ..calibration import DEFAULT_CALIB_COUNT, load_calibration
     from .precision import quantize_int8
 
-    batch, description = load_calibration(calib, bundle.config, calib_count or DEFAULT_CALIB_COUNT)
-    kwargs: dict[str, Any] = {"cache": calib_cache if calib_cache is not None else default_cache_dir() / "calibration"}
+    batch, description = load_calibration(calib, bundle.config, calib_count or DEFAULT_CALIB_COUNT, progress=progress)
+    kwargs: dict[str, Any] = {"cache": calib_cache if calib_cache is not None else default_cache_dir() / "calibration",
+                              "progress": progress}
     if calib_method:
         kwargs["method"] = calib_method
     with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):
