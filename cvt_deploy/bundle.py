@@ -106,6 +106,7 @@ class Bundle:
         self.batch = batch
         self.artifacts = artifacts
         self.extra = extra  # source checkpoint, tool versions, eval data ...
+        self._verified: set[str] = set()
 
     # -- reading -----------------------------------------------------------------------
     @classmethod
@@ -120,17 +121,25 @@ class Bundle:
                                  "export one with: cvt-export --format onnx --out DIR")
         try:
             raw = json.loads(manifest.read_text())
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format is {raw.get('format')!r}")
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+                raise ValueError(f"it is not a {FORMAT} manifest")
             if int(raw.get("format_version", 0)) > FORMAT_VERSION:
                 raise CvtDeployError(f"{manifest} has format version {raw['format_version']}, newer than this cvt-deploy reads",
                                      "upgrade cvt-deploy")
-            bundle = cls(root, CvtConfig.from_dict(raw["model"]), BatchRange.from_dict(raw["batch"]),
-                         {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()},
+            if not isinstance(raw.get("artifacts"), dict):
+                raise ValueError("'artifacts' is not a mapping")
+            artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
+            for art in artifacts.values():
+                if not isinstance(art.file, str) or not art.file or Path(art.file).is_absolute() or ".." in Path(art.file).parts:
+                    raise ValueError(f"artifact {art.name!r} has file {art.file!r}, not a file name inside the bundle")
+            bundle = cls(root, CvtConfig.from_dict(raw["model"]), BatchRange.from_dict(raw["batch"]), artifacts,
                          {k: v for k, v in raw.items() if k not in ("format", "format_version", "model", "batch", "artifacts")})
-        except CvtDeployError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
+        except CvtDeployError as e:
+            if "format version" in e.message:
+                raise
+            # A config or batch range that does not validate: the file is what is wrong.
+            raise CvtDeployError(f"{manifest} is damaged: {e.message}", "re-export the bundle with cvt-export") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CvtDeployError(f"{manifest} is damaged ({type(e).__name__}: {e})",
                                  "re-export the bundle with cvt-export") from None
         for art in bundle.artifacts.values():
@@ -141,6 +150,24 @@ class Bundle:
 
     def path(self, art: Artifact) -> Path:
         return self.root / art.file
+
+    def verified_path(self, art: Artifact) -> Path:
+        """The artifact's path after checking its sha256 against the manifest (once per bundle object).
+
+        A flipped byte in a weights file still loads and runs, with wrong results; the hash
+        is what catches a damaged copy.
+        """
+        from .checkpoints import file_sha256
+
+        path = self.path(art)
+        if art.sha256 and art.name not in self._verified:
+            actual = file_sha256(path)
+            if actual != art.sha256:
+                raise CvtDeployError(f"{path} does not match the bundle's manifest (sha256 {actual[:12]}..., "
+                                     f"manifest says {art.sha256[:12]}...): the file is damaged or was replaced",
+                                     "copy the bundle again from where it was exported, or re-export it")
+            self._verified.add(art.name)
+        return path
 
     def find(self, kind: str, precision: str | None = None) -> Artifact | None:
         """The artifact of this kind at ``precision`` (default: the most precise one present)."""
@@ -211,6 +238,21 @@ class Bundle:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[Path]:
+    """A private temporary folder inside ``parent`` (same file system, so renames out of it are atomic)."""
+    parent = Path(parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", suffix=".partial", dir=parent))
+    except OSError as e:
+        raise CvtDeployError(f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

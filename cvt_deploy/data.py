@@ -48,9 +48,12 @@ def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit:
         return EvalData(preprocess(list(split.images), cfg.preprocess), split.labels if labelled else None,
                         f"{what}, {len(split)} images")
     root = Path(source)
-    files = find_images(root)[: limit or None] if root.is_dir() else []
     if not root.is_dir():
         raise CvtDeployError(f"--data {str(source)!r} is not a folder", "pass an image folder with one sub-folder per class")
+    files = find_images(root)
+    if limit and len(files) > limit:
+        # Evenly spaced over the sorted list, so every class folder is represented.
+        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, limit)]
     labels = _folder_labels(root, files, cfg)
     chunks = [preprocess([str(f) for f in files[i:i + 64]], cfg.preprocess) for i in range(0, len(files), 64)]
     batch = np.concatenate(list(track(chunks, len(chunks), "reading images", progress)))

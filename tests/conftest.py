@@ -107,3 +107,143 @@ def hf_cvt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
         return cache[key]
 
     return make
+
+
+# ONNX path fixtures
+#
+# Exporting takes seconds, so each graph the ONNX-path tests need is exported ONCE per
+# session: the demo model as a checked bundle (dynamic batch), the demo model with a static
+# batch of 4, and CvT-13 with random weights (slow tests only). Tests that damage or
+# re-export a bundle work on a copy (``bundle_copy``), never on the session bundle.
+
+
+@dataclass
+class DemoExport:
+    model: Any  # the demo CvT (eval mode) the bundle was exported from
+    result: Any  # cvt_deploy.export.pipeline.ExportResult
+    root: Path  # the bundle folder
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> Any:
+    pytest.importorskip("torch")
+    from cvt_deploy.checkpoints import load_checkpoint
+    from cvt_deploy.demo import DEMO_WEIGHTS
+
+    return load_checkpoint(DEMO_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> DemoExport:
+    """export_bundle of the demo model, default settings, parity check on (one export)."""
+    pytest.importorskip("onnxruntime")
+    from cvt_deploy.demo import DEMO_WEIGHTS
+    from cvt_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("demo-export") / "bundle"
+    result = export_bundle(demo_model, out, source=str(DEMO_WEIGHTS), progress=False)
+    return DemoExport(demo_model, result, out)
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(demo_export: DemoExport) -> Path:
+    return demo_export.root
+
+
+@pytest.fixture
+def bundle_copy(demo_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo bundle that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "bundle-copy"
+    shutil.copytree(demo_bundle, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def static_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
+    """The demo model exported with a fixed batch of 4 (BatchRange(4, 4, 4)), unchecked."""
+    pytest.importorskip("onnxruntime")
+    from cvt_deploy.bundle import BatchRange
+    from cvt_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("static-export") / "bundle"
+    export_bundle(demo_model, out, batch=BatchRange(4, 4, 4), check=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_test_split() -> Any:
+    from cvt_deploy.demo import demo_split
+
+    return demo_split("test")
+
+
+@dataclass
+class Cvt13Export:
+    model: Any  # cvt_deploy CvT-13 with random weights (randomize_weights_), eval mode
+    path: Path  # model.onnx exported with export_onnx (default opset and batch range), with metadata
+
+
+@pytest.fixture(scope="session")
+def cvt13_export(tmp_path_factory: pytest.TempPathFactory) -> Cvt13Export:
+    """CvT-13 (random, non-trivial BatchNorm statistics) exported once with export_onnx."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from cvt_deploy.export.onnx import export_onnx, graph_metadata
+    from cvt_deploy.model import create_model
+
+    model = create_model("cvt-13")
+    randomize_weights_(model, seed=13)
+    path = tmp_path_factory.mktemp("cvt13-export") / "model.onnx"
+    export_onnx(model, path, metadata=graph_metadata(model.cfg.to_json(), "fp32", {"batch": {"min": 1, "opt": 8, "max": 64}}))
+    return Cvt13Export(model, path)
+
+
+@pytest.fixture
+def stub_export_onnx(monkeypatch: pytest.MonkeyPatch, demo_bundle: Path) -> list[dict[str, Any]]:
+    """Make export_bundle's ONNX export stage instant: it copies the session's genuine demo graph.
+
+    For tests of the pipeline around the export (atomicity, parity failures, argument
+    checks), not of the export itself. Works for the demo model only. Returns the calls.
+    """
+    import shutil
+
+    from cvt_deploy.bundle import atomic_output
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_export_onnx(model: Any, path: Any, **kw: Any) -> Path:
+        calls.append({"model": model, "path": Path(path), **kw})
+        assert model.cfg.variant == "cvt-tiny" and model.cfg.num_classes == 10, "stub serves the demo model only"
+        with atomic_output(path) as tmp:
+            shutil.copyfile(demo_bundle / "model.onnx", tmp)
+        return Path(path)
+
+    monkeypatch.setattr("cvt_deploy.export.pipeline.export_onnx", fake_export_onnx)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def leftovers() -> Callable[[Path], list[str]]:
+    """``leftovers(folder)``: names of temporary/partial files an aborted write could leave."""
+
+    def find(folder: Path) -> list[str]:
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir()
+                      if p.name.endswith(".partial") or p.name.endswith(".old") or p.name.startswith(".simplify."))
+
+    return find
+
+
+@pytest.fixture(scope="session")
+def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
+    """PyTorch logits of the demo model on the whole preprocessed held-out split (N, 10)."""
+    import torch
+
+    from cvt_deploy.preprocess import preprocess
+
+    batch = preprocess(list(demo_test_split.images), demo_model.cfg.preprocess)
+    with torch.no_grad():
+        return torch.cat([demo_model(torch.from_numpy(batch[i:i + 120])) for i in range(0, len(batch), 120)]).numpy()

@@ -60,4 +60,4 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
         print(f"note: --model {args.model} without --weights: random weights, accuracy numbers are meaningless",
               file=sys.stderr)
         return create_model(args.model, **overrides), f"{args.model} (random weights)"
-    return load_checkpoint(DEMO_WEIGHTS), "demo:cvt-tiny-digits"
+    return load_checkpoint(DEMO_WEIGHTS), str(DEMO_WEIGHTS)

@@ -13,14 +13,13 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..bundle import BatchRange, atomic_output
+from ..bundle import BatchRange, atomic_output, scratch_dir
 from ..errors import CvtDeployError, require
 
 if TYPE_CHECKING:
@@ -116,15 +115,20 @@ def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAUL
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     weight_bytes = sum(p.numel() * 4 for p in net.parameters())
-    with atomic_output(path) as tmp:
+    # Written and verified in a scratch folder beside ``path``; only a graph that runs at
+    # every batch size of the range is moved into place (external data first, graph last).
+    with scratch_dir(path.parent, "export") as scratch:
+        candidate = scratch / path.name
+        data_name = path.name + ".data"
         if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-            data_name = path.name + ".data"
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+            onnx.save_model(proto, str(candidate), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
-            os.replace(tmp.parent / data_name, path.parent / data_name)
         else:
-            onnx.save_model(proto, str(tmp))
-    check_batches(path, cfg.in_chans, cfg.img_size, batch)
+            onnx.save_model(proto, str(candidate))
+        check_batches(candidate, cfg.in_chans, cfg.img_size, batch)
+        if (scratch / data_name).exists():
+            os.replace(scratch / data_name, path.parent / data_name)
+        os.replace(candidate, path)
     return path
 
 
@@ -138,11 +142,11 @@ def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
         try:
             out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
         except Exception as e:
-            raise CvtDeployError(f"the exported graph {path} rejects batch {n} ({str(e)[:300]}); "
+            raise CvtDeployError(f"the exported graph {path.name} rejects batch {n} ({str(e)[:300]}); "
                                  f"the exporter fixed a dimension it should have left dynamic",
                                  "report this; meanwhile export a fixed batch with --batch N") from None
         if out.shape[0] != n:
-            raise CvtDeployError(f"the exported graph {path} returned {out.shape[0]} rows for a batch of {n}",
+            raise CvtDeployError(f"the exported graph {path.name} returned {out.shape[0]} rows for a batch of {n}",
                                  "report this; meanwhile export a fixed batch with --batch N")
 
 
@@ -187,8 +191,8 @@ def simplify(path: str | os.PathLike[str], *, atol: float = 1e-5) -> dict[str, A
     shape = model.graph.input[0].type.tensor_type.shape.dim
     n = shape[0].dim_value or 2
     x = np.random.default_rng(0).standard_normal((n, *(d.dim_value for d in shape[1:]))).astype(np.float32)
-    with tempfile.TemporaryDirectory(prefix=".simplify.", dir=path.parent) as scratch:
-        candidate = Path(scratch) / path.name
+    with scratch_dir(path.parent, "simplify") as scratch:
+        candidate = scratch / path.name
         onnx.save_model(simplified, str(candidate))
         err = float(np.abs(ort_session(path).run(None, {INPUT_NAME: x})[0]
                            - ort_session(candidate).run(None, {INPUT_NAME: x})[0]).max())
@@ -233,6 +237,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
+        if not model.graph.node:  # protobuf parses an empty file as an empty model
+            raise ValueError("it holds no graph")
     except Exception as e:
         raise CvtDeployError(f"{path} is not a readable ONNX file (truncated or corrupt?): {str(e)[:200]}",
                              "re-export it with cvt-export") from None

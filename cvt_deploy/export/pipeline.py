@@ -20,6 +20,7 @@ from ..progress import stage
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify, stamp_metadata, tool_versions
 
 if TYPE_CHECKING:
+    from ..data import EvalData
     from ..model import CvT
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -61,6 +62,12 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
         if p not in PRECISIONS:
             raise CvtDeployError(f"unknown precision {p!r}", f"use one or more of {', '.join(PRECISIONS)}")
     cfg = model.cfg
+    eval_data = None
+    if check:
+        from ..data import DEFAULT_LIMIT, load_eval_data
+
+        # Read the check's images first: a bad --data should fail before minutes of export.
+        eval_data = load_eval_data(data, cfg, check_limit or DEFAULT_LIMIT, progress)
     src_hash = file_sha256(source) if source and Path(source).is_file() else ""
     extra: dict[str, Any] = {"source": {"checkpoint": source, "sha256": src_hash}, "created_by": tool_versions()}
     result: ExportResult
@@ -85,7 +92,7 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
                                 info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
         result = ExportResult(bundle)
         if check:
-            result.reports = check_bundle(bundle, data=data, limit=check_limit, progress=progress, reference_model=model)
+            result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
             for rep in result.reports:
                 art = bundle.find("onnx", rep.precision)
                 if art is not None:
@@ -119,45 +126,52 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
     return {**info, "calibration_data": description}
 
 
-def check_bundle(bundle: Bundle, *, data: str | None = None, limit: int | None = None, backends: Sequence[str] = ("onnxruntime",),
-                 precisions: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
-                 reference_model: CvT | None = None) -> list[ParityReport]:
+def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: int | None = None,
+                 backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
+                 device: str | None = None, progress: bool = True, reference_model: CvT | None = None) -> list[ParityReport]:
     """Parity of the bundle's artifacts (on ``backends``) against PyTorch fp32 on real data.
 
     The reference is PyTorch fp32 when torch and the bundle's weights are present, else the
-    fp32 ONNX graph on ONNX Runtime CPU (so an edge device without torch can check too).
+    fp32 ONNX graph on ONNX Runtime CPU (so an edge device without torch can check its
+    fp16/int8 graphs and engines; that graph is then not checked against itself).
     """
-    from ..data import DEFAULT_LIMIT, load_eval_data
+    from ..data import DEFAULT_LIMIT, EvalData, load_eval_data
     from ..runtimes import backend_class, load
 
-    ev = load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
-    reference, ref_name = _reference(bundle, reference_model)
-    with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):
-        ref_logits = run_batches(reference, ev.batch, progress=False)
-    reports = []
+    reference, ref_name, ref_artifact = _reference(bundle, reference_model)
+    # Decide what is to be checked before the expensive part, so a request that matches
+    # nothing fails at once.
+    plan = []
     for backend in backends:
         cls = backend_class(backend)
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
-            if art.kind != cls.artifact_kind or (precisions and art.precision not in precisions):
-                continue
-            runtime = load(bundle, backend=backend, device=device, precision=art.precision)
-            with stage(f"checking {runtime.describe()}", progress):
-                reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
-                                             progress=False, reference_name=ref_name))
-    if not reports:
+            if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
+                    and not (backend == "onnxruntime" and art is ref_artifact):
+                plan.append((backend, art))
+    if not plan:
         raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
-                             + (f" at {', '.join(precisions)}" if precisions else ""),
+                             + (f" at {', '.join(precisions)}" if precisions else "")
+                             + (f" (the reference is {ref_name})" if ref_artifact is not None else ""),
                              "export the artifacts first (cvt-export), or pick another --backend/--precision")
+    ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
+    with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):
+        ref_logits = run_batches(reference, ev.batch, progress=False)
+    reports = []
+    for backend, art in plan:
+        runtime = load(bundle, backend=backend, device=device, precision=art.precision)
+        with stage(f"checking {runtime.describe()}", progress):
+            reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
+                                         progress=False, reference_name=ref_name))
     return reports
 
 
-def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str]:
+def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | None]:
+    """The reference runtime, its name, and the bundle artifact it runs (None for PyTorch)."""
     from ..runtimes.ort import OrtRuntime
     from ..runtimes.pytorch import TorchRuntime
 
     if model is not None:
-        return TorchRuntime(model, "cpu"), "torch fp32 (cpu)"
+        return TorchRuntime(model, "cpu"), "torch fp32 (cpu)", None
     if TorchRuntime.unavailable_reason() is None and bundle.find("torch", "fp32") is not None:
-        return TorchRuntime.from_bundle(bundle), "torch fp32 (cpu)"
-
-    return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)"
+        return TorchRuntime.from_bundle(bundle), "torch fp32 (cpu)", None
+    return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)", bundle.find("onnx", "fp32")

@@ -72,7 +72,7 @@ def build_engine(bundle: Bundle, precision: str = "fp16", *, workspace_mib: int 
     cfg = bundle.config
     engine = bundle.root / engine_file(precision)
     meta = build_engine_file(
-        bundle.path(source), engine, precision, bundle.batch, source.info.get("input"),
+        bundle.verified_path(source), engine, precision, bundle.batch, source.info.get("input"),
         (cfg.in_chans, cfg.img_size, cfg.img_size), workspace_mib=workspace_mib, timing_cache=timing_cache,
         version_compatible=version_compatible, hardware_compatible=hardware_compatible,
         strongly_typed=strongly_typed, progress=progress, device=device,

@@ -62,7 +62,9 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
 
     if backend is not None:
         backend_class(backend)  # unknown names fail before any file is read
-    if not isinstance(source, Bundle) and Path(source).suffix == ".onnx" and Path(source).is_file():
+    if not isinstance(source, Bundle) and Path(source).suffix == ".onnx":
+        if not Path(source).is_file():
+            raise CvtDeployError(f"ONNX file {str(source)!r} does not exist", "check the path, or pass a bundle folder")
         if backend not in (None, "onnxruntime"):
             raise CvtDeployError(f"a bare .onnx file runs on onnxruntime, not {backend}",
                                  "export a bundle with cvt-export to use other backends")

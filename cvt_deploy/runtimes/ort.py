@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..bundle import BatchRange
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -29,11 +30,11 @@ class OrtRuntime(Runtime):
     artifact_kind: ClassVar[str] = "onnx"
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[onnx]' (CPU) or 'cvt-deploy[gpu]' (CUDA/TensorRT providers)"
 
-    def __init__(self, path: str | os.PathLike[str], config: CvtConfig, precision: str,
+    def __init__(self, path: str | os.PathLike[str], config: CvtConfig | None = None, precision: str | None = None,
                  device: str = "cpu", threads: int | None = None) -> None:
+        """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props."""
         import onnxruntime as ort
 
-        super().__init__(config, precision, device)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
@@ -49,6 +50,16 @@ class OrtRuntime(Runtime):
         if self.session.get_providers()[0] != wanted:
             raise CvtDeployError(f"ONNX Runtime did not start its {wanted} (it fell back to {self.session.get_providers()[0]})",
                                  "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use --device cpu")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if config is None:
+            if "cvt_deploy.config" not in meta:
+                raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
+                                     "export it with cvt-export, or load its bundle folder instead")
+            config = CvtConfig.from_json(meta["cvt_deploy.config"])
+        super().__init__(config, precision or meta.get("cvt_deploy.precision", "fp32"), device)
+        shape = self.session.get_inputs()[0].shape
+        if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
+            self.batch = BatchRange(shape[0], shape[0], shape[0])
         self.input_name = self.session.get_inputs()[0].name
         self.path = str(path)
 
@@ -69,25 +80,12 @@ class OrtRuntime(Runtime):
     def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
                     threads: int | None = None) -> OrtRuntime:
         art = bundle.require("onnx", precision)
-        rt = cls(bundle.path(art), bundle.config, art.precision, device or "cpu", threads)
-        rt.batch = bundle.batch if not bundle.batch.dynamic else None
-        return rt
+        return cls(bundle.verified_path(art), bundle.config, art.precision, device or "cpu", threads)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str], device: str | None = None, threads: int | None = None) -> OrtRuntime:
         """A runtime for a bare .onnx exported by cvt-deploy (its metadata_props say what it is)."""
-        import onnxruntime as ort
-
-        try:
-            meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
-        except Exception as e:
-            raise CvtDeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
-                                 "the file is truncated or corrupt: re-export it with cvt-export") from None
-        if "cvt_deploy.config" not in meta:
-            raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
-                                 "export it with cvt-export, or load its bundle folder instead")
-        return cls(path, CvtConfig.from_json(meta["cvt_deploy.config"]), meta.get("cvt_deploy.precision", "fp32"),
-                   device or "cpu", threads)
+        return cls(path, None, None, device or "cpu", threads)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         try:

@@ -57,7 +57,7 @@ class TorchRuntime(Runtime):
         from ..checkpoints import load_checkpoint
 
         art = bundle.require("torch", "fp32")
-        model = load_checkpoint(bundle.path(art))
+        model = load_checkpoint(bundle.verified_path(art))
         return cls(model, device or "cpu", precision or "fp32", threads)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:

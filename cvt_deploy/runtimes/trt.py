@@ -232,7 +232,7 @@ class TensorRTRuntime(Runtime):
         if reason is not None:
             raise CvtDeployError(f"the TensorRT backend cannot run here: {reason}", cls.install_hint)
         art = bundle.require("tensorrt", precision)
-        engine = bundle.path(art)
+        engine = bundle.verified_path(art)
         sidecar = bundle.root / art.info["sidecar"] if art.info.get("sidecar") else sidecar_path(engine)
         meta = EngineMeta.read(sidecar)
         return cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
