@@ -84,6 +84,11 @@ class CvtConfig:
                 f"{len(self.labels)} labels given for a model with {self.num_classes} classes",
                 "pass one label per class, in class-index order",
             )
+        for name in ("embed_dims", "num_heads", "depths"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, int) and v > 0 for v in value):
+                raise CvtDeployError(f"{name} must be three positive integers (one per stage), got {value!r}",
+                                     "CvT has exactly three stages; fix the variant or the config file")
         for dim, heads in zip(self.embed_dims, self.num_heads):
             if dim % heads:
                 raise CvtDeployError(f"embedding width {dim} is not divisible by {heads} heads", "fix the variant's dims/heads")
