@@ -42,7 +42,11 @@ def available_backends(bundle: Bundle | None = None, device: str | None = None) 
     """Each backend -> None if it can run here (and the bundle has its artifact), else why not."""
     out: dict[str, str | None] = {}
     for name in PREFERENCE:
-        cls = backend_class(name)
+        try:
+            cls = backend_class(name)
+        except ImportError as e:  # one broken backend must not hide the others
+            out[name] = f"its module failed to import ({e})"
+            continue
         reason = cls.unavailable_reason(device)
         if reason is None and bundle is not None and bundle.find(cls.artifact_kind) is None:
             reason = f"the bundle has no {cls.artifact_kind} artifact"
