@@ -247,3 +247,27 @@ def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
     batch = preprocess(list(demo_test_split.images), demo_model.cfg.preprocess)
     with torch.no_grad():
         return torch.cat([demo_model(torch.from_numpy(batch[i:i + 120])) for i in range(0, len(batch), 120)]).numpy()
+
+
+# Shared test helpers
+from typing import ClassVar  # noqa: E402
+
+from cvt_deploy.runtimes.base import Runtime  # noqa: E402
+
+
+class InProcessRuntime(Runtime):
+    """Base for tests' own small numpy runtimes: they test the Runtime base class and its
+    callers (scheduling, splitting, padding), never a real backend's behaviour."""
+
+    backend: ClassVar[str] = "test"
+    artifact_kind: ClassVar[str] = "none"
+    install_hint: ClassVar[str] = ""
+
+    @classmethod
+    def unavailable_reason(cls, device: str | None = None) -> str | None:
+        return None
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, precision: str | None = None, device: str | None = None,
+                    threads: int | None = None) -> Runtime:
+        raise NotImplementedError("built directly in tests")

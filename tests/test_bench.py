@@ -20,6 +20,7 @@ from cvt_deploy.bundle import Artifact, BatchRange, Bundle
 from cvt_deploy.config import get_config
 from cvt_deploy.errors import CvtDeployError, MissingDependencyError
 from cvt_deploy.runtimes.base import Runtime
+from conftest import InProcessRuntime  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ONNX_PARITY = {"top1_agreement": 0.99, "accuracy_candidate": 0.95, "accuracy_reference": 0.96}
@@ -41,26 +42,16 @@ def test_summarize_known_samples() -> None:
 
 # --- the scheduler, through a real (numpy) Runtime ----------------------------------------------
 
-class RecordingRuntime(Runtime):
+class RecordingRuntime(InProcessRuntime):
     """A small numpy 'model' that logs each call: the scheduler under test, not a backend."""
 
     backend: ClassVar[str] = "recording"
     artifact_kind: ClassVar[str] = "none"
-    install_hint: ClassVar[str] = ""
 
     def __init__(self, name: str, log: list[str], fail_after: int | None = None) -> None:
         super().__init__(get_config("cvt-tiny"), "fp32", "cpu")
         self.name, self.log, self.fail_after = name, log, fail_after
         self.weight = np.random.default_rng(0).standard_normal((3 * 8 * 8, 10)).astype(np.float32)
-
-    @classmethod
-    def unavailable_reason(cls, device: str | None = None) -> str | None:
-        return None
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
-                    threads: int | None = None) -> Runtime:
-        raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         self.log.append(self.name)

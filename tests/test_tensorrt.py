@@ -30,6 +30,7 @@ from cvt_deploy.runtimes.trt import TensorRTRuntime
 from cvt_deploy.trt_meta import (DEFAULT_WORKSPACE_MIB, EngineMeta, cuda_device_index, default_workspace_mib,
                                  install_hint, profile_shapes, sidecar_path, tensorrt_unavailable_reason,
                                  version_tuple)
+from conftest import InProcessRuntime
 
 TRT_MISSING = tensorrt_unavailable_reason()
 needs_no_tensorrt = pytest.mark.skipif(TRT_MISSING is None, reason="TensorRT is installed: its missing path cannot occur")
@@ -349,26 +350,16 @@ def test_tensorrt_modules_import_neither_torch_nor_tensorrt() -> None:
 # Runtime.run: splitting and padding (the base class that TensorRTRuntime relies on)
 
 
-class MeanLinearRuntime(Runtime):
+class MeanLinearRuntime(InProcessRuntime):
     """Logits = per-channel image mean @ W: real arithmetic, so padding or order bugs show."""
 
     backend: ClassVar[str] = "test"
     artifact_kind: ClassVar[str] = "onnx"
-    install_hint: ClassVar[str] = ""
 
     def __init__(self, batch: BatchRange | None) -> None:
         super().__init__(get_config("cvt-tiny", num_classes=5), "fp32", "cpu", batch)
         self.w = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
         self.calls: list[int] = []
-
-    @classmethod
-    def unavailable_reason(cls, device: str | None = None) -> str | None:
-        return None
-
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
-                    threads: int | None = None) -> Runtime:
-        raise NotImplementedError
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         assert self.batch is None or self.batch.min <= len(batch) <= self.batch.max, len(batch)
