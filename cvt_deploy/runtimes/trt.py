@@ -207,13 +207,14 @@ class TensorRTRuntime(Runtime):
 
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
+        # "Not installed" first: it is the reason that holds on every device.
+        reason = tensorrt_unavailable_reason()
+        if reason is not None:
+            return reason
         try:
             index = cuda_device_index(device)
         except CvtDeployError as e:
             return e.message
-        reason = tensorrt_unavailable_reason()
-        if reason is not None:
-            return reason
         try:
             cudart = import_cudart()
         except CvtDeployError:
