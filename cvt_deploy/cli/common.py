@@ -57,7 +57,8 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
         from ..model import create_model
 
         overrides = {k: v for k, v in (("img_size", args.img_size), ("activation", args.activation)) if v}
+        model = create_model(args.model, **overrides)
         print(f"note: --model {args.model} without --weights: random weights, accuracy numbers are meaningless",
               file=sys.stderr)
-        return create_model(args.model, **overrides), f"{args.model} (random weights)"
+        return model, f"{args.model} (random weights)"
     return load_checkpoint(DEMO_WEIGHTS), str(DEMO_WEIGHTS)
