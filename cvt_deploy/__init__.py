@@ -22,6 +22,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .model import CvT
+    from .runtimes.base import Runtime
 
 
 def create_model(variant: str = "cvt-13", **overrides: Any) -> CvT:
@@ -36,3 +37,11 @@ def load_checkpoint(source: Any, variant: str | None = None, **kw: Any) -> CvT:
     from .checkpoints import load_checkpoint as _load
 
     return _load(source, variant, **kw)
+
+
+def load(source: Any, backend: str | None = None, device: str | None = None,
+         precision: str | None = None, threads: int | None = None) -> Runtime:
+    """A runtime for an exported bundle; see :func:`cvt_deploy.runtimes.load`."""
+    from .runtimes import load as _load
+
+    return _load(source, backend=backend, device=device, precision=precision, threads=threads)

@@ -68,6 +68,16 @@ def test_load_without_backend_picks_the_first_usable_and_matches_pytorch(demo_ex
     assert [row[0] for row in pred.labels] == [str(i) for i in pred.top1]
 
 
+def test_package_level_load_is_the_runtimes_load(demo_bundle, demo_test_split):
+    import cvt_deploy
+
+    images = list(demo_test_split.images[:16])
+    a = cvt_deploy.load(demo_bundle, backend="onnxruntime", precision="fp32").predict(images)
+    b = load(demo_bundle, backend="onnxruntime", precision="fp32").predict(images)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    assert (a.top1 == demo_test_split.labels[:16]).mean() >= 0.9
+
+
 def test_onnxruntime_and_torch_backends_agree(demo_bundle, demo_test_split):
     images = list(demo_test_split.images[:40])
     a = load(demo_bundle, backend="onnxruntime")
