@@ -271,3 +271,13 @@ class InProcessRuntime(Runtime):
     def from_bundle(cls, bundle: Any, precision: str | None = None, device: str | None = None,
                     threads: int | None = None) -> Runtime:
         raise NotImplementedError("built directly in tests")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Calibration caches (and anything else under XDG_CACHE_HOME) go to a temporary folder,
+    for in-process calls and the CLIs the tests start alike: the suite leaves ~/.cache alone."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
