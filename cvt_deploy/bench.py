@@ -607,15 +607,10 @@ def _matmul_case(size: int, device: str) -> tuple[Case, str]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib import metadata
+    from .export.onnx import tool_versions
 
-    out = {"python": platform.python_version()}
-    for dist in ("cvt-deploy", "numpy", "torch", "onnxruntime", "tensorrt", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(),
+            **tool_versions(("numpy", "torch", "onnxruntime", "tensorrt", "transformers"))}
 
 
 def _check_choices(values: Sequence[str], choices: Sequence[str], what: str) -> list[str]:

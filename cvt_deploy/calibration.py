@@ -16,9 +16,7 @@ Torch-free: numpy and PIL only.
 """
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .config import CvtConfig
+from .data import is_demo_model, spread_indices
 from .errors import CvtDeployError
 from .preprocess import find_images, preprocess, validate_batch
 
@@ -74,10 +73,9 @@ def _from_demo(cfg: CvtConfig, count: int, progress: bool) -> tuple[np.ndarray, 
     images = data.images[:count]
     batch = _preprocess_images(list(images), cfg, progress)
     what = f"demo calibration split: {len(batch)} handwritten-digit images"
-    if not _is_demo_model(cfg):
-        what += (f" (real images, but not from this {cfg.variant} model's domain: the demo model has "
-                 f"{_demo_classes()} classes at {_demo_size()} px; calibrate with --calib on images like "
-                 f"the ones it will see)")
+    if not is_demo_model(cfg):
+        what += (f" (real images, but handwritten digits, not from this {cfg.variant} model's domain; "
+                 f"calibrate with --calib on images like the ones it will see)")
         if progress:
             print(f"  note: no calibration images given; using the {what}", file=sys.stderr)
     return batch, what
@@ -89,7 +87,7 @@ def _from_folder(folder: Path, cfg: CvtConfig, count: int, progress: bool) -> tu
     except CvtDeployError as e:
         raise CvtDeployError(f"calibration folder: {e.message}",
                              "put calibration images (JPEG, PNG, ...) in the folder, in any sub-folders") from None
-    chosen = _spread(len(files), count)
+    chosen = spread_indices(len(files), count)
     batch = _preprocess_images([files[i] for i in chosen], cfg, progress)
     subset = f"{len(chosen)} of {len(files)}" if len(chosen) < len(files) else f"{len(files)}"
     return batch, f"{subset} images from folder {folder}"
@@ -109,7 +107,7 @@ def _from_npy(path: Path, cfg: CvtConfig, count: int, progress: bool) -> tuple[n
                 f"{path} holds a float array of shape {shape}; a preprocessed calibration batch must be "
                 f"(N, {cfg.in_chans}, {size}, {size}) for this model",
                 "save preprocessed images as NCHW float32 at the model's size, or raw images as uint8 NHWC/NHW")
-        chosen = _spread(shape[0], count)
+        chosen = spread_indices(shape[0], count)
         batch = validate_batch(np.asarray(array[chosen], dtype=np.float32), cfg.preprocess)
         return batch, f"{len(batch)} preprocessed images from {path}"
     if array.dtype == np.uint8:
@@ -120,7 +118,7 @@ def _from_npy(path: Path, cfg: CvtConfig, count: int, progress: bool) -> tuple[n
             raise CvtDeployError(f"{path} holds uint8 images of shape {shape}; expected (N, H, W, C) with C in 1/3/4, "
                                  f"or (N, H, W){hint}",
                                  "save raw images as uint8 NHWC or NHW, or preprocessed ones as float32 NCHW")
-        chosen = _spread(shape[0], count)
+        chosen = spread_indices(shape[0], count)
         batch = _preprocess_images([np.ascontiguousarray(array[i]) for i in chosen], cfg, progress)
         return batch, f"{len(batch)} images from {path}"
     raise CvtDeployError(f"{path} holds a {array.dtype} array of shape {shape}; calibration arrays are uint8 images "
@@ -130,13 +128,6 @@ def _from_npy(path: Path, cfg: CvtConfig, count: int, progress: bool) -> tuple[n
 
 # --- helpers ------------------------------------------------------------------------------
 
-def _spread(available: int, count: int) -> np.ndarray:
-    """``count`` indices evenly spread over ``available`` items (all of them when fewer)."""
-    if available <= count:
-        return np.arange(available)
-    return np.unique(np.linspace(0, available - 1, count).round().astype(np.int64))
-
-
 def _preprocess_images(items: list[Any], cfg: CvtConfig, progress: bool) -> np.ndarray:
     from .progress import track
 
@@ -145,30 +136,3 @@ def _preprocess_images(items: list[Any], cfg: CvtConfig, progress: bool) -> np.n
     rows = [preprocess(item, cfg.preprocess)
             for item in track(items, len(items), "  loading calibration images", progress and len(items) >= 64)]
     return np.concatenate(rows)
-
-
-def _demo_header() -> dict[str, Any]:
-    """The demo checkpoint's config, read from its safetensors header (no torch needed)."""
-    from .demo import DEMO_WEIGHTS
-
-    try:
-        with open(DEMO_WEIGHTS, "rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
-        config = json.loads(header["__metadata__"]["cvt_deploy.config"])
-        return config if isinstance(config, dict) else {}
-    except (OSError, ValueError, KeyError, struct.error):
-        return {}
-
-
-def _demo_classes() -> int | str:
-    return _demo_header().get("num_classes", "?")
-
-
-def _demo_size() -> int | str:
-    return _demo_header().get("img_size", "?")
-
-
-def _is_demo_model(cfg: CvtConfig) -> bool:
-    demo = _demo_header()
-    return bool(demo) and cfg.num_classes == demo.get("num_classes") and cfg.img_size == demo.get("img_size")

@@ -32,6 +32,13 @@ class EvalData:
         return len(self.batch)
 
 
+def spread_indices(available: int, count: int) -> np.ndarray:
+    """``count`` indices evenly spread over ``available`` items (all of them when fewer)."""
+    if available <= count:
+        return np.arange(available)
+    return np.unique(np.linspace(0, available - 1, count).round().astype(np.int64))
+
+
 def is_demo_model(cfg: CvtConfig) -> bool:
     return cfg.labels is not None and tuple(cfg.labels) == demo_split("test").names
 
@@ -51,9 +58,9 @@ def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit:
     if not root.is_dir():
         raise CvtDeployError(f"--data {str(source)!r} is not a folder", "pass an image folder with one sub-folder per class")
     files = find_images(root)
-    if limit and len(files) > limit:
+    if limit:
         # Evenly spaced over the sorted list, so every class folder is represented.
-        files = [files[int(i)] for i in np.linspace(0, len(files) - 1, limit)]
+        files = [files[i] for i in spread_indices(len(files), limit)]
     labels = _folder_labels(root, files, cfg)
     chunks = [preprocess([str(f) for f in files[i:i + 64]], cfg.preprocess) for i in range(0, len(files), 64)]
     batch = np.concatenate(list(track(chunks, len(chunks), "reading images", progress)))

@@ -33,14 +33,14 @@ META_PREFIX = "cvt_deploy."
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf files cap at 2 GB
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of the libraries that took part, for provenance records."""
+def tool_versions(dists: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript")) -> dict[str, str]:
+    """Versions of cvt-deploy and of the installed ``dists``, for provenance records."""
     from importlib import metadata
 
     from .. import __version__
 
     out = {"cvt_deploy": __version__}
-    for dist in ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript"):
+    for dist in dists:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
@@ -111,25 +111,33 @@ def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAUL
                                  "report this with the message above; try another --opset") from None
     assert program is not None
     proto = program.model_proto
-    for key, value in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata_props(proto, metadata or {})
     weight_bytes = sum(p.numel() * 4 for p in net.parameters())
     # Written and verified in a scratch folder beside ``path``; only a graph that runs at
     # every batch size of the range is moved into place (external data first, graph last).
     with scratch_dir(path.parent, "export") as scratch:
         candidate = scratch / path.name
         data_name = path.name + ".data"
-        if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(proto, str(candidate), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(candidate))
+        save_graph(proto, candidate, external=weight_bytes > EXTERNAL_DATA_THRESHOLD)
         check_batches(candidate, cfg.in_chans, cfg.img_size, batch)
         if (scratch / data_name).exists():
             os.replace(scratch / data_name, path.parent / data_name)
         os.replace(candidate, path)
     return path
+
+
+def save_graph(model: Any, path: Path, external: bool | None = None) -> None:
+    """Save a ModelProto; weights go to ``<name>.data`` beside it when the graph would pass
+    protobuf's 2 GB cap (``external`` None: decided by the proto's size)."""
+    import onnx
+
+    if external is None:
+        external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
 
 
 def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
@@ -208,25 +216,32 @@ def simplify(path: str | os.PathLike[str], *, atol: float = 1e-5) -> dict[str, A
     return result
 
 
+def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
+    """``metadata_props`` entries for ``values``: our key prefix, non-strings as JSON."""
+    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
+
+
 def graph_metadata(cfg_json: str, precision: str, extra: dict[str, Any]) -> dict[str, str]:
     """What the graph says about itself in ``metadata_props`` (all values are strings)."""
-    meta = {f"{META_PREFIX}config": cfg_json, f"{META_PREFIX}precision": precision}
-    for key, value in extra.items():
-        meta[META_PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return meta
+    return encode_metadata({"config": cfg_json, "precision": precision, **extra})
 
 
-def stamp_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
-    """Set ``metadata_props`` on an existing graph (atomically), replacing keys we own."""
-    import onnx
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
+def set_metadata_props(model: Any, meta: dict[str, str]) -> None:
+    """Set ``metadata_props`` on a ModelProto, replacing entries with the same keys."""
     keep = [(p.key, p.value) for p in model.metadata_props if p.key not in meta]
     del model.metadata_props[:]
     for key, value in keep + list(meta.items()):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+
+
+def stamp_metadata(path: str | os.PathLike[str], meta: dict[str, str]) -> None:
+    """Set ``metadata_props`` on an existing graph file (atomically), replacing keys we own."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    set_metadata_props(model, meta)
     with atomic_output(path) as tmp:
         onnx.save_model(model, str(tmp))
 

@@ -42,6 +42,7 @@ import numpy as np
 from ..bundle import atomic_output
 from ..errors import CvtDeployError, require
 from ..progress import track
+from .onnx import encode_metadata, ort_session, save_graph, set_metadata_props
 
 # --- fp16 -------------------------------------------------------------------------------
 #
@@ -168,34 +169,9 @@ def _input_dims(model: Any) -> tuple[int | None, tuple[int, ...]]:
     return batch, tuple(int(d.dim_value) for d in dims[1:])
 
 
-def _set_metadata(model: Any, values: dict[str, Any]) -> None:
-    from .onnx import META_PREFIX
-
-    keys = {META_PREFIX + k for k in values}
-    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in keys]
-    del model.metadata_props[:]
-    for key, value in keep + [(META_PREFIX + k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
-                              for k, v in values.items()]:
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-
-
-def _save(model: Any, path: Path) -> None:
-    import onnx
-
-    if model.ByteSize() > 1_800_000_000:  # protobuf caps a file at 2 GB
-        data = path.name + ".data"
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-
-
 def _verify(path: Path, what: str, chw: tuple[int, ...], fixed_batch: int | None) -> None:
     """onnx.checker plus a run in ONNX Runtime CPU at several batch sizes."""
     import onnx
-
-    from .onnx import ort_session
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -306,9 +282,9 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         "io": "fp32" if keep_io_fp32 else "fp16",
     }
     info.update(_node_precisions(model))
-    _set_metadata(model, {"precision": "fp16", "conversion": info})
+    set_metadata_props(model, encode_metadata({"precision": "fp16", "conversion": info}))
     with atomic_output(dst) as tmp:
-        _save(model, tmp)
+        save_graph(model, tmp)
         _verify(tmp, "fp16", chw, fixed_batch)
     return info
 
@@ -517,8 +493,9 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         }
         # The graph records what it is, not how this run went (cache hit or miss), so that
         # a cache hit reproduces the calibrated graph byte for byte.
-        _set_metadata(qmodel, {"precision": "int8", "conversion": {k: v for k, v in info.items() if k != "cache"}})
-        _save(qmodel, tmp)
+        set_metadata_props(qmodel, encode_metadata({"precision": "int8",
+                                                    "conversion": {k: v for k, v in info.items() if k != "cache"}}))
+        save_graph(qmodel, tmp)
         _verify(tmp, "int8", chw, fixed_batch)
     return info
 
