@@ -85,7 +85,7 @@ def positive(flag: str, value: float | None, minimum: float = 1) -> None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     from ..bench import benchmark, default_threads
-    from ..bundle import PRECISIONS
+    from ..bundle import PRECISIONS, Bundle
     from ..runtimes import BACKENDS
 
     ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, epilog=epilog(),
@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     backends = parse_list(args.backends, "--backends", list(BACKENDS)) if args.backends else None
     precisions = parse_list(args.precisions, "--precisions", PRECISIONS) if args.precisions else None
     batches = parse_batches(args.batch) if args.batch else None
+    bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
     threads = args.threads or default_threads()
     show = not args.no_progress
     if show:
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         require("matplotlib", "plot", "--plot")
 
-    result = benchmark(args.bundle, backends, precisions, batches, threads=threads, device=args.device,
+    result = benchmark(bundle, backends, precisions, batches, threads=threads, device=args.device,
                        iterations=args.iterations, min_time=float(settings["min_time"]), warmup=int(settings["warmup"]),
                        rounds=int(settings["rounds"]), min_iterations=int(settings["min_iterations"]),
                        matmul_size=int(settings["matmul_size"]), reference=not args.no_reference,
