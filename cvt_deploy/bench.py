@@ -52,7 +52,8 @@ import numpy as np
 
 from . import runtimes as rt
 from .bundle import PRECISIONS, Bundle, atomic_output
-from .config import CvtConfig, get_config, list_variants
+from .checkpoints import hf_config_kwargs, hf_unsupported
+from .config import CvtConfig, mlp_hidden
 from .errors import CvtDeployError, require
 from .progress import stage, track
 from .report import format_table
@@ -108,12 +109,16 @@ def mac_breakdown(cfg: CvtConfig) -> dict[str, int]:
     """Multiply-accumulates of one image through the model, by kind of layer.
 
     Counted as the paper counts: convolutions and Linear layers (weights x output positions)
-    and the two attention matmuls; norms, softmax, activations and additions are left out
-    (they are well under 1%). k/v are squeezed by ``cfg.kv_stride``; the class token (last
-    stage) is one extra query and one extra key/value that skip the depthwise convolutions.
+    and the two attention matmuls; norms, softmax, pooling, activations and additions are
+    left out (they are well under 1%). k/v are squeezed by each stage's ``kv_strides``; a
+    class token is one extra query and one extra key/value that skip the projections' convs.
     """
     def conv_out(n: int, k: int, s: int, p: int) -> int:
         return (n + 2 * p - k) // s + 1
+
+    def pool_out(n: int, k: int, s: int, p: int) -> int:  # AvgPool2d(ceil_mode=True), as PyTorch sizes it
+        out = -(-(n + 2 * p - k) // s) + 1
+        return out - 1 if (out - 1) * s >= n + p else out
 
     out = dict.fromkeys(("conv_embed", "dw_conv", "qkv_proj", "attention", "out_proj", "mlp", "head"), 0)
     h = w = cfg.img_size
@@ -123,11 +128,17 @@ def mac_breakdown(cfg: CvtConfig) -> dict[str, int]:
         h, w = conv_out(h, k, s, p), conv_out(w, k, s, p)
         out["conv_embed"] += h * w * dim * chans * k * k
         chans = dim
-        cls = 1 if i == len(cfg.embed_dims) - 1 else 0
-        hk, wk = conv_out(h, 3, cfg.kv_stride, 1), conv_out(w, 3, cfg.kv_stride, 1)
+        cls = int(cfg.cls_token[i])
+        method, kq, skv, pkv = cfg.qkv_projections[i], cfg.qkv_kernels[i], cfg.kv_strides[i], cfg.kv_paddings[i]
+        if method == "dw_bn":
+            hk, wk = conv_out(h, kq, skv, pkv), conv_out(w, kq, skv, pkv)
+            out["dw_conv"] += depth * kq * kq * dim * (h * w + 2 * hk * wk)  # q keeps the map size
+        elif method == "avg":
+            hk, wk = pool_out(h, kq, skv, pkv), pool_out(w, kq, skv, pkv)
+        else:
+            hk, wk = h, w
         n_q, n_kv = h * w + cls, hk * wk + cls
-        hidden = int(dim * cfg.mlp_ratio)
-        out["dw_conv"] += depth * 9 * dim * (h * w + 2 * hk * wk)
+        hidden = mlp_hidden(dim, cfg.mlp_ratios[i])
         out["qkv_proj"] += depth * dim * dim * (n_q + 2 * n_kv)
         out["attention"] += depth * 2 * n_q * n_kv * dim  # q @ k^T and attn @ v, summed over heads
         out["out_proj"] += depth * n_q * dim * dim
@@ -274,12 +285,7 @@ class HFReferenceRuntime(Runtime):
         import transformers
 
         super().__init__(config, "fp32", device)
-        hf_cfg = transformers.CvtConfig(
-            num_channels=config.in_chans, embed_dim=list(config.embed_dims), num_heads=list(config.num_heads),
-            depth=list(config.depths), mlp_ratio=[config.mlp_ratio] * 3,
-            id2label={i: config.label(i) for i in range(config.num_classes)},  # sets num_labels
-            patch_sizes=list(config.patch_sizes), patch_stride=list(config.patch_strides),
-            patch_padding=list(config.patch_paddings), stride_kv=[config.kv_stride] * 3)
+        hf_cfg = transformers.CvtConfig(**hf_config_kwargs(config))
         with torch.random.fork_rng():
             torch.manual_seed(0)
             self.model = transformers.CvtForImageClassification(hf_cfg).eval().to(device)
@@ -297,11 +303,9 @@ class HFReferenceRuntime(Runtime):
         cfg = bundle.config
         if precision not in (None, "fp32"):
             raise CvtDeployError(f"the Hugging Face reference runs fp32 only, not {precision}", "compare it at fp32")
-        known = get_config(cfg.variant) if cfg.variant in list_variants() else None
-        if known is None or (known.embed_dims, known.num_heads, known.depths) != (cfg.embed_dims, cfg.num_heads, cfg.depths):
-            raise CvtDeployError(f"the bundle's architecture ({cfg.variant}: dims {cfg.embed_dims}, depths {cfg.depths}) "
-                                 "is not a registered CvT variant, so there is no Hugging Face counterpart",
-                                 f"registered: {', '.join(list_variants())}; or pass --no-hf")
+        reason = hf_unsupported(cfg)
+        if reason:
+            raise CvtDeployError(f"the bundle's architecture has no Hugging Face counterpart: {reason}", "pass --no-hf")
         if threads:
             import torch
 

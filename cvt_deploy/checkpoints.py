@@ -7,14 +7,17 @@ Nothing here executes pickled code: ``.pth``/``.bin`` files go through
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .bundle import atomic_output
-from .config import CvtConfig, PreprocessConfig, get_config, match_variant
+from .config import (CUSTOM_VARIANT, CvtConfig, PreprocessConfig, get_config, list_variants, match_variant,
+                     mlp_hidden, named, registered_heads)
 from .errors import CvtDeployError, require
 
 if TYPE_CHECKING:
@@ -25,7 +28,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Hugging Face name -> official name, applied in order to each key.
 _HF_TO_OFFICIAL = [
-    (r"^cvt\.encoder\.stages\.(\d)\.", r"stage\1."),
+    (r"^cvt\.encoder\.stages\.(\d+)\.", r"stage\1."),
     (r"\.embedding\.convolution_embeddings\.projection\.", ".patch_embed.proj."),
     (r"\.embedding\.convolution_embeddings\.normalization\.", ".patch_embed.norm."),
     (r"\.layers\.(\d+)\.", r".blocks.\1."),
@@ -79,34 +82,222 @@ class LoadReport:
         return "\n".join(lines) or "all keys match"
 
 
-def infer_config(state: Mapping[str, Any], **overrides: Any) -> CvtConfig:
-    """Read widths, depths and class count from official-key tensors; heads from the registry."""
-    try:
-        dims = tuple(int(state[f"stage{i}.patch_embed.proj.weight"].shape[0]) for i in range(3))
-        num_classes = int(state["head.weight"].shape[0])
-    except KeyError as e:
-        raise CvtDeployError(
-            f"this does not look like a CvT checkpoint: no tensor {e.args[0]!r}",
-            "pass an official microsoft/CvT .pth, a Hugging Face CvT folder or hub id, or a cvt-deploy .safetensors",
-        ) from None
-    depths = tuple(
-        len({k.split(".")[2] for k in state if k.startswith(f"stage{i}.blocks.")}) for i in range(3)
-    )
-    variant = overrides.pop("variant", None) or match_variant(dims, depths)
-    if variant is None:
-        raise CvtDeployError(
-            f"the checkpoint's widths {dims} and depths {depths} match no registered variant",
-            "register a variant for it (cvt_deploy.config.register_variant) so its head counts are known",
-        )
-    cfg = get_config(variant, num_classes=num_classes, **overrides)
-    if cfg.embed_dims != dims or cfg.depths != depths:
-        guess = match_variant(dims, depths)
-        raise CvtDeployError(
-            f"the checkpoint is not a {cfg.variant}: it has widths {dims} and depths {depths}, "
-            f"{cfg.variant} has {cfg.embed_dims} and {cfg.depths}",
-            f"use --model {guess}" if guess else "pick the variant the checkpoint was trained as",
-        )
+# Our CvtConfig field -> Hugging Face CvtConfig field, for every field that changes what the
+# network computes (dropout and drop-path rates are training-only; layer_norm_eps is unused
+# by HF's modules). Missing fields take HF's defaults, as transformers itself does.
+HF_FIELDS = {
+    "embed_dims": "embed_dim", "num_heads": "num_heads", "depths": "depth", "mlp_ratios": "mlp_ratio",
+    "patch_sizes": "patch_sizes", "patch_strides": "patch_stride", "patch_paddings": "patch_padding",
+    "qkv_kernels": "kernel_qkv", "q_strides": "stride_q", "q_paddings": "padding_q",
+    "kv_strides": "stride_kv", "kv_paddings": "padding_kv", "qkv_bias": "qkv_bias", "cls_token": "cls_token",
+    "qkv_projections": "qkv_projection_method", "in_chans": "num_channels",
+}
+_HF_DEFAULT = get_config("cvt-13")  # transformers.CvtConfig() is CvT-13
+
+
+def hf_config_kwargs(cfg: CvtConfig) -> dict[str, Any]:
+    """``transformers.CvtConfig`` keyword arguments for our config's architecture and classes."""
+    kw: dict[str, Any] = {hf: (list(v) if isinstance(v := getattr(cfg, ours), tuple) else v) for ours, hf in HF_FIELDS.items()}
+    kw["id2label"] = {i: cfg.label(i) for i in range(cfg.num_classes)}  # sets num_labels
+    return kw
+
+
+def hf_unsupported(cfg: CvtConfig) -> str | None:
+    """Why transformers' ``CvtForImageClassification`` cannot build this architecture, or None."""
+    if any(m != "dw_bn" for m in cfg.qkv_projections):
+        return f"its port builds only the dw_bn projection, this model uses {'/'.join(cfg.qkv_projections)}"
+    if any(cfg.cls_token[:-1]):
+        return "its port supports a class token in the last stage only"
+    if any(d <= i for i, d in enumerate(cfg.depths)):
+        return f"its port needs stage i to have more than i blocks (depths {list(cfg.depths)})"
+    return None
+
+
+@dataclass(frozen=True)
+class WeightsArch:
+    """What a state dict's tensor shapes say about the architecture (official key names).
+
+    Heads, strides and paddings leave no trace in the tensors; ``qkv_kernels`` and
+    ``projections`` are None for stages without a projection convolution ("avg"/"linear").
+    """
+
+    embed_dims: tuple[int, ...]
+    depths: tuple[int, ...]
+    in_chans: int
+    patch_sizes: tuple[int, ...]
+    mlp_hidden: tuple[int, ...]
+    qkv_bias: tuple[bool, ...]
+    cls_token: tuple[bool, ...]
+    conv_kernels: tuple[int | None, ...]
+    num_classes: int
+
+    @classmethod
+    def read(cls, state: Mapping[str, Any]) -> WeightsArch:
+        n = 0
+        while f"stage{n}.patch_embed.proj.weight" in state:
+            n += 1
+        for key in ("stage0.patch_embed.proj.weight", "head.weight"):
+            if key not in state:
+                raise CvtDeployError(
+                    f"this does not look like a CvT checkpoint: no tensor {key!r}",
+                    "pass an official microsoft/CvT .pth, a Hugging Face CvT folder or hub id, or a cvt-deploy .safetensors",
+                )
+        dims, depths, kernels, hidden, bias, cls_tok, conv = [], [], [], [], [], [], []
+        for i in range(n):
+            w = state[f"stage{i}.patch_embed.proj.weight"]
+            dims.append(int(w.shape[0]))
+            kernels.append(int(w.shape[-1]))
+            blocks = {int(k.split(".")[2]) for k in state if k.startswith(f"stage{i}.blocks.") and k.split(".")[2].isdigit()}
+            if not blocks or blocks != set(range(len(blocks))):
+                raise CvtDeployError(f"the checkpoint's stage {i} has blocks {sorted(blocks)}, not 0..N-1",
+                                     "the file is incomplete or not a CvT classifier")
+            depths.append(len(blocks))
+            block = f"stage{i}.blocks.0."
+            fc1 = state.get(block + "mlp.fc1.weight")
+            hidden.append(int(fc1.shape[0]) if fc1 is not None else 0)
+            bias.append(block + "attn.proj_q.bias" in state)
+            cls_tok.append(f"stage{i}.cls_token" in state)
+            q_conv = state.get(block + "attn.conv_proj_q.conv.weight")
+            conv.append(int(q_conv.shape[-1]) if q_conv is not None else None)
+        return cls(tuple(dims), tuple(depths), int(state["stage0.patch_embed.proj.weight"].shape[1]), tuple(kernels),
+                   tuple(hidden), tuple(bias), tuple(cls_tok), tuple(conv), int(state["head.weight"].shape[0]))
+
+    def disagreements(self, cfg: CvtConfig, names: Mapping[str, str] | None = None) -> list[str]:
+        """Where ``cfg`` says something else than the tensors ('field: config X, weights Y')."""
+        names = names or {}
+        mlp = tuple(mlp_hidden(d, r) for d, r in zip(cfg.embed_dims, cfg.mlp_ratios))
+        methods = tuple("dw_bn" if k is not None else "avg or linear" for k in self.conv_kernels)
+        pairs = [
+            ("embed_dims", cfg.embed_dims, self.embed_dims), ("depths", cfg.depths, self.depths),
+            ("in_chans", cfg.in_chans, self.in_chans), ("patch_sizes", cfg.patch_sizes, self.patch_sizes),
+            ("mlp_ratios", cfg.mlp_ratios, tuple(h / d for h, d in zip(self.mlp_hidden, self.embed_dims))),
+            ("qkv_bias", cfg.qkv_bias, self.qkv_bias), ("cls_token", cfg.cls_token, self.cls_token),
+            ("qkv_projections", tuple("dw_bn" if m == "dw_bn" else "avg or linear" for m in cfg.qkv_projections), methods),
+            ("qkv_kernels", tuple(k if m == "dw_bn" else None for k, m in zip(cfg.qkv_kernels, cfg.qkv_projections)),
+             self.conv_kernels),
+        ]
+        out = []
+        for name, said, seen in pairs:
+            # MLP ratios are compared by the widths they give: 4 and 4.0000001 build the same layer.
+            if (mlp != self.mlp_hidden) if name == "mlp_ratios" else (said != seen):
+                out.append(f"{names.get(name, name)}: config {_show(said)}, weights {_show(seen)}")
+        return out
+
+    def config(self, base: CvtConfig | None, num_heads: tuple[int, ...] | None, **fields: Any) -> CvtConfig:
+        """A config with everything the tensors show; the rest from ``base`` (else the paper's)."""
+        visible: dict[str, Any] = {
+            "embed_dims": self.embed_dims, "depths": self.depths, "in_chans": self.in_chans,
+            "patch_sizes": self.patch_sizes, "mlp_ratios": tuple(_ratio(d, h) for d, h in zip(self.embed_dims, self.mlp_hidden)),
+            "qkv_bias": self.qkv_bias, "cls_token": self.cls_token, "num_classes": self.num_classes,
+        }
+        n = len(self.embed_dims)
+        if base is not None and base.num_stages == n:
+            inherit = {k: getattr(base, k) for k in ("patch_strides", "patch_paddings", "q_strides", "q_paddings",
+                                                        "kv_strides", "kv_paddings", "qkv_projections", "qkv_kernels")}
+        else:
+            inherit = {}
+        methods = list(inherit.get("qkv_projections") or ("dw_bn",) * n)
+        kernels = list(inherit.get("qkv_kernels") or (3,) * n)
+        for i, k in enumerate(self.conv_kernels):
+            if k is not None:
+                methods[i], kernels[i] = "dw_bn", k
+            elif methods[i] == "dw_bn":
+                raise CvtDeployError(
+                    f"the checkpoint's stage {i} has no q/k/v projection convolutions, so it was built with the official "
+                    "'avg' or 'linear' projection, and the weights cannot tell which",
+                    f"say which with a config file: {{\"qkv_projections\": [...]}} (one of dw_bn, avg, linear per stage) "
+                    "via --config FILE.json (cvt-export) or config= (load_checkpoint)",
+                )
+        inherit.update(qkv_projections=tuple(methods), qkv_kernels=tuple(kernels))
+        if num_heads is None:
+            raise CvtDeployError(
+                f"the checkpoint's widths {self.embed_dims} match no registered variant, and head counts are not "
+                "stored in the weights",
+                f"pass them, one per stage dividing its width: --heads {','.join(str(_some_heads(d)) for d in self.embed_dims)} "
+                "(cvt-export), heads=(...) (load_checkpoint), or \"num_heads\" in a --config JSON file",
+            )
+        return CvtConfig(variant=CUSTOM_VARIANT, num_heads=num_heads, **{**visible, **inherit, **fields})
+
+
+def _ratio(dim: int, hidden: int) -> float:
+    """The MLP ratio that gives ``hidden`` under the official rounding (``int(dim * ratio)``)."""
+    ratio = hidden / dim
+    while mlp_hidden(dim, ratio) < hidden:  # hidden / dim * dim can land just below hidden
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def _some_heads(dim: int) -> int:
+    """A head count that divides ``dim``, for the example in an error message (width 64 per head)."""
+    return max(h for h in range(1, max(1, dim // 64) + 1) if dim % h == 0)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return str(value)
+
+
+def infer_config(state: Mapping[str, Any], variant: str | None = None, heads: Sequence[int] | None = None,
+                 overrides: Mapping[str, Any] | None = None, source: str = "--config", **fields: Any) -> CvtConfig:
+    """The config of official-key tensors: widths, depths, MLP ratios, classes, qkv bias and class
+    tokens from their shapes; heads from ``heads``, ``overrides``, ``variant`` or the registry.
+
+    ``overrides`` holds CvtConfig fields for what the tensors cannot show (num_heads, strides,
+    paddings, projection method); one that contradicts the tensors is an error naming both.
+    """
+    arch = WeightsArch.read(state)
+    overrides = dict(overrides or {})
+    base = get_config(variant) if variant else None
+    if base is not None and (base.embed_dims, base.depths) != (arch.embed_dims, arch.depths):
+        # Checked before heads are taken from the variant: they may not even divide these widths.
+        raise wrong_variant("the checkpoint", match_variant_for(state), arch.embed_dims, arch.depths, base)
+    num_heads = heads or overrides.pop("num_heads", None) or (base.num_heads if base else None) or registered_heads(arch.embed_dims)
+    cfg = named(arch.config(base, tuple(num_heads) if num_heads else None, **fields))
+    if cfg.variant != CUSTOM_VARIANT and "img_size" not in fields:
+        cfg = cfg.replace(img_size=get_config(cfg.variant).img_size)  # e.g. W24 was released at 384 only
+    if overrides:
+        cfg = named(apply_overrides(cfg, overrides, arch, source))
     return cfg
+
+
+def wrong_variant(what: str, guess: str | None, dims: tuple[int, ...], depths: tuple[int, ...], want: CvtConfig) -> CvtDeployError:
+    return CvtDeployError(
+        f"{what} is not a {want.variant}: it has widths {dims} and depths {depths}, "
+        f"{want.variant} has {want.embed_dims} and {want.depths}",
+        f"it looks like {guess}: use --model {guess} or omit --model" if guess
+        else "omit --model: the architecture is read from the checkpoint",
+    )
+
+
+def apply_overrides(cfg: CvtConfig, overrides: Mapping[str, Any], arch: WeightsArch, source: str = "--config") -> CvtConfig:
+    """``cfg`` with user-given fields replaced, checked against the tensors."""
+    merged = cfg.to_dict()
+    merged.update(overrides)
+    merged["variant"] = cfg.variant
+    if "img_size" in overrides and "preprocess" not in overrides and isinstance(overrides["img_size"], int):
+        merged["preprocess"] = PreprocessConfig.for_size(overrides["img_size"], like=cfg.preprocess).to_dict()
+    out = CvtConfig.from_dict(merged, source)
+    problems = arch.disagreements(out)
+    if problems:
+        raise CvtDeployError(f"{source} disagrees with the checkpoint's tensors: " + "; ".join(problems),
+                             f"remove or correct those fields in {source}")
+    return out
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON file of CvtConfig fields (``--config``), checked to be a JSON object."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise CvtDeployError(f"cannot read config file {path}: {e.strerror}", "pass an existing JSON file") from None
+    except ValueError as e:
+        raise CvtDeployError(f"config file {path} is not valid JSON ({e})", "fix the JSON syntax") from None
+    if not isinstance(raw, dict):
+        raise CvtDeployError(f"config file {path} holds a JSON {type(raw).__name__}, not an object",
+                             'write an object of CvtConfig fields, e.g. {"num_heads": [1, 3, 6]}')
+    return raw
 
 
 def load_state_into(model: CvT, state: Mapping[str, Any], source: str) -> None:
@@ -131,10 +322,12 @@ def load_state_into(model: CvT, state: Mapping[str, Any], source: str) -> None:
 
 
 def match_variant_for(state: Mapping[str, Any]) -> str | None:
+    """The registered variant these tensors are, if any (heads assumed from the registry)."""
     try:
-        return infer_config(state).variant
+        name = infer_config(state).variant
     except CvtDeployError:
         return None
+    return None if name == CUSTOM_VARIANT else name
 
 
 def _read_torch_file(path: Path) -> dict[str, Any]:
@@ -180,23 +373,116 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         ) from None
 
 
-def _hf_config(folder: Path, **overrides: Any) -> CvtConfig:
-    raw = json.loads((folder / "config.json").read_text())
+# PIL's resampling codes, as Hugging Face image processors store them ("resample": 3).
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+_HF_NAMES = {ours: hf for ours, hf in HF_FIELDS.items()}
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise CvtDeployError(f"{path} is not valid JSON ({e})", "restore the file from the checkpoint's origin") from None
+    except OSError as e:
+        raise CvtDeployError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from None
+    if not isinstance(raw, dict):
+        raise CvtDeployError(f"{path} holds a JSON {type(raw).__name__}, not an object",
+                             "restore the file from the checkpoint's origin")
+    return raw
+
+
+def _hf_labels(raw: dict[str, Any], num_classes: int, path: Path) -> tuple[str, ...] | None:
+    """Labels from ``id2label`` when it names exactly the classifier's classes, else None (indices)."""
+    num_labels = raw.get("num_labels")
+    if num_labels is not None and num_labels != num_classes:
+        raise CvtDeployError(f"{path} says num_labels {num_labels!r}, but the classifier tensor has {num_classes} classes",
+                             "fix num_labels in config.json (or drop it: the weights decide)")
+    id2label = raw.get("id2label")
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict):
+        raise CvtDeployError(f"{path}: id2label is a JSON {type(id2label).__name__}, not an object",
+                             'write it as {"0": "cat", "1": "dog", ...}')
+    labels: dict[int, str] = {}
+    for key, value in id2label.items():
+        if not (isinstance(key, str) and key.strip().isdigit()) or not isinstance(value, str):
+            raise CvtDeployError(f"{path}: id2label entry {key!r}: {value!r} is not a class index and its name",
+                                 'write id2label as {"0": "cat", "1": "dog", ...}')
+        labels[int(key)] = value
+    if sorted(labels) != list(range(num_classes)):
+        warnings.warn(f"{path}: id2label names {len(labels)} classes but the classifier has {num_classes}; "
+                      "labels are the class indices", stacklevel=3)
+        return None
+    return tuple(labels[i] for i in range(num_classes))
+
+
+def _hf_preprocess(folder: Path, img_size: int) -> PreprocessConfig:
+    """The image processor's settings (``preprocessor_config.json``) when the folder has them."""
+    path = folder / "preprocessor_config.json"
+    base = PreprocessConfig.for_size(img_size)
+    if not path.is_file():
+        return base
+    raw = _read_json_object(path)
+    changes: dict[str, Any] = {}
+    for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
+        if theirs in raw:
+            changes[ours] = tuple(raw[theirs]) if isinstance(raw[theirs], list) else raw[theirs]
+    if "crop_pct" in raw and base.resize == "shorter":
+        changes["crop_pct"] = raw["crop_pct"]
+    if "resample" in raw:
+        if raw["resample"] not in _PIL_RESAMPLE:
+            raise CvtDeployError(f"{path}: resample {raw['resample']!r} is not a resampling filter cvt-deploy knows",
+                                 f"use one of {_PIL_RESAMPLE} (3, bicubic, is CvT's)")
+        changes["interpolation"] = _PIL_RESAMPLE[raw["resample"]]
+    try:
+        return PreprocessConfig.from_dict({**base.to_dict(), **changes})
+    except CvtDeployError as e:
+        raise CvtDeployError(f"{path}: {e.message}", e.hint) from None
+
+
+def _hf_image_size(folder: Path) -> int | None:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    size = _read_json_object(path).get("size")
+    if isinstance(size, dict):  # {"shortest_edge": 224} or {"height": 384, "width": 384}
+        size = size.get("shortest_edge", size.get("height"))
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise CvtDeployError(f"{path}: size {size!r} is not a positive number of pixels", 'use e.g. "size": 224')
+    return size
+
+
+def _read_hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    raw = _read_json_object(path)
     if raw.get("model_type") != "cvt":
-        raise CvtDeployError(f"{folder}/config.json describes a {raw.get('model_type')!r} model, not a CvT",
+        raise CvtDeployError(f"{path} describes a {raw.get('model_type')!r} model, not a CvT",
                              "point --weights at a Hugging Face CvT checkpoint (model_type 'cvt')")
-    dims, depths = tuple(raw["embed_dim"]), tuple(raw["depth"])
-    variant = overrides.pop("variant", None) or match_variant(dims, depths)
-    if variant is None:
-        raise CvtDeployError(f"{folder}: widths {dims} / depths {depths} match no registered variant",
-                             "register a variant for it with cvt_deploy.config.register_variant")
-    id2label = raw.get("id2label") or {}
-    num_classes = int(raw.get("num_labels") or len(id2label) or 1000)
-    labels = tuple(id2label[str(i)] for i in range(num_classes)) if len(id2label) == num_classes else None
-    cfg = get_config(variant, num_classes=num_classes, labels=labels, **overrides)
-    if tuple(raw.get("num_heads", cfg.num_heads)) != cfg.num_heads:
-        cfg = cfg.replace(num_heads=tuple(raw["num_heads"]))
-    return cfg
+    return raw
+
+
+def _hf_config(folder: Path, raw: dict[str, Any], arch: WeightsArch, activation: str, img_size: int | None) -> CvtConfig:
+    """The architecture from ``config.json`` (``raw``), every field checked, classes from the tensors."""
+    path = folder / "config.json"
+    fields = {ours: raw.get(hf, getattr(_HF_DEFAULT, ours)) for ours, hf in HF_FIELDS.items()}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    size = img_size or _hf_image_size(folder)
+    try:
+        cfg = CvtConfig(variant=CUSTOM_VARIANT, num_classes=arch.num_classes, labels=_hf_labels(raw, arch.num_classes, path),
+                        activation=activation, **fields)
+        registered = match_variant(cfg)
+        size = size or (get_config(registered).img_size if registered else 224)
+        cfg = cfg.replace(img_size=size, preprocess=_hf_preprocess(folder, size))
+    except CvtDeployError as e:
+        message = e.message
+        for ours, hf in HF_FIELDS.items():  # name the field as config.json spells it
+            message = message.replace(f"field {ours!r}", f"field {hf!r}")
+        raise CvtDeployError(f"{path}: {message}", e.hint) from None
+    problems = arch.disagreements(cfg, _HF_NAMES)
+    if problems:
+        raise CvtDeployError(f"{path} disagrees with the weights beside it: " + "; ".join(problems),
+                             "config.json and the weights are from different models: put the matching pair in the folder")
+    return named(cfg)
 
 
 def _resolve_hub(source: str) -> Path:
@@ -204,7 +490,7 @@ def _resolve_hub(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, allow_patterns=["config.json", "*.safetensors", "pytorch_model.bin"]))
+        return Path(snapshot_download(source, allow_patterns=["config.json", "preprocessor_config.json", "*.safetensors", "pytorch_model.bin"]))
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
         raise CvtDeployError(
             f"could not fetch {source!r} from the Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
@@ -214,14 +500,20 @@ def _resolve_hub(source: str) -> Path:
 
 def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, *,
                     activation: str | None = None, img_size: int | None = None,
-                    labels: list[str] | None = None) -> CvT:
+                    labels: Sequence[str] | None = None, heads: Sequence[int] | None = None,
+                    config: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> CvT:
     """Build a CvT and load weights from any supported checkpoint, architecture read from it.
 
     ``source``: a cvt-deploy ``.safetensors``; an official ``.pth``/``.pt``; a Hugging Face
     folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``) or hub id.
-    ``variant`` checks (and, for official weights, decides) the architecture. ``activation``
-    defaults to what the weights were trained with: quick_gelu for official checkpoints,
-    gelu for Hugging Face ones (that port computes exact GELU), the stored value for ours.
+    The checkpoint decides the architecture and the class count; ``variant`` only checks
+    it. Official weights do not record head counts: they come from ``heads``, ``config``
+    or, when the widths are a registered variant's, the registry. ``config``: CvtConfig
+    fields (a mapping or a JSON file) for what the weights cannot show (heads, strides,
+    paddings, projection method); fields that contradict the tensors are refused.
+    ``activation`` defaults to what the weights were trained with: quick_gelu for official
+    checkpoints, gelu for Hugging Face ones (that port computes exact GELU), the stored
+    value for ours.
     """
     require("torch", "torch", "Loading a checkpoint")
     from .model import CvT
@@ -233,16 +525,21 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         else:
             raise CvtDeployError(f"checkpoint {str(source)!r} does not exist",
                                  "pass a path to a .safetensors/.pth file, a Hugging Face folder, or a hub id like microsoft/cvt-13")
-    overrides: dict[str, Any] = {}
-    if variant:
-        overrides["variant"] = variant
+    overrides = dict(read_config_file(config) if isinstance(config, (str, os.PathLike)) else config or {})
+    if heads is not None:
+        overrides["num_heads"] = list(heads)
     if img_size:
         overrides["img_size"] = img_size
+    if activation:
+        overrides["activation"] = activation
+    if labels is not None:
+        overrides["labels"] = list(labels)
+    config_source = str(config) if isinstance(config, (str, os.PathLike)) else "the given config"
 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CvtDeployError(f"{path} is a folder without config.json", "pass a Hugging Face CvT folder or a checkpoint file")
-        cfg = _hf_config(path, activation=activation or "gelu", **overrides)
+        raw = _read_hf_config(path)
         if (path / "model.safetensors").is_file():
             state, _ = _read_safetensors(path / "model.safetensors")
         elif (path / "pytorch_model.bin").is_file():
@@ -251,31 +548,40 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
             raise CvtDeployError(f"{path} has config.json but no model.safetensors or pytorch_model.bin",
                                  "copy the weights file into the folder")
         state = hf_to_official(state)
+        arch = WeightsArch.read(state)
+        cfg = _hf_config(path, raw, arch, "gelu", img_size)
         source_kind = "Hugging Face checkpoint"
     elif path.suffix == ".safetensors":
         state, meta = _read_safetensors(path)
         if CONFIG_METADATA_KEY in meta:
-            cfg = CvtConfig.from_json(meta[CONFIG_METADATA_KEY])
-            changes: dict[str, Any] = {k: v for k, v in (("activation", activation), ("img_size", img_size)) if v}
-            if img_size:
-                changes["preprocess"] = PreprocessConfig.for_size(img_size)
-            cfg = cfg.replace(**changes)
-            want = get_config(variant) if variant else None
-            if want is not None and (want.embed_dims, want.depths) != (cfg.embed_dims, cfg.depths):
-                raise CvtDeployError(f"{path} holds a {cfg.variant}, not a {variant}", f"use --model {cfg.variant} or omit --model")
+            cfg = CvtConfig.from_json(meta[CONFIG_METADATA_KEY], f"{path} (its cvt-deploy metadata)")
+            arch = WeightsArch.read(state)
+            problems = arch.disagreements(cfg)
+            if problems:
+                raise CvtDeployError(f"{path}: its metadata disagrees with its own tensors: " + "; ".join(problems),
+                                     "the file is damaged: save the model again with save_checkpoint or re-export it")
         else:
             state, default_act = _official_keys(state)
-            cfg = infer_config(state, activation=activation or default_act, **overrides)
+            arch = WeightsArch.read(state)
+            cfg = infer_config(state, variant, overrides.pop("num_heads", None), overrides, config_source, activation=default_act)
+            overrides = {}
         source_kind = "safetensors checkpoint"
     else:
         state, default_act = _official_keys(_read_torch_file(path))
+        arch = WeightsArch.read(state)
         m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
         if m and "img_size" not in overrides:
             overrides["img_size"] = int(m.group(1))
-        cfg = infer_config(state, activation=activation or default_act, **overrides)
+        cfg = infer_config(state, variant, overrides.pop("num_heads", None), overrides, config_source, activation=default_act)
+        overrides = {}  # infer_config applied them
         source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
-    if labels is not None:
-        cfg = cfg.replace(labels=tuple(labels))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides, arch, config_source)
+        if cfg.variant in list_variants() or cfg.variant == CUSTOM_VARIANT:
+            cfg = named(cfg)  # e.g. --heads made a registered architecture a custom one
+    if variant and get_config(variant).arch() != cfg.arch():
+        raise wrong_variant(str(path), cfg.variant if cfg.variant in list_variants() else None,
+                            cfg.embed_dims, cfg.depths, get_config(variant))
     model = CvT(cfg).eval()
     load_state_into(model, state, f"{source_kind} {path}")
     return model

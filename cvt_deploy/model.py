@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from .config import CvtConfig, get_config  # noqa: E402
+from .config import CvtConfig, get_config, mlp_hidden  # noqa: E402
 
 LN_EPS = 1e-5  # official code; HF's config value (1e-12) is never used by its modules
 
@@ -48,37 +48,66 @@ class ConvEmbed(nn.Module):
 
 
 class ConvProjection(nn.Module):
-    """Depthwise 3x3 conv + BatchNorm on the token map ("dw_bn"), back to tokens."""
+    """Depthwise conv + BatchNorm on the token map ("dw_bn"), back to tokens."""
 
-    def __init__(self, dim: int, stride: int) -> None:
+    def __init__(self, dim: int, stride: int, kernel: int = 3, padding: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False)
+        self.conv = nn.Conv2d(dim, dim, kernel, stride, padding, groups=dim, bias=False)
         self.bn = nn.BatchNorm2d(dim)
 
     def forward(self, fmap: Tensor) -> Tensor:
         return self.bn(self.conv(fmap)).flatten(2).transpose(1, 2)
 
 
+class PoolProjection(nn.Module):
+    """Average pooling on the token map (the official code's "avg" k/v projection)."""
+
+    def __init__(self, stride: int, kernel: int, padding: int) -> None:
+        super().__init__()
+        self.avg = nn.AvgPool2d(kernel, stride, padding, ceil_mode=True)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        return self.avg(fmap).flatten(2).transpose(1, 2)
+
+
+class TokenProjection(nn.Module):
+    """No spatial projection: the map back to tokens (official "linear"; q under "avg")."""
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        return fmap.flatten(2).transpose(1, 2)
+
+
+def make_projection(method: str, dim: int, stride: int, kernel: int, padding: int) -> nn.Module:
+    if method == "dw_bn":
+        return ConvProjection(dim, stride, kernel, padding)
+    if method == "avg":
+        return PoolProjection(stride, kernel, padding)
+    return TokenProjection()
+
+
 class Attention(nn.Module):
     """Multi-head attention with convolutional q/k/v projections.
 
-    k and v are squeezed by a stride-2 projection (4x fewer tokens). The class token skips
-    the convolution but not the Linear projections. The scale is the stage width
-    ``dim ** -0.5``, not the head width: that is what the official and HF code compute.
+    k and v are squeezed by a strided projection (stride 2: 4x fewer tokens). The class
+    token skips the convolution but not the Linear projections. The scale is the stage
+    width ``dim ** -0.5``, not the head width: that is what the official and HF code compute.
+    Under the "avg" method only k and v are pooled, as in the official code.
     """
 
-    def __init__(self, dim: int, num_heads: int, with_cls: bool, kv_stride: int) -> None:
+    def __init__(self, dim: int, num_heads: int, with_cls: bool, kv_stride: int = 2, *, kernel: int = 3,
+                 q_stride: int = 1, q_padding: int = 1, kv_padding: int = 1, qkv_bias: bool = True,
+                 method: str = "dw_bn") -> None:
         super().__init__()
         self.num_heads = num_heads
         self.with_cls = with_cls
         self.scale = dim ** -0.5
         self.fused_attn = True  # switched off automatically while exporting
-        self.conv_proj_q = ConvProjection(dim, 1)
-        self.conv_proj_k = ConvProjection(dim, kv_stride)
-        self.conv_proj_v = ConvProjection(dim, kv_stride)
-        self.proj_q = nn.Linear(dim, dim)
-        self.proj_k = nn.Linear(dim, dim)
-        self.proj_v = nn.Linear(dim, dim)
+        self.conv_proj_q = make_projection("linear" if method == "avg" else method, dim, q_stride, kernel, q_padding)
+        self.conv_proj_k = make_projection(method, dim, kv_stride, kernel, kv_padding)
+        self.conv_proj_v = make_projection(method, dim, kv_stride, kernel, kv_padding)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -121,13 +150,15 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block. Drop path is training-only and left out."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, activation: str,
-                 with_cls: bool, kv_stride: int) -> None:
+    def __init__(self, cfg: CvtConfig, i: int) -> None:
         super().__init__()
+        dim = cfg.embed_dims[i]
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim, num_heads, with_cls, kv_stride)
+        self.attn = Attention(dim, cfg.num_heads[i], cfg.cls_token[i], cfg.kv_strides[i], kernel=cfg.qkv_kernels[i],
+                              q_stride=cfg.q_strides[i], q_padding=cfg.q_paddings[i], kv_padding=cfg.kv_paddings[i],
+                              qkv_bias=cfg.qkv_bias[i], method=cfg.qkv_projections[i])
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), activation)
+        self.mlp = Mlp(dim, mlp_hidden(dim, cfg.mlp_ratios[i]), cfg.activation)
 
     def forward(self, x: Tensor, h: int, w: int) -> Tensor:
         x = x + self.attn(self.norm1(x), h, w)
@@ -138,18 +169,15 @@ class Stage(nn.Module):
     def __init__(self, cfg: CvtConfig, i: int, in_chans: int) -> None:
         super().__init__()
         dim = cfg.embed_dims[i]
-        self.with_cls = i == 2  # the class token exists in the last stage only
+        self.with_cls = cfg.cls_token[i]  # the paper's variants: last stage only
         self.patch_embed = ConvEmbed(in_chans, dim, cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_paddings[i])
         if self.with_cls:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
             nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.blocks = nn.ModuleList(
-            Block(dim, cfg.num_heads[i], cfg.mlp_ratio, cfg.activation, self.with_cls, cfg.kv_stride)
-            for _ in range(cfg.depths[i])
-        )
+        self.blocks = nn.ModuleList(Block(cfg, i) for _ in range(cfg.depths[i]))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """NCHW map in; NCHW map and (last stage) the class token out."""
+        """NCHW map in; NCHW map and (with a class token) the class token out."""
         b = x.shape[0]
         tokens, h, w = self.patch_embed(x)
         if self.with_cls:
@@ -163,35 +191,46 @@ class Stage(nn.Module):
 
 
 class CvT(nn.Module):
-    """CvT classifier: three stages, LayerNorm on the final class token, Linear head."""
+    """CvT classifier: its stages, then LayerNorm and a Linear head on the final class token
+    (or, without one, on the mean of the LayerNormed final tokens, as the official code does).
+
+    Stages are attributes ``stage0``, ``stage1``, ... so that official checkpoint keys load as they are.
+    """
 
     def __init__(self, cfg: CvtConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        chans = (cfg.in_chans,) + cfg.embed_dims[:2]
-        self.stage0 = Stage(cfg, 0, chans[0])
-        self.stage1 = Stage(cfg, 1, chans[1])
-        self.stage2 = Stage(cfg, 2, chans[2])
-        self.norm = nn.LayerNorm(cfg.embed_dims[2], eps=LN_EPS)
-        self.head = nn.Linear(cfg.embed_dims[2], cfg.num_classes)
+        chans = (cfg.in_chans,) + cfg.embed_dims[:-1]
+        for i in range(cfg.num_stages):
+            self.add_module(f"stage{i}", Stage(cfg, i, chans[i]))
+        self.norm = nn.LayerNorm(cfg.embed_dims[-1], eps=LN_EPS)
+        self.head = nn.Linear(cfg.embed_dims[-1], cfg.num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def stages(self) -> list[Stage]:
+        return [getattr(self, f"stage{i}") for i in range(self.cfg.num_stages)]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Pixels (N, 3, H, W) -> final class token (N, C), before the last LayerNorm."""
-        x, _ = self.stage0(x)
-        x, _ = self.stage1(x)
-        _, cls = self.stage2(x)
-        assert cls is not None
-        return cls.squeeze(1)
+        """Pixels (N, C, H, W) -> final tokens (N, T, C) before the last LayerNorm: the class
+        token alone (T = 1) when the last stage has one, else every token of the last map."""
+        cls = None
+        for stage in self.stages():
+            x, cls = stage(x)
+        if self.cfg.cls_token[-1]:
+            assert cls is not None
+            return cls
+        return x.flatten(2).transpose(1, 2)
 
     def forward_head(self, feats: Tensor) -> Tensor:
-        return self.head(self.norm(feats))
+        x = self.norm(feats)
+        return self.head(x[:, 0] if self.cfg.cls_token[-1] else x.mean(dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
