@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "int8")
+ARTIFACT_KINDS = ("onnx", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,10 @@ class BatchRange:
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> BatchRange:
-        return cls(int(d["min"]), int(d["opt"]), int(d["max"]))
+        values = [d[k] for k in ("min", "opt", "max")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"batch range {d!r} does not hold three integers")
+        return cls(*values)
 
 
 @dataclass
@@ -132,7 +136,12 @@ class Bundle:
             for art in artifacts.values():
                 if not isinstance(art.file, str) or not art.file or Path(art.file).is_absolute() or ".." in Path(art.file).parts:
                     raise ValueError(f"artifact {art.name!r} has file {art.file!r}, not a file name inside the bundle")
-            bundle = cls(root, CvtConfig.from_dict(raw["model"]), BatchRange.from_dict(raw["batch"]), artifacts,
+                if art.kind not in ARTIFACT_KINDS or art.precision not in PRECISIONS:
+                    raise ValueError(f"artifact {art.name!r} has kind {art.kind!r} and precision {art.precision!r}; "
+                                     f"known kinds are {', '.join(ARTIFACT_KINDS)}, precisions {', '.join(PRECISIONS)}")
+                if not isinstance(art.sha256, str):
+                    raise ValueError(f"artifact {art.name!r} has sha256 {art.sha256!r}, not a hex string")
+            bundle = cls(root, CvtConfig.from_dict(raw["model"], "its 'model' entry"), BatchRange.from_dict(raw["batch"]), artifacts,
                          {k: v for k, v in raw.items() if k not in ("format", "format_version", "model", "batch", "artifacts")})
         except CvtDeployError as e:
             if "format version" in e.message:

@@ -106,8 +106,8 @@ def hf_unsupported(cfg: CvtConfig) -> str | None:
     """Why transformers' ``CvtForImageClassification`` cannot build this architecture, or None."""
     if any(m != "dw_bn" for m in cfg.qkv_projections):
         return f"its port builds only the dw_bn projection, this model uses {'/'.join(cfg.qkv_projections)}"
-    if any(cfg.cls_token[:-1]):
-        return "its port supports a class token in the last stage only"
+    if cfg.cls_token != (False,) * (cfg.num_stages - 1) + (True,):
+        return "its port needs a class token in the last stage and in no other"
     if any(d <= i for i, d in enumerate(cfg.depths)):
         return f"its port needs stage i to have more than i blocks (depths {list(cfg.depths)})"
     return None
@@ -183,19 +183,21 @@ class WeightsArch:
                 out.append(f"{names.get(name, name)}: config {_show(said)}, weights {_show(seen)}")
         return out
 
-    def config(self, base: CvtConfig | None, num_heads: tuple[int, ...] | None, **fields: Any) -> CvtConfig:
-        """A config with everything the tensors show; the rest from ``base`` (else the paper's)."""
+    def config(self, base: CvtConfig | None, num_heads: tuple[int, ...] | None, given: Mapping[str, Any] | None = None,
+               **fields: Any) -> CvtConfig:
+        """A config with everything the tensors show; the rest from ``given`` (user fields), else
+        ``base`` (a variant), else the paper's."""
         visible: dict[str, Any] = {
             "embed_dims": self.embed_dims, "depths": self.depths, "in_chans": self.in_chans,
             "patch_sizes": self.patch_sizes, "mlp_ratios": tuple(_ratio(d, h) for d, h in zip(self.embed_dims, self.mlp_hidden)),
             "qkv_bias": self.qkv_bias, "cls_token": self.cls_token, "num_classes": self.num_classes,
         }
         n = len(self.embed_dims)
-        if base is not None and base.num_stages == n:
-            inherit = {k: getattr(base, k) for k in ("patch_strides", "patch_paddings", "q_strides", "q_paddings",
-                                                        "kv_strides", "kv_paddings", "qkv_projections", "qkv_kernels")}
-        else:
-            inherit = {}
+        hidden = ("patch_strides", "patch_paddings", "q_strides", "q_paddings", "kv_strides", "kv_paddings",
+                  "qkv_projections", "qkv_kernels")
+        inherit = {k: getattr(base, k) for k in hidden} if base is not None and base.num_stages == n else {}
+        # What the user said wins over the variant's; a malformed value is left for validation to name.
+        inherit.update({k: tuple(v) for k, v in (given or {}).items() if k in hidden and isinstance(v, (list, tuple))})
         methods = list(inherit.get("qkv_projections") or ("dw_bn",) * n)
         kernels = list(inherit.get("qkv_kernels") or (3,) * n)
         for i, k in enumerate(self.conv_kernels):
@@ -253,7 +255,7 @@ def infer_config(state: Mapping[str, Any], variant: str | None = None, heads: Se
         # Checked before heads are taken from the variant: they may not even divide these widths.
         raise wrong_variant("the checkpoint", match_variant_for(state), arch.embed_dims, arch.depths, base)
     num_heads = heads or overrides.pop("num_heads", None) or (base.num_heads if base else None) or registered_heads(arch.embed_dims)
-    cfg = named(arch.config(base, tuple(num_heads) if num_heads else None, **fields))
+    cfg = named(arch.config(base, tuple(num_heads) if num_heads else None, overrides, **fields))
     if cfg.variant != CUSTOM_VARIANT and "img_size" not in fields:
         cfg = cfg.replace(img_size=get_config(cfg.variant).img_size)  # e.g. W24 was released at 384 only
     if overrides:

@@ -17,6 +17,8 @@ from .errors import CvtDeployError
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # config.INTERPOLATIONS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -63,8 +65,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """One RGB image -> CHW float32, normalised."""
-    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[cfg.interpolation]
+    """One RGB image -> CHW float32, normalised (grayscale when the model takes one channel)."""
+    resample = RESAMPLE[cfg.interpolation]
     size = cfg.size
     if cfg.resize == "squash":
         im = im.resize((size, size), resample)
@@ -76,7 +78,9 @@ def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         im = im.resize(new, resample)
         left, top = (new[0] - size) // 2, (new[1] - size) // 2
         im = im.crop((left, top, left + size, top + size))
-    x = np.asarray(im, dtype=np.float32) / np.float32(255.0)
+    if cfg.channels == 1:  # a grayscale model
+        im = im.convert("L")
+    x = np.asarray(im, dtype=np.float32).reshape(size, size, cfg.channels) / np.float32(255.0)
     x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -100,8 +104,8 @@ def preprocess(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def validate_batch(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Check a preprocessed batch: float32, (N, 3, size, size), finite."""
-    expected = (3, cfg.size, cfg.size)
+    """Check a preprocessed batch: float32, (N, channels, size, size), finite."""
+    expected = (cfg.channels, cfg.size, cfg.size)
     if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
         raise CvtDeployError(f"input batch has shape {tuple(batch.shape)}, the model takes (N, {', '.join(map(str, expected))})",
                              "pass images (paths, PIL, uint8 arrays) and let preprocessing resize them, or fix the batch shape")

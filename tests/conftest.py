@@ -66,35 +66,43 @@ class HFCheckpoint:
 
 @pytest.fixture(scope="session")
 def hf_cvt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., HFCheckpoint]:
-    """Factory ``(arch="tiny"|"cvt-13", num_labels=10, bin=False) -> HFCheckpoint``, cached.
+    """Factory ``(arch="tiny"|"cvt-13"|"default", num_labels=10, bin=False, **config_kw) -> HFCheckpoint``, cached.
 
     ``arch="cvt-13"`` uses transformers.CvtConfig defaults (the CvT-13 architecture).
+    ``arch="default"`` is ``transformers.CvtConfig()`` exactly as a user gets it: CvT-13,
+    2 classes, and (transformers 5) no id2label/num_labels in config.json.
+    ``config_kw`` are further ``transformers.CvtConfig`` fields (an architecture of one's own).
     ``bin=True`` stores the weights as ``pytorch_model.bin`` instead of safetensors.
     Labels are ``("class_0", ...)`` so that reading id2label is observable.
     """
     cache: dict[tuple[Any, ...], HFCheckpoint] = {}
 
-    def make(arch: str = "tiny", num_labels: int = 10, bin: bool = False) -> HFCheckpoint:
-        key = (arch, num_labels, bin)
+    def make(arch: str = "tiny", num_labels: int = 10, bin: bool = False, **config_kw: Any) -> HFCheckpoint:
+        key = (arch, num_labels, bin, repr(sorted(config_kw.items())))
         if key in cache:
             return cache[key]
         import torch
         import transformers
 
-        arch_kw = TINY_HF_KW if arch == "tiny" else {}
-        if arch not in ("tiny", "cvt-13"):
+        if arch not in ("tiny", "cvt-13", "default"):
             raise ValueError(arch)
-        labels = tuple(f"class_{i}" for i in range(num_labels))
-        config = transformers.CvtConfig(
-            **arch_kw,
-            num_labels=num_labels,
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-        )
+        arch_kw = {**(TINY_HF_KW if arch == "tiny" else {}), **config_kw}
+        if arch == "default":
+            config = transformers.CvtConfig(**arch_kw)
+            num_labels = config.num_labels
+            labels: tuple[str, ...] = ()
+        else:
+            labels = tuple(f"class_{i}" for i in range(num_labels))
+            config = transformers.CvtConfig(
+                **arch_kw,
+                num_labels=num_labels,
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+            )
         torch.manual_seed(1234 + num_labels)
         model = transformers.CvtForImageClassification(config).eval()
         randomize_weights_(model, seed=num_labels)
-        folder = tmp_path_factory.mktemp(f"hf-{arch}-{num_labels}{'-bin' if bin else ''}")
+        folder = tmp_path_factory.mktemp(f"hf-{arch}-{num_labels}{'-bin' if bin else ''}{'-own' if config_kw else ''}")
         model.save_pretrained(folder)
         if bin:
             # transformers 5 has no safe_serialization=False: write the legacy file by hand.

@@ -33,15 +33,34 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("model (default: the bundled demo model, CvT-tiny trained on digits)")
     g.add_argument("--model", metavar="VARIANT",
-                   help="architecture: cvt-13, cvt-21, cvt-w24, cvt-tiny. Read from --weights when omitted; "
-                        "with --model alone the weights are random (for trying the pipeline only)")
+                   help="a registered architecture: cvt-13, cvt-21, cvt-w24, cvt-tiny. With --weights it only checks "
+                        "them (the checkpoint decides the architecture); alone it gives random weights (for trying "
+                        "the pipeline only)")
     g.add_argument("--weights", metavar="CKPT",
                    help="official microsoft/CvT .pth, Hugging Face folder or hub id (microsoft/cvt-13), "
-                        "or a cvt-deploy .safetensors")
+                        "or a cvt-deploy .safetensors; any CvT architecture, registered or not")
+    g.add_argument("--heads", metavar="H,H,H", type=parse_heads,
+                   help="attention heads per stage, e.g. 1,3,6: needed for official .pth weights whose widths are "
+                        "not a registered variant's (the weights do not record heads)")
+    g.add_argument("--config", metavar="FILE.json",
+                   help="CvtConfig fields for what official weights cannot show: num_heads, patch_strides, "
+                        "patch_paddings, q_strides, q_paddings, kv_strides, kv_paddings, qkv_projections "
+                        '(e.g. {"num_heads": [1, 3, 6], "kv_strides": [2, 2, 1]}); fields that contradict the '
+                        "weights are refused")
     g.add_argument("--img-size", type=int, metavar="N", help="input size (224 or 384 for the paper's models)")
     g.add_argument("--activation", choices=("quick_gelu", "gelu"),
                    help="MLP activation; default: what the checkpoint was trained with "
                         "(quick_gelu official, gelu Hugging Face)")
+
+
+def parse_heads(text: str) -> tuple[int, ...]:
+    try:
+        heads = tuple(int(h) for h in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of head counts, e.g. 1,3,6") from None
+    if not heads or min(heads) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: head counts must be positive, e.g. 1,3,6")
+    return heads
 
 
 def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
@@ -52,7 +71,10 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
 
     require("torch", "torch", "Loading a PyTorch model")
     if args.weights:
-        return load_checkpoint(args.weights, args.model, activation=args.activation, img_size=args.img_size), str(args.weights)
+        return load_checkpoint(args.weights, args.model, activation=args.activation, img_size=args.img_size,
+                               heads=args.heads, config=args.config), str(args.weights)
+    if args.heads or args.config:
+        raise CvtDeployError("--heads and --config describe the architecture of --weights", "add --weights CKPT")
     if args.model:
         from ..model import create_model
 

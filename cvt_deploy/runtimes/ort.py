@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..bundle import BatchRange
+from ..bundle import PRECISIONS, BatchRange
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -55,8 +55,12 @@ class OrtRuntime(Runtime):
             if "cvt_deploy.config" not in meta:
                 raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
                                      "export it with cvt-export, or load its bundle folder instead")
-            config = CvtConfig.from_json(meta["cvt_deploy.config"])
-        super().__init__(config, precision or meta.get("cvt_deploy.precision", "fp32"), device)
+            config = CvtConfig.from_json(meta["cvt_deploy.config"], f"{path} (metadata_props cvt_deploy.config)")
+        precision = precision or meta.get("cvt_deploy.precision", "fp32")
+        if precision not in PRECISIONS:
+            raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props cvt_deploy.precision)",
+                                 f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
+        super().__init__(config, precision, device)
         shape = self.session.get_inputs()[0].shape
         if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
             self.batch = BatchRange(shape[0], shape[0], shape[0])
