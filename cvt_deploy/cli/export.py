@@ -16,6 +16,8 @@ examples:
   cvt-export --format onnx --out build/demo                 the bundled demo model, fp32
   cvt-export --model cvt-13 --weights CvT-13-224x224-IN-1k.pth --precision fp16,int8 --out build/cvt13
   cvt-export --weights microsoft/cvt-13 --format trt --precision fp16 --out build/cvt13
+  cvt-export --weights my-finetuned-cvt/ --out build/mine    a Hugging Face folder: any architecture, any classes
+  cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --onnx build/cvt13 --precision fp16   build the engine on the target device
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
