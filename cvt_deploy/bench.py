@@ -53,7 +53,7 @@ import numpy as np
 from . import runtimes as rt
 from .bundle import PRECISIONS, Bundle, atomic_output
 from .checkpoints import hf_config_kwargs, hf_unsupported
-from .config import CvtConfig, mlp_hidden
+from .config import CvtConfig, mlp_hidden, stage_maps
 from .errors import CvtDeployError, require
 from .progress import stage, track
 from .report import format_table
@@ -113,31 +113,17 @@ def mac_breakdown(cfg: CvtConfig) -> dict[str, int]:
     left out (they are well under 1%). k/v are squeezed by each stage's ``kv_strides``; a
     class token is one extra query and one extra key/value that skip the projections' convs.
     """
-    def conv_out(n: int, k: int, s: int, p: int) -> int:
-        return (n + 2 * p - k) // s + 1
-
-    def pool_out(n: int, k: int, s: int, p: int) -> int:  # AvgPool2d(ceil_mode=True), as PyTorch sizes it
-        out = -(-(n + 2 * p - k) // s) + 1
-        return out - 1 if (out - 1) * s >= n + p else out
-
     out = dict.fromkeys(("conv_embed", "dw_conv", "qkv_proj", "attention", "out_proj", "mlp", "head"), 0)
-    h = w = cfg.img_size
     chans = cfg.in_chans
-    for i, (dim, depth) in enumerate(zip(cfg.embed_dims, cfg.depths)):
-        k, s, p = cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_paddings[i]
-        h, w = conv_out(h, k, s, p), conv_out(w, k, s, p)
-        out["conv_embed"] += h * w * dim * chans * k * k
+    for i, (h, hk) in enumerate(stage_maps(cfg)):
+        dim, depth, k = cfg.embed_dims[i], cfg.depths[i], cfg.patch_sizes[i]
+        out["conv_embed"] += h * h * dim * chans * k * k
         chans = dim
+        if cfg.qkv_projections[i] == "dw_bn":
+            kq = cfg.qkv_kernels[i]
+            out["dw_conv"] += depth * kq * kq * dim * (h * h + 2 * hk * hk)  # q keeps the map size
         cls = int(cfg.cls_token[i])
-        method, kq, skv, pkv = cfg.qkv_projections[i], cfg.qkv_kernels[i], cfg.kv_strides[i], cfg.kv_paddings[i]
-        if method == "dw_bn":
-            hk, wk = conv_out(h, kq, skv, pkv), conv_out(w, kq, skv, pkv)
-            out["dw_conv"] += depth * kq * kq * dim * (h * w + 2 * hk * wk)  # q keeps the map size
-        elif method == "avg":
-            hk, wk = pool_out(h, kq, skv, pkv), pool_out(w, kq, skv, pkv)
-        else:
-            hk, wk = h, w
-        n_q, n_kv = h * w + cls, hk * wk + cls
+        n_q, n_kv = h * h + cls, hk * hk + cls
         hidden = mlp_hidden(dim, cfg.mlp_ratios[i])
         out["qkv_proj"] += depth * dim * dim * (n_q + 2 * n_kv)
         out["attention"] += depth * 2 * n_q * n_kv * dim  # q @ k^T and attn @ v, summed over heads

@@ -96,6 +96,35 @@ class Artifact:
         return cls(name, d.pop("file"), d.pop("kind"), d.pop("precision"), d.pop("sha256", ""), d)
 
 
+# The artifact facts that readers act on, and what each must be.
+_PARITY_NUMBERS = ("accuracy_reference", "accuracy_candidate", "top1_agreement", "accuracy", "agreement")
+
+
+def _inside(name: Any) -> bool:
+    """Whether ``name`` is a relative path that stays inside the bundle folder."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def _check_info(art: Artifact) -> None:
+    """Raise ValueError naming the entry when a recorded fact that code reads is malformed."""
+    sidecar = art.info.get("sidecar")
+    if sidecar is not None and not _inside(sidecar):
+        raise ValueError(f"artifact {art.name!r} has sidecar {sidecar!r}, not a file name inside the bundle")
+    for key in ("source", "input"):  # an artifact name, a graph input name
+        value = art.info.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a name")
+    parity = art.info.get("parity")
+    if parity is None:
+        return
+    if not isinstance(parity, dict):
+        raise ValueError(f"artifact {art.name!r} has parity {parity!r}, not an object")
+    for key in _PARITY_NUMBERS:
+        value = parity.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise ValueError(f"artifact {art.name!r} has parity {key} {value!r}, not a fraction between 0 and 1")
+
+
 def artifact_name(kind: str, precision: str) -> str:
     return f"{kind}-{precision}"
 
@@ -134,13 +163,14 @@ class Bundle:
                 raise ValueError("'artifacts' is not a mapping")
             artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
             for art in artifacts.values():
-                if not isinstance(art.file, str) or not art.file or Path(art.file).is_absolute() or ".." in Path(art.file).parts:
+                if not _inside(art.file):
                     raise ValueError(f"artifact {art.name!r} has file {art.file!r}, not a file name inside the bundle")
                 if art.kind not in ARTIFACT_KINDS or art.precision not in PRECISIONS:
                     raise ValueError(f"artifact {art.name!r} has kind {art.kind!r} and precision {art.precision!r}; "
                                      f"known kinds are {', '.join(ARTIFACT_KINDS)}, precisions {', '.join(PRECISIONS)}")
                 if not isinstance(art.sha256, str):
                     raise ValueError(f"artifact {art.name!r} has sha256 {art.sha256!r}, not a hex string")
+                _check_info(art)
             bundle = cls(root, CvtConfig.from_dict(raw["model"], "its 'model' entry"), BatchRange.from_dict(raw["batch"]), artifacts,
                          {k: v for k, v in raw.items() if k not in ("format", "format_version", "model", "batch", "artifacts")})
         except CvtDeployError as e:

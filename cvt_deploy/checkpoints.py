@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .bundle import atomic_output
-from .config import (CUSTOM_VARIANT, CvtConfig, PreprocessConfig, get_config, list_variants, match_variant,
+from .config import (ARCH_FIELDS, CUSTOM_VARIANT, CvtConfig, PreprocessConfig, get_config, list_variants, match_variant,
                      mlp_hidden, named, registered_heads)
 from .errors import CvtDeployError, require
 
@@ -117,8 +117,8 @@ def hf_unsupported(cfg: CvtConfig) -> str | None:
 class WeightsArch:
     """What a state dict's tensor shapes say about the architecture (official key names).
 
-    Heads, strides and paddings leave no trace in the tensors; ``qkv_kernels`` and
-    ``projections`` are None for stages without a projection convolution ("avg"/"linear").
+    Heads, strides and paddings leave no trace in the tensors; ``conv_kernels`` is None for
+    stages without a projection convolution (the official "avg"/"linear" projections).
     """
 
     embed_dims: tuple[int, ...]
@@ -133,73 +133,88 @@ class WeightsArch:
 
     @classmethod
     def read(cls, state: Mapping[str, Any]) -> WeightsArch:
-        n = 0
-        while f"stage{n}.patch_embed.proj.weight" in state:
-            n += 1
-        for key in ("stage0.patch_embed.proj.weight", "head.weight"):
-            if key not in state:
+        def shape(key: str, ndim: int, required: bool = True) -> tuple[int, ...] | None:
+            t = state.get(key)
+            if t is None and not required:
+                return None
+            if t is None or len(t.shape) != ndim:
                 raise CvtDeployError(
-                    f"this does not look like a CvT checkpoint: no tensor {key!r}",
+                    f"this does not look like a CvT checkpoint: "
+                    + (f"no tensor {key!r}" if t is None else f"tensor {key!r} has shape {tuple(t.shape)}, not {ndim}-D"),
                     "pass an official microsoft/CvT .pth, a Hugging Face CvT folder or hub id, or a cvt-deploy .safetensors",
                 )
-        dims, depths, kernels, hidden, bias, cls_tok, conv = [], [], [], [], [], [], []
-        for i in range(n):
-            w = state[f"stage{i}.patch_embed.proj.weight"]
-            dims.append(int(w.shape[0]))
-            kernels.append(int(w.shape[-1]))
-            blocks = {int(k.split(".")[2]) for k in state if k.startswith(f"stage{i}.blocks.") and k.split(".")[2].isdigit()}
+            return tuple(int(d) for d in t.shape)
+
+        head = shape("head.weight", 2)
+        dims: list[int] = []
+        depths: list[int] = []
+        kernels: list[int] = []
+        hidden: list[int] = []
+        bias: list[bool] = []
+        cls_tok: list[bool] = []
+        conv: list[int | None] = []
+        in_chans = 0
+        while f"stage{len(dims)}.patch_embed.proj.weight" in state or not dims:
+            i = len(dims)
+            w = shape(f"stage{i}.patch_embed.proj.weight", 4)
+            assert w is not None
+            dims.append(w[0])
+            kernels.append(w[-1])
+            in_chans = in_chans or w[1]
+            blocks = {int(k.split(".")[2]) for k in state
+                      if k.startswith(f"stage{i}.blocks.") and re.fullmatch(r"[0-9]+", k.split(".")[2])}
             if not blocks or blocks != set(range(len(blocks))):
                 raise CvtDeployError(f"the checkpoint's stage {i} has blocks {sorted(blocks)}, not 0..N-1",
                                      "the file is incomplete or not a CvT classifier")
             depths.append(len(blocks))
             block = f"stage{i}.blocks.0."
-            fc1 = state.get(block + "mlp.fc1.weight")
-            hidden.append(int(fc1.shape[0]) if fc1 is not None else 0)
+            fc1 = shape(block + "mlp.fc1.weight", 2)
+            assert fc1 is not None
+            hidden.append(fc1[0])
             bias.append(block + "attn.proj_q.bias" in state)
             cls_tok.append(f"stage{i}.cls_token" in state)
-            q_conv = state.get(block + "attn.conv_proj_q.conv.weight")
-            conv.append(int(q_conv.shape[-1]) if q_conv is not None else None)
-        return cls(tuple(dims), tuple(depths), int(state["stage0.patch_embed.proj.weight"].shape[1]), tuple(kernels),
-                   tuple(hidden), tuple(bias), tuple(cls_tok), tuple(conv), int(state["head.weight"].shape[0]))
+            q_conv = shape(block + "attn.conv_proj_q.conv.weight", 4, required=False)
+            conv.append(q_conv[-1] if q_conv else None)
+        assert head is not None
+        return cls(tuple(dims), tuple(depths), in_chans, tuple(kernels), tuple(hidden), tuple(bias), tuple(cls_tok),
+                   tuple(conv), head[0])
 
     def disagreements(self, cfg: CvtConfig, names: Mapping[str, str] | None = None) -> list[str]:
         """Where ``cfg`` says something else than the tensors ('field: config X, weights Y')."""
         names = names or {}
-        mlp = tuple(mlp_hidden(d, r) for d, r in zip(cfg.embed_dims, cfg.mlp_ratios))
         methods = tuple("dw_bn" if k is not None else "avg or linear" for k in self.conv_kernels)
         pairs = [
             ("embed_dims", cfg.embed_dims, self.embed_dims), ("depths", cfg.depths, self.depths),
             ("in_chans", cfg.in_chans, self.in_chans), ("patch_sizes", cfg.patch_sizes, self.patch_sizes),
-            ("mlp_ratios", cfg.mlp_ratios, tuple(h / d for h, d in zip(self.mlp_hidden, self.embed_dims))),
             ("qkv_bias", cfg.qkv_bias, self.qkv_bias), ("cls_token", cfg.cls_token, self.cls_token),
             ("qkv_projections", tuple("dw_bn" if m == "dw_bn" else "avg or linear" for m in cfg.qkv_projections), methods),
             ("qkv_kernels", tuple(k if m == "dw_bn" else None for k, m in zip(cfg.qkv_kernels, cfg.qkv_projections)),
              self.conv_kernels),
+            ("num_classes", cfg.num_classes, self.num_classes),
         ]
-        out = []
-        for name, said, seen in pairs:
-            # MLP ratios are compared by the widths they give: 4 and 4.0000001 build the same layer.
-            if (mlp != self.mlp_hidden) if name == "mlp_ratios" else (said != seen):
-                out.append(f"{names.get(name, name)}: config {_show(said)}, weights {_show(seen)}")
-        return out
+        if cfg.embed_dims == self.embed_dims:
+            # Compared by the widths they give: 4 and 4.0000001 build the same layer.
+            mlp = tuple(mlp_hidden(d, r) for d, r in zip(cfg.embed_dims, cfg.mlp_ratios))
+            if mlp != self.mlp_hidden:
+                pairs.append(("mlp_ratios", cfg.mlp_ratios, tuple(h / d for h, d in zip(self.mlp_hidden, self.embed_dims))))
+        return [f"{names.get(name, name)}: config {_show(said)}, weights {_show(seen)}"
+                for name, said, seen in pairs if said != seen]
 
-    def config(self, base: CvtConfig | None, num_heads: tuple[int, ...] | None, given: Mapping[str, Any] | None = None,
+    def config(self, base: CvtConfig | None, num_heads: Any, given: Mapping[str, Any], source: str | None,
                **fields: Any) -> CvtConfig:
-        """A config with everything the tensors show; the rest from ``given`` (user fields), else
-        ``base`` (a variant), else the paper's."""
-        visible: dict[str, Any] = {
-            "embed_dims": self.embed_dims, "depths": self.depths, "in_chans": self.in_chans,
-            "patch_sizes": self.patch_sizes, "mlp_ratios": tuple(_ratio(d, h) for d, h in zip(self.embed_dims, self.mlp_hidden)),
-            "qkv_bias": self.qkv_bias, "cls_token": self.cls_token, "num_classes": self.num_classes,
-        }
+        """A config with everything the tensors show; the rest from ``given`` (fields the user
+        gave; ``source`` names them in errors), else ``base`` (a variant), else the paper's."""
         n = len(self.embed_dims)
-        hidden = ("patch_strides", "patch_paddings", "q_strides", "q_paddings", "kv_strides", "kv_paddings",
-                  "qkv_projections", "qkv_kernels")
-        inherit = {k: getattr(base, k) for k in hidden} if base is not None and base.num_stages == n else {}
-        # What the user said wins over the variant's; a malformed value is left for validation to name.
-        inherit.update({k: tuple(v) for k, v in (given or {}).items() if k in hidden and isinstance(v, (list, tuple))})
-        methods = list(inherit.get("qkv_projections") or ("dw_bn",) * n)
-        kernels = list(inherit.get("qkv_kernels") or (3,) * n)
+        d: dict[str, Any] = {k: getattr(base, k) for k in HIDDEN_FIELDS} if base is not None and base.num_stages == n else {}
+        d.update({k: v for k, v in given.items() if k in HIDDEN_FIELDS})
+        d.update(variant=CUSTOM_VARIANT, embed_dims=self.embed_dims, depths=self.depths, in_chans=self.in_chans,
+                 patch_sizes=self.patch_sizes, mlp_ratios=tuple(_ratio(dim, h) for dim, h in zip(self.embed_dims, self.mlp_hidden)),
+                 qkv_bias=self.qkv_bias, cls_token=self.cls_token, num_classes=self.num_classes, num_heads=num_heads,
+                 **fields)
+        methods = d.get("qkv_projections")
+        methods = list(methods) if isinstance(methods, (list, tuple)) and len(methods) == n else ["dw_bn"] * n
+        kernels = d.get("qkv_kernels")
+        kernels = list(kernels) if isinstance(kernels, (list, tuple)) and len(kernels) == n else [3] * n
         for i, k in enumerate(self.conv_kernels):
             if k is not None:
                 methods[i], kernels[i] = "dw_bn", k
@@ -207,18 +222,23 @@ class WeightsArch:
                 raise CvtDeployError(
                     f"the checkpoint's stage {i} has no q/k/v projection convolutions, so it was built with the official "
                     "'avg' or 'linear' projection, and the weights cannot tell which",
-                    f"say which with a config file: {{\"qkv_projections\": [...]}} (one of dw_bn, avg, linear per stage) "
+                    "say which with a config file: {\"qkv_projections\": [...]} (one of dw_bn, avg, linear per stage) "
                     "via --config FILE.json (cvt-export) or config= (load_checkpoint)",
                 )
-        inherit.update(qkv_projections=tuple(methods), qkv_kernels=tuple(kernels))
+        d.update(qkv_projections=methods, qkv_kernels=kernels)
         if num_heads is None:
             raise CvtDeployError(
                 f"the checkpoint's widths {self.embed_dims} match no registered variant, and head counts are not "
                 "stored in the weights",
-                f"pass them, one per stage dividing its width: --heads {','.join(str(_some_heads(d)) for d in self.embed_dims)} "
+                f"pass them, one per stage dividing its width: --heads {','.join(str(_some_heads(w)) for w in self.embed_dims)} "
                 "(cvt-export), heads=(...) (load_checkpoint), or \"num_heads\" in a --config JSON file",
             )
-        return CvtConfig(variant=CUSTOM_VARIANT, num_heads=num_heads, **{**visible, **inherit, **fields})
+        return CvtConfig.from_dict(d, source)
+
+
+# Architecture fields no tensor shows: they come from the user, the variant or the paper.
+HIDDEN_FIELDS = ("patch_strides", "patch_paddings", "q_strides", "q_paddings", "kv_strides", "kv_paddings",
+                 "qkv_projections", "qkv_kernels")
 
 
 def _ratio(dim: int, hidden: int) -> float:
@@ -242,20 +262,24 @@ def _show(value: Any) -> str:
 
 def infer_config(state: Mapping[str, Any], variant: str | None = None, heads: Sequence[int] | None = None,
                  overrides: Mapping[str, Any] | None = None, source: str = "--config", **fields: Any) -> CvtConfig:
-    """The config of official-key tensors: widths, depths, MLP ratios, classes, qkv bias and class
-    tokens from their shapes; heads from ``heads``, ``overrides``, ``variant`` or the registry.
+    """The config of official-key tensors: widths, depths, MLP ratios, classes, qkv bias, class
+    tokens and projection kernels from their shapes; heads from ``heads``, ``overrides``,
+    ``variant`` or the registry.
 
-    ``overrides`` holds CvtConfig fields for what the tensors cannot show (num_heads, strides,
-    paddings, projection method); one that contradicts the tensors is an error naming both.
+    ``overrides`` holds CvtConfig fields (``source`` names them in errors), most usefully for
+    what the tensors cannot show (num_heads, strides, paddings, projection method); one that
+    contradicts the tensors is an error naming both.
     """
     arch = WeightsArch.read(state)
     overrides = dict(overrides or {})
     base = get_config(variant) if variant else None
     if base is not None and (base.embed_dims, base.depths) != (arch.embed_dims, arch.depths):
         # Checked before heads are taken from the variant: they may not even divide these widths.
-        raise wrong_variant("the checkpoint", match_variant_for(state), arch.embed_dims, arch.depths, base)
-    num_heads = heads or overrides.pop("num_heads", None) or (base.num_heads if base else None) or registered_heads(arch.embed_dims)
-    cfg = named(arch.config(base, tuple(num_heads) if num_heads else None, overrides, **fields))
+        raise wrong_variant("the checkpoint", match_variant_for(state), base,
+                            [f"embed_dims: {arch.embed_dims} vs {base.embed_dims}", f"depths: {arch.depths} vs {base.depths}"])
+    said = heads if heads is not None else overrides.pop("num_heads", None)
+    num_heads = said if said is not None else (base.num_heads if base else registered_heads(arch.embed_dims))
+    cfg = named(arch.config(base, num_heads, overrides, source if (said is not None or overrides) else None, **fields))
     if cfg.variant != CUSTOM_VARIANT and "img_size" not in fields:
         cfg = cfg.replace(img_size=get_config(cfg.variant).img_size)  # e.g. W24 was released at 384 only
     if overrides:
@@ -263,10 +287,10 @@ def infer_config(state: Mapping[str, Any], variant: str | None = None, heads: Se
     return cfg
 
 
-def wrong_variant(what: str, guess: str | None, dims: tuple[int, ...], depths: tuple[int, ...], want: CvtConfig) -> CvtDeployError:
+def wrong_variant(what: str, guess: str | None, want: CvtConfig, differences: list[str]) -> CvtDeployError:
+    """The error for a checkpoint that is not the ``--model`` given; ``differences``: 'field: ours vs its'."""
     return CvtDeployError(
-        f"{what} is not a {want.variant}: it has widths {dims} and depths {depths}, "
-        f"{want.variant} has {want.embed_dims} and {want.depths}",
+        f"{what} is not a {want.variant}: " + "; ".join(differences) + f" (checkpoint vs {want.variant})",
         f"it looks like {guess}: use --model {guess} or omit --model" if guess
         else "omit --model: the architecture is read from the checkpoint",
     )
@@ -277,8 +301,9 @@ def apply_overrides(cfg: CvtConfig, overrides: Mapping[str, Any], arch: WeightsA
     merged = cfg.to_dict()
     merged.update(overrides)
     merged["variant"] = cfg.variant
-    if "img_size" in overrides and "preprocess" not in overrides and isinstance(overrides["img_size"], int):
-        merged["preprocess"] = PreprocessConfig.for_size(overrides["img_size"], like=cfg.preprocess).to_dict()
+    size = overrides.get("img_size")
+    if size != cfg.img_size and "preprocess" not in overrides and isinstance(size, int):
+        merged["preprocess"] = PreprocessConfig.for_size(size, like=cfg.preprocess).to_dict()
     out = CvtConfig.from_dict(merged, source)
     problems = arch.disagreements(out)
     if problems:
@@ -287,18 +312,17 @@ def apply_overrides(cfg: CvtConfig, overrides: Mapping[str, Any], arch: WeightsA
     return out
 
 
-def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A JSON file of CvtConfig fields (``--config``), checked to be a JSON object."""
+def read_json_object(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is an error naming the file and ``fix``."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
     except OSError as e:
-        raise CvtDeployError(f"cannot read config file {path}: {e.strerror}", "pass an existing JSON file") from None
+        raise CvtDeployError(f"cannot read {path}: {e.strerror}", "pass an existing, readable JSON file") from None
     except ValueError as e:
-        raise CvtDeployError(f"config file {path} is not valid JSON ({e})", "fix the JSON syntax") from None
+        raise CvtDeployError(f"{path} is not valid JSON ({e})", fix) from None
     if not isinstance(raw, dict):
-        raise CvtDeployError(f"config file {path} holds a JSON {type(raw).__name__}, not an object",
-                             'write an object of CvtConfig fields, e.g. {"num_heads": [1, 3, 6]}')
+        raise CvtDeployError(f"{path} holds a JSON {type(raw).__name__}, not an object", fix)
     return raw
 
 
@@ -377,20 +401,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 # PIL's resampling codes, as Hugging Face image processors store them ("resample": 3).
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
-_HF_NAMES = {ours: hf for ours, hf in HF_FIELDS.items()}
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as e:
-        raise CvtDeployError(f"{path} is not valid JSON ({e})", "restore the file from the checkpoint's origin") from None
-    except OSError as e:
-        raise CvtDeployError(f"cannot read {path}: {e.strerror}", "check the file's permissions") from None
-    if not isinstance(raw, dict):
-        raise CvtDeployError(f"{path} holds a JSON {type(raw).__name__}, not an object",
-                             "restore the file from the checkpoint's origin")
-    return raw
+_RESTORE = "restore the file from the checkpoint's origin"
 
 
 def _hf_labels(raw: dict[str, Any], num_classes: int, path: Path) -> tuple[str, ...] | None:
@@ -407,7 +418,7 @@ def _hf_labels(raw: dict[str, Any], num_classes: int, path: Path) -> tuple[str, 
                              'write it as {"0": "cat", "1": "dog", ...}')
     labels: dict[int, str] = {}
     for key, value in id2label.items():
-        if not (isinstance(key, str) and key.strip().isdigit()) or not isinstance(value, str):
+        if not re.fullmatch(r"[0-9]+", key) or not isinstance(value, str):
             raise CvtDeployError(f"{path}: id2label entry {key!r}: {value!r} is not a class index and its name",
                                  'write id2label as {"0": "cat", "1": "dog", ...}')
         labels[int(key)] = value
@@ -424,7 +435,7 @@ def _hf_preprocess(folder: Path, img_size: int) -> PreprocessConfig:
     base = PreprocessConfig.for_size(img_size)
     if not path.is_file():
         return base
-    raw = _read_json_object(path)
+    raw = read_json_object(path, _RESTORE)
     changes: dict[str, Any] = {}
     for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
         if theirs in raw:
@@ -432,7 +443,7 @@ def _hf_preprocess(folder: Path, img_size: int) -> PreprocessConfig:
     if "crop_pct" in raw and base.resize == "shorter":
         changes["crop_pct"] = raw["crop_pct"]
     if "resample" in raw:
-        if raw["resample"] not in _PIL_RESAMPLE:
+        if not isinstance(raw["resample"], int) or isinstance(raw["resample"], bool) or raw["resample"] not in _PIL_RESAMPLE:
             raise CvtDeployError(f"{path}: resample {raw['resample']!r} is not a resampling filter cvt-deploy knows",
                                  f"use one of {_PIL_RESAMPLE} (3, bicubic, is CvT's)")
         changes["interpolation"] = _PIL_RESAMPLE[raw["resample"]]
@@ -446,7 +457,7 @@ def _hf_image_size(folder: Path) -> int | None:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         return None
-    size = _read_json_object(path).get("size")
+    size = read_json_object(path, _RESTORE).get("size")
     if isinstance(size, dict):  # {"shortest_edge": 224} or {"height": 384, "width": 384}
         size = size.get("shortest_edge", size.get("height"))
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
@@ -456,7 +467,7 @@ def _hf_image_size(folder: Path) -> int | None:
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
-    raw = _read_json_object(path)
+    raw = read_json_object(path, _RESTORE)
     if raw.get("model_type") != "cvt":
         raise CvtDeployError(f"{path} describes a {raw.get('model_type')!r} model, not a CvT",
                              "point --weights at a Hugging Face CvT checkpoint (model_type 'cvt')")
@@ -469,22 +480,21 @@ def _hf_config(folder: Path, raw: dict[str, Any], arch: WeightsArch, activation:
     fields = {ours: raw.get(hf, getattr(_HF_DEFAULT, ours)) for ours, hf in HF_FIELDS.items()}
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     size = img_size or _hf_image_size(folder)
+    labels = _hf_labels(raw, arch.num_classes, path)
     try:
-        cfg = CvtConfig(variant=CUSTOM_VARIANT, num_classes=arch.num_classes, labels=_hf_labels(raw, arch.num_classes, path),
-                        activation=activation, **fields)
-        registered = match_variant(cfg)
-        size = size or (get_config(registered).img_size if registered else 224)
-        cfg = cfg.replace(img_size=size, preprocess=_hf_preprocess(folder, size))
+        cfg = CvtConfig(variant=CUSTOM_VARIANT, num_classes=arch.num_classes, labels=labels, activation=activation, **fields)
     except CvtDeployError as e:
         message = e.message
         for ours, hf in HF_FIELDS.items():  # name the field as config.json spells it
             message = message.replace(f"field {ours!r}", f"field {hf!r}")
         raise CvtDeployError(f"{path}: {message}", e.hint) from None
-    problems = arch.disagreements(cfg, _HF_NAMES)
+    problems = arch.disagreements(cfg, HF_FIELDS)
     if problems:
         raise CvtDeployError(f"{path} disagrees with the weights beside it: " + "; ".join(problems),
                              "config.json and the weights are from different models: put the matching pair in the folder")
-    return named(cfg)
+    registered = match_variant(cfg)
+    size = size or (get_config(registered).img_size if registered else 224)
+    return named(cfg.replace(img_size=size, preprocess=_hf_preprocess(folder, size)))
 
 
 def _resolve_hub(source: str) -> Path:
@@ -527,7 +537,11 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         else:
             raise CvtDeployError(f"checkpoint {str(source)!r} does not exist",
                                  "pass a path to a .safetensors/.pth file, a Hugging Face folder, or a hub id like microsoft/cvt-13")
-    overrides = dict(read_config_file(config) if isinstance(config, (str, os.PathLike)) else config or {})
+    is_file = isinstance(config, (str, os.PathLike))
+    if isinstance(config, (str, os.PathLike)):
+        overrides = read_json_object(config, 'write an object of CvtConfig fields, e.g. {"num_heads": [1, 3, 6]}')
+    else:
+        overrides = dict(config or {})
     if heads is not None:
         overrides["num_heads"] = list(heads)
     if img_size:
@@ -536,8 +550,9 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         overrides["activation"] = activation
     if labels is not None:
         overrides["labels"] = list(labels)
-    config_source = str(config) if isinstance(config, (str, os.PathLike)) else "the given config"
+    config_source = str(config) if is_file else "the architecture given (heads/config)"
 
+    recorded = True  # the file records its architecture (config.json, our metadata)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CvtDeployError(f"{path} is a folder without config.json", "pass a Hugging Face CvT folder or a checkpoint file")
@@ -553,8 +568,8 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         arch = WeightsArch.read(state)
         cfg = _hf_config(path, raw, arch, "gelu", img_size)
         source_kind = "Hugging Face checkpoint"
-    elif path.suffix == ".safetensors":
-        state, meta = _read_safetensors(path)
+    else:
+        state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else (_read_torch_file(path), {})
         if CONFIG_METADATA_KEY in meta:
             cfg = CvtConfig.from_json(meta[CONFIG_METADATA_KEY], f"{path} (its cvt-deploy metadata)")
             arch = WeightsArch.read(state)
@@ -562,28 +577,27 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
             if problems:
                 raise CvtDeployError(f"{path}: its metadata disagrees with its own tensors: " + "; ".join(problems),
                                      "the file is damaged: save the model again with save_checkpoint or re-export it")
+            source_kind = "safetensors checkpoint"
         else:
             state, default_act = _official_keys(state)
-            arch = WeightsArch.read(state)
-            cfg = infer_config(state, variant, overrides.pop("num_heads", None), overrides, config_source, activation=default_act)
-            overrides = {}
-        source_kind = "safetensors checkpoint"
-    else:
-        state, default_act = _official_keys(_read_torch_file(path))
-        arch = WeightsArch.read(state)
-        m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
-        if m and "img_size" not in overrides:
-            overrides["img_size"] = int(m.group(1))
-        cfg = infer_config(state, variant, overrides.pop("num_heads", None), overrides, config_source, activation=default_act)
-        overrides = {}  # infer_config applied them
-        source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
+            m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
+            if m and "img_size" not in overrides:
+                overrides["img_size"] = int(m.group(1))
+            cfg = infer_config(state, variant, None, overrides, config_source, activation=default_act)
+            arch, overrides, recorded = WeightsArch.read(state), {}, False  # infer_config applied them
+            source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
     if overrides:
+        changed = [f"{k}: recorded {_show(getattr(cfg, k))}, given {_show(tuple(v) if isinstance(v, list) else v)}"
+                   for k, v in overrides.items() if k in ARCH_FIELDS and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
+        if recorded and changed:
+            raise CvtDeployError(f"{path} records its own architecture, and {config_source} changes it: " + "; ".join(changed),
+                                 "drop those fields: the checkpoint's recorded values are what its weights were trained with")
         cfg = apply_overrides(cfg, overrides, arch, config_source)
         if cfg.variant in list_variants() or cfg.variant == CUSTOM_VARIANT:
-            cfg = named(cfg)  # e.g. --heads made a registered architecture a custom one
+            cfg = named(cfg)
     if variant and get_config(variant).arch() != cfg.arch():
-        raise wrong_variant(str(path), cfg.variant if cfg.variant in list_variants() else None,
-                            cfg.embed_dims, cfg.depths, get_config(variant))
+        want = get_config(variant)
+        raise wrong_variant(str(path), cfg.variant if cfg.variant in list_variants() else None, want, cfg.arch_diff(want))
     model = CvT(cfg).eval()
     load_state_into(model, state, f"{source_kind} {path}")
     return model

@@ -22,6 +22,10 @@ PROJECTIONS = ("dw_bn", "avg", "linear")
 RESIZE_MODES = ("shorter", "squash")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos")
 CUSTOM_VARIANT = "cvt-custom"
+# Upper bounds for sizes read from files: far above any real CvT, low enough that a damaged
+# value is an error here instead of an attempt to allocate terabytes.
+_MAX_SIZE = 1 << 16
+_MAX_CLASSES = 1 << 22
 
 
 def _fail(field_name: str, value: Any, must: str, fix: str) -> NoReturn:
@@ -81,12 +85,14 @@ class PreprocessConfig:
 
     @classmethod
     def for_size(cls, size: int, like: PreprocessConfig | None = None) -> PreprocessConfig:
-        """The paper's evaluation transform at ``size``; mean/std/interpolation from ``like``."""
+        """The paper's evaluation transform at ``size``; mean/std/interpolation from ``like``,
+        and its crop too while the resize mode stays the same."""
         base = like or cls()
         # The official evaluation and the HF processor switch behaviour at 384.
         if size >= 384:
             return dataclasses.replace(base, size=size, resize="squash", crop_pct=1.0)
-        return dataclasses.replace(base, size=size, resize="shorter", crop_pct=224 / 256)
+        crop = base.crop_pct if like is not None and like.resize == "shorter" else 224 / 256
+        return dataclasses.replace(base, size=size, resize="shorter", crop_pct=crop)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,19 +179,20 @@ class CvtConfig:
         for name in ("num_heads", "depths", *_STAGE_DEFAULTS):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) != n:
-                _fail(name, value, f"must have one entry per stage ({n} stages, from embed_dims {list(self.embed_dims)})",
+                _fail(name, value, f"must have one entry per stage ({n} stages, as many as the widths)",
                       "give every per-stage field the same number of entries")
         for name in _POSITIVE + _NON_NEGATIVE:
             low = 1 if name in _POSITIVE else 0
             value = getattr(self, name)
-            if not all(_is_int(v) and v >= low for v in value):
-                _fail(name, value, f"every entry must be an integer >= {low}", "fix the per-stage values")
+            if not all(_is_int(v) and low <= v <= _MAX_SIZE for v in value):
+                _fail(name, value, f"every entry must be an integer from {low} to {_MAX_SIZE}", "fix the per-stage values")
         for name in _FLAGS:
             if not all(isinstance(v, bool) for v in getattr(self, name)):
                 _fail(name, getattr(self, name), "every entry must be true or false", "fix the per-stage values")
         for dim, ratio in zip(self.embed_dims, self.mlp_ratios):
-            if not _is_number(ratio) or mlp_hidden(dim, ratio) < 1:
-                _fail("mlp_ratios", self.mlp_ratios, "every entry must be a number > 0", "e.g. 4.0 (the paper's)")
+            if not _is_number(ratio) or not 1 <= dim * ratio < _MAX_SIZE + 1:
+                _fail("mlp_ratios", self.mlp_ratios, f"every entry must be a number > 0 giving an MLP width from 1 to "
+                      f"{_MAX_SIZE}", "e.g. 4.0 (the paper's)")
         for method in self.qkv_projections:
             if method not in PROJECTIONS:
                 _fail("qkv_projections", self.qkv_projections, f"{method!r} is not a CvT projection ({', '.join(PROJECTIONS)})",
@@ -198,12 +205,16 @@ class CvtConfig:
             k, s, p = self.qkv_kernels[i], self.q_strides[i], self.q_paddings[i]
             if self.qkv_projections[i] == "dw_bn" and (s != 1 or 2 * p != k - 1):
                 # The residual adds attention output to its input, so queries must keep the map size.
-                _fail("q_strides/q_paddings", (s, p), f"stage {i}: a query projection with kernel {k} must keep the token "
-                      f"map's size (stride 1, padding {(k - 1) / 2:g})", "fix stride_q / padding_q")
-        if not _is_int(self.in_chans) or self.in_chans < 1:
+                _fail("q_paddings" if s == 1 else "q_strides", self.q_paddings if s == 1 else self.q_strides,
+                      f"stage {i}: a query projection with kernel {k} must keep the token map's size "
+                      f"(stride 1, padding {(k - 1) / 2:g})", "fix the query stride or padding")
+            if self.qkv_projections[i] == "avg" and 2 * self.kv_paddings[i] > k:
+                _fail("kv_paddings", self.kv_paddings, f"stage {i}: average pooling pads at most half its kernel {k}",
+                      "fix the key/value padding")
+        if not _is_int(self.in_chans) or not 1 <= self.in_chans <= _MAX_SIZE:
             _fail("in_chans", self.in_chans, "must be a positive integer", "3 for RGB images")
-        if not _is_int(self.num_classes) or self.num_classes < 1:
-            _fail("num_classes", self.num_classes, "must be a positive integer", "the classifier's output count")
+        if not _is_int(self.num_classes) or not 1 <= self.num_classes <= _MAX_CLASSES:
+            _fail("num_classes", self.num_classes, f"must be an integer from 1 to {_MAX_CLASSES}", "the classifier's output count")
         if self.activation not in ACTIVATIONS:
             raise CvtDeployError(
                 f"unknown activation {self.activation!r}",
@@ -220,11 +231,17 @@ class CvtConfig:
         if not isinstance(self.preprocess, PreprocessConfig):
             _fail("preprocess", self.preprocess, "must be a PreprocessConfig", "use PreprocessConfig.for_size(img_size)")
         stride = math.prod(self.patch_strides)
-        if not _is_int(self.img_size) or self.img_size < stride or self.img_size % stride:
+        if not _is_int(self.img_size) or not stride <= self.img_size <= _MAX_SIZE or self.img_size % stride:
             raise CvtDeployError(
                 f"image size {self.img_size!r} is not a multiple of CvT's total stride {stride}",
                 f"use a multiple of {stride}, e.g. {stride * math.ceil(224 / stride)}",
             )
+        for i, (h, hk) in enumerate(stage_maps(self)):
+            if h < 1 or hk < 1:
+                raise CvtDeployError(
+                    f"stage {i} of this architecture has no tokens left at image size {self.img_size} "
+                    f"(its {'token embedding' if h < 1 else 'key/value projection'} kernel is larger than its padded input)",
+                    "use a larger image size, or check the kernel/stride/padding values")
         if self.preprocess.size != self.img_size:
             _fail("preprocess.size", self.preprocess.size, f"must equal img_size {self.img_size}",
                   "preprocessing must produce the model's input size")
@@ -235,6 +252,11 @@ class CvtConfig:
     @property
     def num_stages(self) -> int:
         return len(self.embed_dims)
+
+    def arch_diff(self, other: CvtConfig) -> list[str]:
+        """'field: ours vs theirs' for each architecture field that differs."""
+        mine, theirs = self.arch(), other.arch()
+        return [f"{k}: {v} vs {theirs[k]}" for k, v in mine.items() if v != theirs[k]]
 
     def arch(self) -> dict[str, Any]:
         """The fields that decide what the network computes (for comparing architectures)."""
@@ -299,6 +321,34 @@ class CvtConfig:
             raise CvtDeployError(f"{source or 'the model config'} is not valid JSON ({e})",
                                  "re-export the model with cvt-export") from None
         return cls.from_dict(d, source)
+
+
+def conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
+    return (n + 2 * padding - kernel) // stride + 1
+
+
+def pool_out(n: int, kernel: int, stride: int, padding: int) -> int:
+    """Output size of AvgPool2d(ceil_mode=True), as PyTorch (and ONNX's AveragePool) size it."""
+    out = -(-(n + 2 * padding - kernel) // stride) + 1
+    return out - 1 if (out - 1) * stride >= n + padding else out
+
+
+def stage_maps(cfg: CvtConfig) -> list[tuple[int, int]]:
+    """Per stage, the side of its token map and of its key/value map (square inputs).
+
+    Queries keep the token map's size (validated); keys/values are squeezed by a strided
+    conv ("dw_bn"), pooled ("avg") or left as they are ("linear").
+    """
+    out, h = [], cfg.img_size
+    for i in range(cfg.num_stages):
+        h = conv_out(h, cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_paddings[i])
+        k, s, p = cfg.qkv_kernels[i], cfg.kv_strides[i], cfg.kv_paddings[i]
+        method = cfg.qkv_projections[i]
+        hk = conv_out(h, k, s, p) if method == "dw_bn" else pool_out(h, k, s, p) if method == "avg" else h
+        out.append((h, hk))
+        if h < 1:
+            break
+    return out
 
 
 def mlp_hidden(dim: int, ratio: float) -> int:

@@ -78,6 +78,9 @@ def run_cli(main, args, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("name", PARAMS)
 def test_hf_checkpoint_loads_as_what_it_is(hf_cvt_checkpoint, name):
     ck, size, variant = make_case(hf_cvt_checkpoint, name)
+    if name == "default-2-classes":  # the reported case: transformers 5 leaves the class count out
+        raw = json.loads((ck.folder / "config.json").read_text())
+        assert "id2label" not in raw and "num_labels" not in raw
     model = load_checkpoint(ck.folder, img_size=size)
     cfg = model.cfg
     assert cfg.variant == (variant or "cvt-custom")
@@ -95,12 +98,6 @@ def test_hf_checkpoint_loads_as_what_it_is(hf_cvt_checkpoint, name):
         # Control: the comparison is sensitive enough to see the wrong activation.
         wrong = load_checkpoint(ck.folder, img_size=size, activation="quick_gelu")
         assert np.abs(wrong(x).numpy() - ref).max() > 10 * TOL
-
-
-def test_transformers_5_default_checkpoint_has_no_class_count_in_config(hf_cvt_checkpoint):
-    """The reported bug: save_pretrained leaves num_labels/id2label out when they are the defaults."""
-    raw = json.loads((hf_cvt_checkpoint("default").folder / "config.json").read_text())
-    assert "id2label" not in raw and "num_labels" not in raw
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -364,6 +361,14 @@ DAMAGE = {
                          "field 'stride_kv' is (2, 2): must have one entry per stage (3 stages"),
     "string where a number goes": (edit_config(lambda r: r.update(mlp_ratio=["4", 4, 4])),
                                    "field 'mlp_ratio' is ('4', 4, 4)"),
+    "huge mlp_ratio": (edit_config(lambda r: r.update(mlp_ratio=[1e308, 4, 4])), "field 'mlp_ratio' is (1e+308, 4, 4)"),
+    "id2label key not a plain number": (edit_config(lambda r: r.update(id2label={"\u00b2": "a"})),
+                                        "id2label entry '\u00b2': 'a' is not a class index"),
+    "avg padding over half the kernel": (edit_config(lambda r: r.update(qkv_projection_method=["avg"] * 3,
+                                                                        padding_kv=[2, 1, 1])),
+                                         "average pooling pads at most half its kernel 3"),
+    "resample not a number": (write("preprocessor_config.json", '{"size": 64, "resample": [3]}'),
+                              "resample [3] is not a resampling filter"),
     "crop_pct 0": (write("preprocessor_config.json", '{"size": 64, "crop_pct": 0}'),
                    "preprocessor_config.json: model config field 'preprocess.crop_pct' is 0: must be a number with 0 < crop_pct <= 1"),
     "unknown interpolation": (write("preprocessor_config.json", '{"size": 64, "resample": 9}'),
@@ -391,14 +396,64 @@ def test_id2label_of_another_class_count_falls_back_to_indices(hf_cvt_checkpoint
     assert cfg.num_classes == 10 and cfg.labels is None and cfg.label(3) == "3"
 
 
+def test_recorded_architecture_cannot_be_overridden(hf_cvt_checkpoint, tmp_path):
+    """--heads/--config describe what official weights cannot: a checkpoint that records its
+    architecture keeps it (other heads would compute something the weights were not trained for)."""
+    ck = hf_cvt_checkpoint("tiny", num_labels=10)
+    with pytest.raises(CvtDeployError, match="records its own architecture, and .* changes it: num_heads: recorded "
+                                             "\\[1, 2, 4\\], given \\[1, 1, 1\\]"):
+        load_checkpoint(ck.folder, heads=(1, 1, 1))
+    ours = save_checkpoint(create_model("cvt-tiny", num_classes=3), tmp_path / "t.safetensors")
+    with pytest.raises(CvtDeployError, match="kv_strides: recorded \\[2, 2, 2\\], given \\[1, 1, 1\\]"):
+        load_checkpoint(ours, config={"kv_strides": [1, 1, 1]})
+    # Fields that do not change the network are fine, and the same values are no change.
+    assert load_checkpoint(ck.folder, heads=(1, 2, 4), labels=list("abcdefghij")).cfg.labels[0] == "a"
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"num_heads": 6}, "field 'num_heads' is 6: must have one entry per stage"),
+    ({"num_heads": [2, 4, 6], "kv_strides": [0, 2, 2]}, "field 'kv_strides' is (0, 2, 2)"),
+    ({"num_heads": [2, 4, 6], "patch_paddings": [0, 0, 0], "img_size": 16}, "stage 2 of this architecture has no tokens"),
+    ({"num_heads": [2, 4, 6], "num_classes": 7}, "disagrees with the checkpoint's tensors: num_classes: config 7, weights 6"),
+])
+def test_bad_given_architecture_names_its_source(tmp_path, randomize_weights, config, expected):
+    pth, _ = custom_official(tmp_path, randomize_weights)
+    path = tmp_path / "given.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(CvtDeployError) as e:
+        load_checkpoint(pth, config=path)
+    assert str(path) in str(e.value) and expected in str(e.value)
+
+
+def test_tensors_of_the_wrong_rank_are_not_a_cvt(tmp_path):
+    state = create_model("cvt-tiny").state_dict()
+    state["stage0.patch_embed.proj.weight"] = torch.zeros(16)
+    torch.save(state, tmp_path / "flat.pth")
+    with pytest.raises(CvtDeployError, match="tensor 'stage0.patch_embed.proj.weight' has shape \\(16,\\), not 4-D"):
+        load_checkpoint(tmp_path / "flat.pth")
+    state = create_model("cvt-tiny").state_dict()
+    del state["stage1.blocks.0.mlp.fc1.weight"]
+    torch.save(state, tmp_path / "nofc1.pth")
+    with pytest.raises(CvtDeployError, match="no tensor 'stage1.blocks.0.mlp.fc1.weight'"):
+        load_checkpoint(tmp_path / "nofc1.pth")
+
+
+def test_wrong_variant_names_what_differs(hf_cvt_checkpoint):
+    with pytest.raises(CvtDeployError, match="is not a cvt-13: embed_dims: \\(16, 32, 64\\) vs \\(64, 192, 384\\)"):
+        load_checkpoint(hf_cvt_checkpoint("tiny", num_labels=10).folder, variant="cvt-13")
+
+
 def test_preprocessor_config_is_read(hf_cvt_checkpoint, tmp_path):
     folder = damaged_folder(tmp_path, hf_cvt_checkpoint("tiny", num_labels=10), write(
         "preprocessor_config.json", json.dumps({"size": {"shortest_edge": 96}, "crop_pct": 0.9, "resample": 2,
                                                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]})))
+    want = PreprocessConfig(size=96, resize="shorter", crop_pct=0.9, mean=(0.5,) * 3, std=(0.25,) * 3,
+                            interpolation="bilinear")
     cfg = load_checkpoint(folder).cfg
-    assert cfg.img_size == 96
-    assert cfg.preprocess == PreprocessConfig(size=96, resize="shorter", crop_pct=0.9, mean=(0.5,) * 3,
-                                              std=(0.25,) * 3, interpolation="bilinear")
+    assert cfg.img_size == 96 and cfg.preprocess == want
+    assert load_checkpoint(folder, img_size=96).cfg.preprocess == want  # the same size asked for: nothing lost
+    assert load_checkpoint(folder, img_size=128).cfg.preprocess == PreprocessConfig(
+        size=128, resize="shorter", crop_pct=0.9, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear")
 
 
 # --- values from our own files: safetensors metadata, manifest, ONNX metadata -----------
@@ -409,8 +464,8 @@ def test_preprocessor_config_is_read(hf_cvt_checkpoint, tmp_path):
     ({"preprocess": {"interpolation": "sinc"}}, "'preprocess.interpolation' is 'sinc': must be one of bicubic"),
     ({"num_heads": [1, 3, 4]}, "width 32 is not divisible by 3 heads"),
     ({"qkv_projections": ["dw_bn", "dw_bn", "fancy"]}, "'fancy' is not a CvT projection"),
-    ({"num_classes": "10"}, "'num_classes' is '10': must be a positive integer"),
-    ({"kv_strides": [2, 0, 2]}, "'kv_strides' is (2, 0, 2): every entry must be an integer >= 1"),
+    ({"num_classes": "10"}, "'num_classes' is '10': must be an integer from 1"),
+    ({"kv_strides": [2, 0, 2]}, "'kv_strides' is (2, 0, 2): every entry must be an integer from 1"),
     ({"embed_dims": None}, "'embed_dims' is None"),
 ])
 def test_damaged_manifest_model_is_a_clean_error(bundle_copy, capsys, change, expected):
@@ -425,6 +480,34 @@ def test_damaged_manifest_model_is_a_clean_error(bundle_copy, capsys, change, ex
     rc, err = run_cli(predict_cli.main, ["--bundle", str(bundle_copy), str(DEMO_SAMPLES / "digit-1.png")], capsys)
     assert rc == 2
     assert f"{manifest} is damaged" in err and expected in err
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"precision": "fp8"}, "kind 'onnx' and precision 'fp8'"),
+    ({"kind": "pickle"}, "kind 'pickle'"),
+    ({"sha256": 12}, "sha256 12"),
+    ({"parity": {"accuracy_candidate": "high"}}, "parity accuracy_candidate 'high', not a fraction"),
+    ({"parity": [1]}, "parity [1], not an object"),
+    ({"sidecar": "../../etc/passwd"}, "sidecar '../../etc/passwd', not a file name inside the bundle"),
+])
+def test_damaged_manifest_artifact_is_a_clean_error(bundle_copy, capsys, change, expected):
+    manifest = bundle_copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["artifacts"]["onnx-fp32"].update(change)
+    manifest.write_text(json.dumps(raw))
+    rc, err = run_cli(bench_cli.main, ["--bundle", str(bundle_copy), "--quick", "--no-progress"], capsys)
+    assert rc == 2
+    assert f"{manifest} is damaged" in err and expected in err
+
+
+@pytest.mark.parametrize("batch", [{"min": "1", "opt": 2, "max": 4}, {"min": True, "opt": 2, "max": 4}, [1, 2, 4]])
+def test_damaged_manifest_batch_is_a_clean_error(bundle_copy, batch):
+    manifest = bundle_copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["batch"] = batch
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(CvtDeployError, match="is damaged"):
+        Bundle.open(bundle_copy)
 
 
 def test_old_manifest_without_per_stage_fields_still_opens(bundle_copy):

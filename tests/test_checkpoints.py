@@ -200,7 +200,7 @@ def test_wrong_variant_hf_folder(hf_cvt_checkpoint):
     msg = str(e.value)
     assert "cvt-21" in msg
     assert "looks like cvt-13" in msg
-    assert "depths (1, 2, 10)" in msg and "(1, 4, 16)" in msg  # what it has, what cvt-21 has
+    assert "depths: (1, 2, 10) vs (1, 4, 16)" in msg  # what it has, what cvt-21 has
 
 
 @pytest.mark.slow
