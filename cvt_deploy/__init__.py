@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .config import CvtConfig, PreprocessConfig, get_config, list_variants, register_variant
 from .errors import CvtDeployError, MissingDependencyError
 from .preprocess import preprocess
-
-__version__ = "0.1.0"
+from .util import VERSION as __version__
 
 __all__ = [
     "CvtConfig", "PreprocessConfig", "CvtDeployError", "MissingDependencyError",

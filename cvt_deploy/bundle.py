@@ -6,7 +6,7 @@
       model.onnx             fp32 ONNX graph (metadata_props describe it too)
       model.fp16.onnx        typed graphs added by --precision
       model.int8.onnx
-      model.fp16.engine      TensorRT plans, each with a .json sidecar (trt_meta)
+      model.fp16.engine      TensorRT plans, each with a .json sidecar (trt.sidecar)
 
 Writes are atomic: artifacts are written to a temporary name and renamed, the manifest is
 rewritten last, and a new bundle is assembled in a temporary folder that replaces ``out``
@@ -25,55 +25,13 @@ from typing import Any, Iterator
 
 from .config import CvtConfig
 from .errors import CvtDeployError
+# Re-exported: these lived here before the ground floor (util) existed.
+from .util import PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8")
 ARTIFACT_KINDS = ("onnx", "tensorrt", "torch")
-
-
-@dataclass(frozen=True)
-class BatchRange:
-    """Batch sizes an artifact accepts: fixed when min == max (TensorRT profile min/opt/max)."""
-
-    min: int = 1
-    opt: int = 8
-    max: int = 64
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min <= self.opt <= self.max:
-            raise CvtDeployError(f"batch range min={self.min} opt={self.opt} max={self.max} is not 1 <= min <= opt <= max",
-                                 "pass --batch N for a fixed batch or --batch MIN:OPT:MAX")
-
-    @property
-    def dynamic(self) -> bool:
-        return self.min != self.max
-
-    @classmethod
-    def parse(cls, text: str) -> BatchRange:
-        """'8' (fixed), '1:32' (opt = max), '1:8:32'."""
-        try:
-            parts = [int(p) for p in str(text).split(":")]
-        except ValueError:
-            raise CvtDeployError(f"--batch {text!r} is not a number or range", "use e.g. 8, 1:32 or 1:8:32") from None
-        if len(parts) == 1:
-            return cls(parts[0], parts[0], parts[0])
-        if len(parts) == 2:
-            return cls(parts[0], min(max(8, parts[0]), parts[1]), parts[1])
-        if len(parts) == 3:
-            return cls(*parts)
-        raise CvtDeployError(f"--batch {text!r} has too many parts", "use e.g. 8, 1:32 or 1:8:32")
-
-    def to_dict(self) -> dict[str, int]:
-        return {"min": self.min, "opt": self.opt, "max": self.max}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, int]) -> BatchRange:
-        values = [d[k] for k in ("min", "opt", "max")]
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"batch range {d!r} does not hold three integers")
-        return cls(*values)
 
 
 @dataclass
@@ -196,8 +154,6 @@ class Bundle:
         A flipped byte in a weights file still loads and runs, with wrong results; the hash
         is what catches a damaged copy.
         """
-        from .checkpoints import file_sha256
-
         path = self.path(art)
         if art.sha256 and art.name not in self._verified:
             actual = file_sha256(path)
@@ -230,8 +186,6 @@ class Bundle:
     def add(self, art: Artifact, compute_hash: bool = True) -> Artifact:
         """Record an artifact whose file is already in place and rewrite the manifest."""
         if compute_hash:
-            from .checkpoints import file_sha256
-
             art.sha256 = file_sha256(self.path(art))
         self.artifacts[art.name] = art
         self.save()
@@ -261,7 +215,7 @@ class Bundle:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
         except OSError as e:
             raise CvtDeployError(f"cannot write to {out.parent}: {e.strerror}", "choose an --out folder you can write to") from None
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; bundles are meant to be shared
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
         bundle = cls(tmp, config, batch, {}, dict(extra))
         try:
             yield bundle
@@ -277,49 +231,3 @@ class Bundle:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[Path]:
-    """A private temporary folder inside ``parent`` (same file system, so renames out of it are atomic)."""
-    parent = Path(parent)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", suffix=".partial", dir=parent))
-    except OSError as e:
-        raise CvtDeployError(f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    except OSError as e:
-        raise CvtDeployError(f"cannot write {path}: {e.strerror}", "choose an output location you can write to") from None
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it normal file permissions
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

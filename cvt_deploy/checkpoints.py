@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .bundle import atomic_output
 from .config import (ARCH_FIELDS, CUSTOM_VARIANT, CvtConfig, PreprocessConfig, get_config, list_variants, match_variant,
                      mlp_hidden, named, registered_heads)
 from .errors import CvtDeployError, require
+from .util import CONFIG_KEY, atomic_output, file_sha256  # noqa: F401 (file_sha256: re-exported)
 
 if TYPE_CHECKING:
     from .model import CvT
 
-CONFIG_METADATA_KEY = "cvt_deploy.config"
+CONFIG_METADATA_KEY = CONFIG_KEY  # the old name
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Hugging Face name -> official name, applied in order to each key.
@@ -570,8 +570,8 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         source_kind = "Hugging Face checkpoint"
     else:
         state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else (_read_torch_file(path), {})
-        if CONFIG_METADATA_KEY in meta:
-            cfg = CvtConfig.from_json(meta[CONFIG_METADATA_KEY], f"{path} (its cvt-deploy metadata)")
+        if CONFIG_KEY in meta:
+            cfg = CvtConfig.from_json(meta[CONFIG_KEY], f"{path} (its cvt-deploy metadata)")
             arch = WeightsArch.read(state)
             problems = arch.disagreements(cfg)
             if problems:
@@ -620,21 +620,5 @@ def save_checkpoint(model: CvT, path: str | os.PathLike[str]) -> Path:
         raise CvtDeployError(f"checkpoint path {path} should end in .safetensors", "rename it to *.safetensors")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     with atomic_output(path) as tmp:
-        save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: model.cfg.to_json()})
+        save_file(state, str(tmp), metadata={CONFIG_KEY: model.cfg.to_json()})
     return path
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex digest of a file (or of a folder's files in name order), for provenance records."""
-    import hashlib
-
-    h = hashlib.sha256()
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-

@@ -7,16 +7,22 @@ README "Precision".
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .errors import CvtDeployError
-from .progress import track
+from .progress import stage, track
 from .report import format_table
 
+from .util import PRECISIONS
+
 if TYPE_CHECKING:
+    from .bundle import Artifact, Bundle
+    from .data import EvalData
+    from .model import CvT
     from .runtimes.base import Runtime
 
 
@@ -153,3 +159,85 @@ def check_runtime(candidate: Runtime, reference: Runtime | np.ndarray, batch: np
     ref_name = reference_name or (reference.describe() if not isinstance(reference, np.ndarray) else "reference")
     return compare(ref, run_batches(candidate, batch, progress=progress), labels, precision=candidate.precision,
                    candidate_name=candidate.describe(), reference_name=ref_name, data=data)
+
+
+# --- checking a bundle: any caller (cvt-export, cvt-check, the TensorRT build) -----------
+
+class ParityFailure(CvtDeployError):
+    """An artifact missed its precision's gates; ``reports`` say by how much."""
+
+    exit_code = 1  # the CLIs' "ran, but a check failed"
+
+    def __init__(self, reports: list[ParityReport]) -> None:
+        self.reports = reports
+        failed = [r for r in reports if not r]
+        super().__init__(
+            "parity gates failed for " + ", ".join(f"{r.candidate} ({'; '.join(r.failed)})" for r in failed),
+            "see the table above; keep more ops in higher precision, calibrate on more representative "
+            "data (--calib), or pass --no-check to write the bundle anyway")
+
+
+def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: int | None = None,
+                 backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
+                 device: str | None = None, progress: bool = True, reference_model: CvT | None = None) -> list[ParityReport]:
+    """Parity of the bundle's artifacts (on ``backends``) against PyTorch fp32 on real data.
+
+    The reference is PyTorch fp32 when torch and the bundle's weights are present, else the
+    fp32 ONNX graph on ONNX Runtime CPU (so an edge device without torch can check its
+    fp16/int8 graphs and engines; that graph is then not checked against itself).
+    """
+    from .data import DEFAULT_LIMIT, EvalData, load_eval_data
+    from .runtimes import backend_class, load
+
+    reference, ref_name, ref_artifact = _reference(bundle, reference_model)
+    # Decide what is to be checked before the expensive part, so a request that matches
+    # nothing fails at once.
+    plan = []
+    for backend in backends:
+        cls = backend_class(backend)
+        for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
+            if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
+                    and not (backend == "onnxruntime" and art is ref_artifact):
+                plan.append((backend, art))
+    if not plan:
+        raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
+                             + (f" at {', '.join(precisions)}" if precisions else "")
+                             + (f" (the reference is {ref_name})" if ref_artifact is not None else ""),
+                             f"build engines with: cvt-export --format trt --onnx {bundle.root}" if "tensorrt" in backends
+                             else "export the artifacts first (cvt-export --precision ...), or pick another --backend/--precision")
+    ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
+    with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):
+        ref_logits = run_batches(reference, ev.batch, progress=False)
+    reports = []
+    for backend, art in plan:
+        runtime = load(bundle, backend=backend, device=device, precision=art.precision)
+        with stage(f"checking {runtime.describe()}", progress):
+            reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
+                                         progress=False, reference_name=ref_name))
+    return reports
+
+
+def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | None]:
+    """The reference runtime, its name, and the bundle artifact it runs (None for PyTorch)."""
+    from .runtimes.ort import OrtRuntime
+    from .runtimes.pytorch import TorchRuntime
+
+    if model is not None:
+        return TorchRuntime(model, "cpu"), "torch fp32 (cpu)", None
+    if TorchRuntime.unavailable_reason() is None and bundle.find("torch", "fp32") is not None:
+        return TorchRuntime.from_bundle(bundle), "torch fp32 (cpu)", None
+    return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)", bundle.find("onnx", "fp32")
+
+
+def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: bool = True) -> None:
+    """Write each report into its ``kind`` artifact's manifest entry, show the table (``show``),
+    and raise :class:`ParityFailure` when any gate failed (the results are recorded first)."""
+    for rep in reports:
+        art = bundle.find(kind, rep.precision)
+        if art is not None:
+            art.info["parity"] = rep.to_dict()
+    bundle.save()
+    if show:
+        print(summary_table(reports), file=sys.stderr)
+    if not all(reports):
+        raise ParityFailure(reports)

@@ -254,8 +254,8 @@ def test_export_checks_the_data_folder_before_exporting(tmp_path, stub_export_on
 
 
 def test_export_trt_without_tensorrt_fails_at_once(tmp_path, monkeypatch, capsys):
-    trt_meta = pytest.importorskip("cvt_deploy.trt_meta")
-    reason = trt_meta.tensorrt_unavailable_reason()
+    trt_util = pytest.importorskip("cvt_deploy.trt.util")
+    reason = trt_util.tensorrt_unavailable_reason()
     if reason is None:
         pytest.skip("TensorRT is installed here")
 
@@ -275,8 +275,8 @@ def test_export_trt_without_tensorrt_fails_at_once(tmp_path, monkeypatch, capsys
 
 
 def test_export_trt_from_an_existing_bundle_without_tensorrt(demo_bundle, capsys):
-    trt_meta = pytest.importorskip("cvt_deploy.trt_meta")
-    if trt_meta.tensorrt_unavailable_reason() is None:
+    trt_util = pytest.importorskip("cvt_deploy.trt.util")
+    if trt_util.tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT is installed here")
     before = sorted(p.name for p in demo_bundle.iterdir())
     rc = export_cli.main(["--format", "trt", "--onnx", str(demo_bundle), "-q"])
@@ -340,7 +340,7 @@ def test_check_with_nothing_to_check_fails_before_the_reference_pass(demo_bundle
     def no_reference(*a, **k):
         raise AssertionError("the reference ran although nothing matched")
 
-    monkeypatch.setattr("cvt_deploy.export.pipeline.run_batches", no_reference)
+    monkeypatch.setattr("cvt_deploy.parity.run_batches", no_reference)
     rc = check_cli.main(["--bundle", str(demo_bundle), *args, "-q"])
     assert rc == 2 and "nothing to check" in capsys.readouterr().err
 
@@ -412,8 +412,8 @@ def test_failing_cli_prints_a_message_not_a_traceback(bundle_copy, tmp_path, cas
         proc = run_script("cvt-check", "--bundle", str(tmp_path / "nope"))
         message = "error: bundle"
     else:
-        pytest.importorskip("cvt_deploy.trt_meta")
-        from cvt_deploy.trt_meta import tensorrt_unavailable_reason
+        pytest.importorskip("cvt_deploy.trt.util")
+        from cvt_deploy.trt.util import tensorrt_unavailable_reason
 
         if tensorrt_unavailable_reason() is None:
             pytest.skip("TensorRT is installed here")

@@ -32,7 +32,8 @@ from cvt_deploy.export.onnx import (  # noqa: E402
     simplify,
     stamp_metadata,
 )
-from cvt_deploy.export.pipeline import ParityFailure, export_bundle  # noqa: E402
+from cvt_deploy.export.pipeline import export_bundle  # noqa: E402
+from cvt_deploy.parity import ParityFailure  # noqa: E402
 from cvt_deploy.parity import Gates  # noqa: E402
 
 FP32_TOL = 1e-4

@@ -88,6 +88,18 @@ def test_onnxruntime_and_torch_backends_agree(demo_bundle, demo_test_split):
     np.testing.assert_array_equal(pa.top1, pb.top1)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_every_runtime_has_the_lifecycle(demo_bundle, demo_test_split, monkeypatch, backend):
+    """The base class owns the lifecycle: ``with`` closes, ``synchronize`` is always there."""
+    closed = []
+    with load(demo_bundle, backend=backend) as runtime:
+        monkeypatch.setattr(type(runtime), "close", lambda self: closed.append(self))
+        logits = runtime.run(preprocess(list(demo_test_split.images[:4]), runtime.config.preprocess))
+        runtime.synchronize()
+        assert logits.shape == (4, 10) and not closed
+    assert closed == [runtime]
+
+
 def test_prediction_topk_scores_and_labels(demo_bundle, demo_test_split):
     rt = load(demo_bundle, backend="onnxruntime")
     pred = rt.predict(list(demo_test_split.images[:5]), topk=3)

@@ -24,12 +24,12 @@ import cvt_deploy.runtimes as rt
 from cvt_deploy.bundle import PRECISIONS, Artifact, BatchRange, Bundle
 from cvt_deploy.config import CvtConfig, get_config
 from cvt_deploy.errors import CvtDeployError, MissingDependencyError
-from cvt_deploy.export import tensorrt as trt_export
+from cvt_deploy.trt import loader as trt_export
 from cvt_deploy.runtimes.base import Runtime
-from cvt_deploy.runtimes.trt import TensorRTRuntime
-from cvt_deploy.trt_meta import (DEFAULT_WORKSPACE_MIB, EngineMeta, cuda_device_index, default_workspace_mib,
-                                 install_hint, profile_shapes, sidecar_path, tensorrt_unavailable_reason,
-                                 version_tuple)
+from cvt_deploy.trt.runner import TensorRTRuntime
+from cvt_deploy.trt.sidecar import EngineMeta, profile_shapes, sidecar_path
+from cvt_deploy.trt.util import (DEFAULT_WORKSPACE_MIB, cuda_device_index, default_workspace_mib, install_hint,
+                                 tensorrt_unavailable_reason, version_tuple)
 from conftest import InProcessRuntime
 
 TRT_MISSING = tensorrt_unavailable_reason()
@@ -102,7 +102,7 @@ def test_profile_rejects_empty_image() -> None:
 
 
 def test_workspace_default_and_clamp_to_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cvt_deploy.trt_meta as tm
+    import cvt_deploy.trt.util as tm
 
     monkeypatch.setattr(tm, "cuda_free_memory", lambda index=0: None)  # free memory unknown
     assert default_workspace_mib() == DEFAULT_WORKSPACE_MIB == 1024
@@ -340,7 +340,7 @@ def test_detection_when_libnvinfer_is_missing(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_tensorrt_modules_import_neither_torch_nor_tensorrt() -> None:
-    code = ("import sys, cvt_deploy.trt_meta, cvt_deploy.runtimes.trt, cvt_deploy.export.tensorrt; "
+    code = ("import sys, cvt_deploy.trt.util, cvt_deploy.trt.sidecar, cvt_deploy.trt.runner, cvt_deploy.trt.loader; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'cuda') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -404,7 +404,7 @@ def test_build_engine_without_tensorrt(onnx_bundle: Bundle) -> None:
     assert e.value.message.startswith("building a TensorRT engine needs TensorRT: ")
     assert "JetPack" in (e.value.hint or "") and "cvt-export --format trt --onnx <bundle>" in (e.value.hint or "")
     assert e.value.__cause__ is None and e.value.__context__ is None
-    assert Path(str(e.traceback[-1].path)).name == "trt_meta.py"  # raised by our check, not by an import
+    assert Path(str(e.traceback[-1].path)).name == "util.py"  # raised by our check, not by an import
     assert not (onnx_bundle.root / "model.fp16.engine").exists()
     assert set(Bundle.open(onnx_bundle.root).artifacts) == {"onnx-fp32"}
 

@@ -28,8 +28,7 @@ examples:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     from ..bundle import Bundle
-    from ..export.pipeline import check_bundle
-    from ..parity import summary_table
+    from ..parity import check_bundle, summary_table
 
     ap = argparse.ArgumentParser(prog="cvt-check", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..bundle import PRECISIONS, BatchRange, Bundle
+from ..bundle import Bundle
 from ..errors import CvtDeployError
+from ..util import BatchRange, check_precision
 from .common import add_model_args, cli_entry, load_model_from_args
 
 EPILOG = """\
@@ -28,11 +29,7 @@ it with cvt-check, time it with cvt-bench.
 
 
 def parse_precisions(text: str) -> list[str]:
-    out = [p.strip() for p in text.split(",") if p.strip()]
-    for p in out:
-        if p not in PRECISIONS:
-            raise CvtDeployError(f"unknown precision {p!r}", f"use one or more of {', '.join(PRECISIONS)}, comma-separated")
-    return out or ["fp32"]
+    return [check_precision(p.strip()) for p in text.split(",") if p.strip()] or ["fp32"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..export.pipeline import ParityFailure
+    from ..parity import ParityFailure
 
     args = build_parser().parse_args(argv)
     precisions = parse_precisions(args.precision or ("fp16" if args.format == "trt" else "fp32"))
@@ -81,11 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx is not None:
         if args.format != "trt":
             raise CvtDeployError("--onnx BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
-        bundle = Bundle.open(args.onnx)
-        _build_engines(bundle, precisions, args, progress)
+        _build_engines(Bundle.open(args.onnx), precisions, args, progress)
         return 0
     if args.format == "trt":
-        _require_tensorrt()  # fail before minutes of export work, not after
+        from ..trt.util import require_tensorrt
+
+        require_tensorrt("--format trt")  # fail before minutes of export work, not after
     from ..export.pipeline import export_bundle
 
     model, source = load_model_from_args(args)
@@ -110,35 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _require_tensorrt() -> None:
-    from ..trt_meta import install_hint, tensorrt_unavailable_reason
-
-    reason = tensorrt_unavailable_reason()
-    if reason is not None:
-        raise CvtDeployError(f"--format trt needs TensorRT: {reason}", install_hint())
-
-
 def _build_engines(bundle: Bundle, precisions: list[str], args: argparse.Namespace, progress: bool) -> None:
-    _require_tensorrt()
-    from ..export.tensorrt import build_engine
+    from ..trt.loader import build_engines
 
-    for precision in precisions:
-        art = build_engine(bundle, precision, workspace_mib=args.workspace, timing_cache=args.timing_cache,
-                           version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
-                           progress=progress)
-        print(f"built {bundle.path(art)}", file=sys.stderr)
-    if args.no_check:
-        return
-    from ..export.pipeline import ParityFailure, check_bundle
-    from ..parity import summary_table
-
-    # Engines meet the same gates as the ONNX graphs, on this GPU.
-    reports = check_bundle(bundle, data=args.data, limit=args.check_limit, backends=["tensorrt"],
-                           precisions=precisions, progress=progress)
-    for rep in reports:
-        art = bundle.require("tensorrt", rep.precision)
-        art.info["parity"] = rep.to_dict()
-    bundle.save()
-    print(summary_table(reports), file=sys.stderr)
-    if not all(reports):
-        raise ParityFailure(reports)
+    build_engines(bundle, precisions, workspace_mib=args.workspace, timing_cache=args.timing_cache,
+                  version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                  check=not args.no_check, data=args.data, check_limit=args.check_limit, progress=progress)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..bundle import BatchRange, atomic_output, scratch_dir
 from ..errors import CvtDeployError, require
+from ..util import (CONFIG_KEY, META_PREFIX, BatchRange, atomic_output, decode_metadata,  # noqa: F401 (re-exported)
+                    encode_metadata, scratch_dir, tool_versions)
 
 if TYPE_CHECKING:
     from ..model import CvT
@@ -29,21 +30,7 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 17
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-META_PREFIX = "cvt_deploy."
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of weights; protobuf files cap at 2 GB
-
-
-def tool_versions(dists: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onnxsim", "onnxscript")) -> dict[str, str]:
-    """Versions of cvt-deploy and of the installed ``dists``, for provenance records."""
-    from importlib import metadata
-
-    from .. import __version__
-
-    out = {"cvt_deploy": __version__}
-    for dist in dists:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[dist] = metadata.version(dist)
-    return out
 
 
 def fold_batchnorm(model: CvT) -> CvT:
@@ -216,11 +203,6 @@ def simplify(path: str | os.PathLike[str], *, atol: float = 1e-5) -> dict[str, A
     return result
 
 
-def encode_metadata(values: dict[str, Any]) -> dict[str, str]:
-    """``metadata_props`` entries for ``values``: our key prefix, non-strings as JSON."""
-    return {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in values.items()}
-
-
 def graph_metadata(cfg_json: str, precision: str, extra: dict[str, Any]) -> dict[str, str]:
     """What the graph says about itself in ``metadata_props`` (all values are strings)."""
     return encode_metadata({"config": cfg_json, "precision": precision, **extra})
@@ -257,5 +239,5 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     except Exception as e:
         raise CvtDeployError(f"{path} is not a readable ONNX file (truncated or corrupt?): {str(e)[:200]}",
                              "re-export it with cvt-export") from None
-    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+    return decode_metadata({p.key: p.value for p in model.metadata_props})
 

@@ -13,31 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..bundle import PRECISIONS, Artifact, BatchRange, Bundle, artifact_name
+from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
-from ..parity import ParityReport, check_runtime, run_batches, summary_table
+# check_bundle and ParityFailure are re-exported: they lived here before parity.py owned checking.
+from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
-from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify, stamp_metadata, tool_versions
+from ..util import PRECISIONS, BatchRange, check_precision, file_sha256, tool_versions
+from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify, stamp_metadata
 
 if TYPE_CHECKING:
-    from ..data import EvalData
     from ..model import CvT
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-
-
-class ParityFailure(CvtDeployError):
-    """An artifact missed its precision's gates; ``reports`` say by how much."""
-
-    exit_code = 1  # the CLIs' "ran, but a check failed"
-
-    def __init__(self, reports: list[ParityReport]) -> None:
-        self.reports = reports
-        failed = [r for r in reports if not r]
-        super().__init__(
-            "parity gates failed for " + ", ".join(f"{r.candidate} ({'; '.join(r.failed)})" for r in failed),
-            "see the table above; keep more ops in higher precision, calibrate on more representative "
-            "data (--calib), or pass --no-check to write the bundle anyway")
 
 
 @dataclass
@@ -56,11 +43,10 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
                   calib_method: str | None = None, calib_count: int | None = None,
                   calib_cache: Path | None = None, progress: bool = True) -> ExportResult:
     """Export ``model`` to a checked bundle in ``out`` (replacing a previous bundle there)."""
-    from ..checkpoints import file_sha256, save_checkpoint
+    from ..checkpoints import save_checkpoint
 
     for p in precisions:
-        if p not in PRECISIONS:
-            raise CvtDeployError(f"unknown precision {p!r}", f"use one or more of {', '.join(PRECISIONS)}")
+        check_precision(p)
     cfg = model.cfg
     eval_data = None
     if check:
@@ -93,15 +79,7 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
-            for rep in result.reports:
-                art = bundle.find("onnx", rep.precision)
-                if art is not None:
-                    art.info["parity"] = rep.to_dict()
-            bundle.save()
-            if progress:
-                print(summary_table(result.reports), file=sys.stderr)
-            if not all(result.reports):
-                raise ParityFailure(result.reports)
+            record_parity(bundle, "onnx", result.reports, show=progress)
     return result
 
 
@@ -124,55 +102,3 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
     with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):
         info = quantize_int8(src, dst, batch, **kwargs)
     return {**info, "calibration_data": description}
-
-
-def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: int | None = None,
-                 backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
-                 device: str | None = None, progress: bool = True, reference_model: CvT | None = None) -> list[ParityReport]:
-    """Parity of the bundle's artifacts (on ``backends``) against PyTorch fp32 on real data.
-
-    The reference is PyTorch fp32 when torch and the bundle's weights are present, else the
-    fp32 ONNX graph on ONNX Runtime CPU (so an edge device without torch can check its
-    fp16/int8 graphs and engines; that graph is then not checked against itself).
-    """
-    from ..data import DEFAULT_LIMIT, EvalData, load_eval_data
-    from ..runtimes import backend_class, load
-
-    reference, ref_name, ref_artifact = _reference(bundle, reference_model)
-    # Decide what is to be checked before the expensive part, so a request that matches
-    # nothing fails at once.
-    plan = []
-    for backend in backends:
-        cls = backend_class(backend)
-        for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
-            if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
-                    and not (backend == "onnxruntime" and art is ref_artifact):
-                plan.append((backend, art))
-    if not plan:
-        raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
-                             + (f" at {', '.join(precisions)}" if precisions else "")
-                             + (f" (the reference is {ref_name})" if ref_artifact is not None else ""),
-                             f"build engines with: cvt-export --format trt --onnx {bundle.root}" if "tensorrt" in backends
-                             else "export the artifacts first (cvt-export --precision ...), or pick another --backend/--precision")
-    ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
-    with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):
-        ref_logits = run_batches(reference, ev.batch, progress=False)
-    reports = []
-    for backend, art in plan:
-        runtime = load(bundle, backend=backend, device=device, precision=art.precision)
-        with stage(f"checking {runtime.describe()}", progress):
-            reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
-                                         progress=False, reference_name=ref_name))
-    return reports
-
-
-def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | None]:
-    """The reference runtime, its name, and the bundle artifact it runs (None for PyTorch)."""
-    from ..runtimes.ort import OrtRuntime
-    from ..runtimes.pytorch import TorchRuntime
-
-    if model is not None:
-        return TorchRuntime(model, "cpu"), "torch fp32 (cpu)", None
-    if TorchRuntime.unavailable_reason() is None and bundle.find("torch", "fp32") is not None:
-        return TorchRuntime.from_bundle(bundle), "torch fp32 (cpu)", None
-    return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)", bundle.find("onnx", "fp32")

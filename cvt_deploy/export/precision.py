@@ -39,9 +39,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..bundle import atomic_output
 from ..errors import CvtDeployError, require
 from ..progress import track
+from ..util import atomic_output, file_sha256
 from .onnx import encode_metadata, ort_session, save_graph, set_metadata_props
 
 # --- fp16 -------------------------------------------------------------------------------
@@ -351,7 +351,6 @@ def _validate_calib(calib: Any, chw: tuple[int, ...]) -> np.ndarray:
 
 def calibration_key(src: str | os.PathLike[str], calib: np.ndarray, method: str) -> str:
     """sha256 of everything the activation ranges depend on: graph bytes, data, method."""
-    from ..checkpoints import file_sha256
 
     h = hashlib.sha256()
     h.update(f"{CACHE_FORMAT}/{CACHE_VERSION}\n".encode())

@@ -20,21 +20,28 @@ from .base import Prediction, Runtime
 if TYPE_CHECKING:
     from ..bundle import Bundle
 
-__all__ = ["BACKENDS", "PREFERENCE", "Prediction", "Runtime", "backend_class", "load", "available_backends"]
+__all__ = ["BACKENDS", "PREFERENCE", "REFERENCES", "Prediction", "Runtime", "backend_class", "load", "available_backends"]
 
 # name -> "module:Class"; the order of PREFERENCE is what load() tries when no backend is named.
 BACKENDS = {
-    "tensorrt": "cvt_deploy.runtimes.trt:TensorRTRuntime",
+    "tensorrt": "cvt_deploy.trt.runner:TensorRTRuntime",
     "onnxruntime": "cvt_deploy.runtimes.ort:OrtRuntime",
     "torch": "cvt_deploy.runtimes.pytorch:TorchRuntime",
 }
 PREFERENCE = ("tensorrt", "onnxruntime", "torch")
+# Reference implementations for comparison (cvt-bench rows): loadable by name like a backend,
+# but they run no bundle artifact, so they are not offered as backends.
+REFERENCES = {
+    "hf-transformers": "cvt_deploy.runtimes.hf:HFReferenceRuntime",
+}
 
 
 def backend_class(name: str) -> type[Runtime]:
-    if name not in BACKENDS:
+    """The runtime class of a backend (or of a reference implementation) by name."""
+    spec = BACKENDS.get(name) or REFERENCES.get(name)
+    if spec is None:
         raise CvtDeployError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
+    module, cls = spec.split(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -71,6 +71,9 @@ class Prediction:
             for r, (lab, s) in enumerate(zip(self.labels[n], self.scores[n])):
                 rows.append([name if r == 0 else "", str(r + 1), lab, f"{100 * float(s):6.2f}%"])
         return format_table(["input", "rank", "label", "score"], rows)
+
+
+_R = TypeVar("_R", bound="Runtime")
 
 
 class Runtime(ABC):
@@ -133,6 +136,19 @@ class Runtime(ABC):
 
     def describe(self) -> str:
         return f"{self.backend} {self.precision} on {self.device}"
+
+    # -- lifecycle: every runtime can be used as ``with load(...) as runtime:`` ----------
+    def synchronize(self) -> None:
+        """Wait for work the backend queued asynchronously (CUDA); a no-op where calls block."""
+
+    def close(self) -> None:
+        """Release what the runtime holds (device memory, streams); it cannot run afterwards."""
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.config.variant} {self.describe()}>"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..bundle import PRECISIONS, BatchRange
+from ..util import CONFIG_KEY, PRECISION_KEY, PRECISIONS, BatchRange
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -52,13 +52,13 @@ class OrtRuntime(Runtime):
                                  "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use --device cpu")
         meta = self.session.get_modelmeta().custom_metadata_map
         if config is None:
-            if "cvt_deploy.config" not in meta:
+            if CONFIG_KEY not in meta:
                 raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
                                      "export it with cvt-export, or load its bundle folder instead")
-            config = CvtConfig.from_json(meta["cvt_deploy.config"], f"{path} (metadata_props cvt_deploy.config)")
-        precision = precision or meta.get("cvt_deploy.precision", "fp32")
+            config = CvtConfig.from_json(meta[CONFIG_KEY], f"{path} (metadata_props {CONFIG_KEY})")
+        precision = precision or meta.get(PRECISION_KEY, "fp32")
         if precision not in PRECISIONS:
-            raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props cvt_deploy.precision)",
+            raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props {PRECISION_KEY})",
                                  f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
         super().__init__(config, precision, device)
         shape = self.session.get_inputs()[0].shape

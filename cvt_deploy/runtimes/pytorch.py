@@ -67,8 +67,13 @@ class TorchRuntime(Runtime):
             x = torch.from_numpy(batch).to(self.device, self._dtype)
             return self.model(x).float().cpu().numpy()
 
-    def synchronize(self) -> Any:
+    def synchronize(self) -> None:
+        torch_synchronize(self.device)
+
+
+def torch_synchronize(device: str) -> None:
+    """Wait for queued CUDA work (PyTorch runs it asynchronously); nothing to wait for on CPU."""
+    if device.startswith("cuda"):
         import torch
 
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-"""TensorRT engine metadata, profiles and environment checks, without TensorRT.
+"""The engine sidecar: what a TensorRT plan was built from, with and on, without TensorRT.
 
 An engine is a plain TensorRT plan (``model.fp16.engine``) that runs only on the TensorRT
 version and GPU family it was built for. Because a plan must stay a plain plan (a header
@@ -15,174 +15,20 @@ the functions that ask the device, and both of its layouts are supported:
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .bundle import PRECISIONS, BatchRange, atomic_output
-from .errors import CvtDeployError, MissingDependencyError
+from ..errors import CvtDeployError
+from ..util import PRECISIONS, BatchRange, atomic_output
+from .util import DEFAULT_WORKSPACE_MIB, version_tuple
 
 SIDECAR_FORMAT = "cvt-deploy-engine"
 SIDECAR_VERSION = 1
 
-#: Workspace pool limit when none is given. 1 GiB builds CvT-13 with fast tactics and
-#: still fits next to the OS, the weights and the activations on an 8 GB Jetson.
-DEFAULT_WORKSPACE_MIB = 1024
-#: Share of the free device memory the workspace may take: the weights, activations and
-#: TensorRT's own allocations need the rest, and on Jetson the CPU shares that memory.
-WORKSPACE_FREE_FRACTION = 0.5
-MIN_WORKSPACE_MIB = 64
-
-TENSORRT_INSTALL_HINT = (
-    "install TensorRT on the machine with the GPU: on x86-64, pip install 'cvt-deploy[gpu]' "
-    "(or pip install tensorrt cuda-python; the TensorRT wheels come from NVIDIA's package index, "
-    "pypi.nvidia.com); on a Jetson, TensorRT ships with JetPack (add cuda-python with pip). "
-    "Or carry the ONNX bundle to the target device and build the engine there with "
-    "`cvt-export --format trt --onnx <bundle>`"
-)
-CUDA_PYTHON_HINT = "pip install cuda-python (cvt-deploy's [gpu] extra includes it; on a Jetson match its CUDA major version, e.g. 'cuda-python<13' for CUDA 12)"
-
-# ----------------------------------------------------------------------------------------
-# Is TensorRT here?
-
-
-def install_hint() -> str:
-    """What to do when TensorRT is missing (the ``hint`` of the error to raise)."""
-    return TENSORRT_INSTALL_HINT
-
-
-def tensorrt_unavailable_reason() -> str | None:
-    """None when the real TensorRT can be imported; otherwise why not, in one sentence.
-
-    ``tensorrt-stubs`` installs a ``tensorrt/`` folder with only ``__init__.pyi``, which
-    Python imports as an empty namespace package, so a successful import proves nothing:
-    the real package has ``Builder`` and ``__version__``.
-    """
-    try:
-        trt = importlib.import_module("tensorrt")
-    except ImportError as e:
-        return f"TensorRT is not installed (import tensorrt failed: {e})"
-    except OSError as e:  # the Python package is there but libnvinfer is not
-        return f"TensorRT's libraries cannot be loaded ({e})"
-    if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
-        where = ", ".join(getattr(trt, "__path__", [])) or "an unknown location"
-        return ("only an empty 'tensorrt' package is installed (at " + where + "), e.g. the type stubs "
-                "from tensorrt-stubs, not the TensorRT libraries")
-    return None
-
-
-def require_tensorrt(feature: str) -> None:
-    """Raise MissingDependencyError (a CvtDeployError) naming ``feature`` when TensorRT is not here."""
-    reason = tensorrt_unavailable_reason()
-    if reason is not None:
-        raise MissingDependencyError(f"{feature} needs TensorRT: {reason}", install_hint())
-
-
-def tensorrt_version() -> str:
-    """The installed TensorRT's version; call only after :func:`tensorrt_unavailable_reason`."""
-    return str(importlib.import_module("tensorrt").__version__)
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """'10.3.0.30' -> (10, 3, 0, 30); trailing non-numeric parts ('+cuda12') are dropped."""
-    parts = []
-    for p in version.strip().split("."):
-        m = re.match(r"\d+", p)
-        if not m:
-            break
-        parts.append(int(m.group()))
-    if not parts:
-        raise CvtDeployError(f"TensorRT version {version!r} is not a dotted number", "check the engine's sidecar file")
-    return tuple(parts)
-
-
-# ----------------------------------------------------------------------------------------
-# CUDA through cuda-python (optional: only functions that ask the device import it)
-
-
-def import_cudart() -> Any:
-    """The cuda-python runtime module; CvtDeployError with the install hint when missing."""
-    for name in ("cuda.bindings.runtime", "cuda.cudart"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    raise CvtDeployError("cuda-python is not installed; the TensorRT path uses it to reach the GPU", CUDA_PYTHON_HINT)
-
-
-def cuda_call(result: Any, what: str) -> Any:
-    """Check a cuda-python ``(error, *values)`` result: raise if the error is not success.
-
-    Returns None, the single value, or the tuple of values.
-    """
-    err, values = (result[0], tuple(result[1:])) if isinstance(result, tuple) else (result, ())
-    if int(err) != 0:
-        name = getattr(err, "name", str(err))
-        try:
-            desc = import_cudart().cudaGetErrorString(err)[1]
-            desc = desc.decode() if isinstance(desc, bytes) else str(desc)
-        except Exception:  # describing the error must not hide it
-            desc = ""
-        raise CvtDeployError(f"CUDA call {what} failed: {name}" + (f" ({desc})" if desc else ""),
-                             "check that the NVIDIA driver works (nvidia-smi, or tegrastats on a Jetson) "
-                             "and that the GPU has free memory")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-def cuda_device_index(device: str | None) -> int:
-    """'cuda' / None -> 0, 'cuda:1' -> 1; anything else is not a TensorRT device."""
-    if device is None or device == "cuda":
-        return 0
-    m = re.fullmatch(r"cuda:(\d+)", device)
-    if not m:
-        raise CvtDeployError(f"TensorRT runs on CUDA GPUs only, not on device {device!r}",
-                             "use --device cuda or cuda:N, or another backend (onnxruntime) for the CPU")
-    return int(m.group(1))
-
-
-def cuda_device_info(index: int = 0) -> tuple[str, tuple[int, int]]:
-    """(GPU name, (major, minor) compute capability) of CUDA device ``index``."""
-    cudart = import_cudart()
-    props = cuda_call(cudart.cudaGetDeviceProperties(index), f"cudaGetDeviceProperties({index})")
-    name = props.name
-    name = name.split(b"\0", 1)[0].decode(errors="replace") if isinstance(name, (bytes, bytearray)) else str(name)
-    return name.strip(), (int(props.major), int(props.minor))
-
-
-def cuda_free_memory(index: int = 0) -> int | None:
-    """Free bytes on CUDA device ``index``, or None when that cannot be asked (no cuda-python, no GPU)."""
-    try:
-        cudart = import_cudart()
-        cuda_call(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
-        free, _total = cuda_call(cudart.cudaMemGetInfo(), "cudaMemGetInfo")
-        return int(free)
-    except CvtDeployError:
-        return None
-
-
-def default_workspace_mib(free_bytes: int | None = None, device_index: int = 0) -> int:
-    """The workspace pool limit to build with: :data:`DEFAULT_WORKSPACE_MIB` (1 GiB), clamped
-    to half the free device memory when that is known (``free_bytes``, else asked via CUDA).
-
-    Jetson builds fail when the workspace pool is larger than the memory actually free.
-    """
-    if free_bytes is None:
-        free_bytes = cuda_free_memory(device_index)
-    if free_bytes is None:
-        return DEFAULT_WORKSPACE_MIB
-    fits = int(free_bytes * WORKSPACE_FREE_FRACTION) >> 20
-    return max(MIN_WORKSPACE_MIB, min(DEFAULT_WORKSPACE_MIB, fits))
-
-
-# ----------------------------------------------------------------------------------------
-# Optimization profile
 
 Shape = tuple[int, int, int, int]
 
@@ -193,10 +39,6 @@ def profile_shapes(batch: BatchRange, chw: tuple[int, int, int]) -> tuple[Shape,
     if min(c, h, w) < 1:
         raise CvtDeployError(f"input shape C,H,W = {c},{h},{w} has a dimension below 1", "check the model config")
     return (batch.min, c, h, w), (batch.opt, c, h, w), (batch.max, c, h, w)
-
-
-# ----------------------------------------------------------------------------------------
-# The sidecar
 
 
 def sidecar_path(engine_path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,125 @@
+"""Rendering benchmark results: the terminal table and the latency/throughput plot."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import CvtDeployError, require
+from ..report import format_table
+from ..util import atomic_output
+
+if TYPE_CHECKING:
+    from .results import BenchResult, BenchRow
+
+NOISY = 1.5  # p90 / p50 above this: the table says the row's calls were held up (by other processes)
+
+
+def header(result: BenchResult) -> str:
+    m = result.meta
+    mm = m["matmul"]
+    peak = f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})"
+    return (f"{m['model']} at {m['img_size']}px ({m['gmacs']:.3g} GMACs/image) on {m['device']}, "
+            f"{m['threads']} threads; fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): {peak}")
+
+def table(result: BenchResult) -> str:
+    """Terminal text: one line per combination, skipped/failed reasons as numbered notes."""
+    notes: list[str] = []
+    rows = []
+    for r in result.rows:
+        if r.status != "ok":
+            note = f"{r.backend}: {r.reason}"  # reasons name the precision where it matters
+            if note not in notes:
+                notes.append(note)
+            status = f"{r.status} [{notes.index(note) + 1}]"
+        else:
+            status = "ok" if r.role == "backend" else r.role
+        rows.append([r.backend, r.precision, str(r.batch), status, _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p99_ms),
+                     _ms(r.mean_ms), _ms(r.min_ms), _ms(r.max_ms), _num(r.throughput_ips, 1),
+                     "" if r.ratio_vs_torch is None else f"{r.ratio_vs_torch:.2f}x", _num(r.gflops, 1),
+                     "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
+                     _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else ""])
+    head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
+            "img/s", "vs torch", "GFLOP/s", "% matmul", "accuracy", "agree", "n"]
+    text = format_table(head, rows, title=header(result))
+    foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    noisy = [f"{r.backend} {r.precision} b{r.batch}" for r in result.measured
+             if r.p90_ms is not None and r.p50_ms and r.p90_ms > NOISY * r.p50_ms]
+    if noisy:
+        foot.append(f"noisy (p90 > {NOISY:g} x p50, calls were held up): {', '.join(noisy)}")
+    load = (result.meta.get("loadavg_1min") or {}).get("after")
+    cpus = result.meta.get("host", {}).get("cpus_usable") or 1
+    if load is not None and load > cpus + 1:
+        foot.append(f"system load average {load:.1f} on {cpus} usable CPUs: other processes competed for the cores; "
+                    "re-run on a quieter machine (or with fewer --threads) before trusting small differences")
+    foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
+                + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
+    foot.append("vs torch = PyTorch-eager fp32 p50 / this p50 at the same batch (>1 is faster). "
+                "On a shared machine compare these ratios, not absolute milliseconds across runs.")
+    return text + "\n" + "\n".join(foot)
+
+def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
+    """Latency (p50, whiskers min..p90) and throughput vs batch, one line per backend/precision."""
+    require("matplotlib", "plot", "Plotting benchmark results")
+    # A Figure on the Agg canvas directly, not pyplot: no display needed, and the caller's
+    # pyplot backend and open figures are left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(11, 4.2))
+    canvas = FigureCanvasAgg(fig)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt not in canvas.get_supported_filetypes():
+        raise CvtDeployError(f"cannot plot to {path}: matplotlib does not write .{fmt} files", "use a .png, .svg or .pdf name")
+    series: dict[tuple[str, str], list[BenchRow]] = {}
+    for r in result.measured:
+        series.setdefault((r.backend, r.precision), []).append(r)
+    if not series:
+        raise CvtDeployError("no combination was measured, so there is nothing to plot", "see the table's skipped reasons")
+    ax_lat, ax_ips = fig.subplots(1, 2)
+    batches = sorted({r.batch for r in result.measured})
+    for (backend, precision), rows in series.items():
+        rows = sorted(rows, key=lambda r: r.batch)
+        xs = [r.batch for r in rows]
+        p50 = np.array([r.p50_ms for r in rows], dtype=float)
+        low = [p - (r.min_ms or p) for p, r in zip(p50, rows)]
+        high = [(r.p90_ms or p) - p for p, r in zip(p50, rows)]
+        err = np.array([low, high])
+        label = f"{backend} {precision}"
+        ax_lat.errorbar(xs, p50, yerr=err, marker="o", capsize=3, label=label)
+        ax_ips.plot(xs, [r.throughput_ips for r in rows], marker="o", label=label)
+    for ax, ylabel in ((ax_lat, "latency per call, ms (p50; whiskers min..p90)"), (ax_ips, "throughput, images/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(batches, [str(b) for b in batches])
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax, values in ((ax_lat, [r.p50_ms for r in result.measured]), (ax_ips, [r.throughput_ips for r in result.measured])):
+        finite = [v for v in values if v]
+        if finite and max(finite) > 10 * min(finite):  # backends can differ by 10x and more
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 200, not 2 x 10^2
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    ax_ips.legend(fontsize=8)
+    fig.suptitle(header(result), fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return path
+
+
+def _ms(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}%"

@@ -1,0 +1,276 @@
+"""The run: every backend x precision x batch of one bundle, loaded, warmed up and timed interleaved."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import resource
+import sys
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .. import runtimes as rt
+from ..bundle import Bundle
+from ..errors import CvtDeployError
+from ..progress import stage
+from ..runtimes.base import Runtime
+from ..util import PRECISIONS, tool_versions
+from .cost import count_macs
+from .results import BenchResult, BenchRow
+from .timing import Case, measure_interleaved, summarize
+
+if TYPE_CHECKING:
+    from ..util import BatchRange
+
+BASELINE = ("torch", "fp32")  # what ratio_vs_torch divides by: our model, PyTorch eager, fp32
+
+
+def default_threads() -> int:
+    """CPUs this process may run on (its affinity mask; a container's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _loadavg() -> float | None:
+    """1-minute system load average (None where the OS has none): shows competing processes."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10  # bytes on macOS, KiB on Linux
+
+
+def _peak_cuda_mb(device: str) -> float | None:
+    if not device.startswith("cuda") or importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+
+
+def _backend_reasons(bundle: Bundle, device: str, names: Sequence[str]) -> dict[str, str | None]:
+    """Why each backend cannot run here (None = it can), as :func:`runtimes.available_backends` says."""
+    try:
+        return rt.available_backends(bundle, device)
+    except ImportError:
+        # One backend's module failing to import must not hide the others: ask each alone.
+        out: dict[str, str | None] = {}
+        for name in names:
+            try:
+                cls = rt.backend_class(name)
+            except ImportError as e:
+                out[name] = f"the {name} backend module cannot be imported ({e})"
+                continue
+            out[name] = cls.unavailable_reason(device)
+            if out[name] is None and bundle.find(cls.artifact_kind) is None:
+                out[name] = f"the bundle has no {cls.artifact_kind} artifact"
+        return out
+
+
+def _recorded_parity(bundle: Bundle, backend: str, precision: str) -> tuple[float | None, float | None]:
+    """(accuracy, top-1 agreement) the export recorded for this artifact, if any."""
+    if (backend, precision) == BASELINE:
+        # PyTorch fp32 is the reference of every parity check: its accuracy is recorded there.
+        for art in bundle.artifacts.values():
+            parity = art.info.get("parity")
+            if isinstance(parity, dict) and parity.get("accuracy_reference") is not None:
+                return float(parity["accuracy_reference"]), None
+        return None, None
+    try:
+        found = bundle.find(rt.backend_class(backend).artifact_kind, precision)
+    except ImportError:
+        return None, None
+    parity = found.info.get("parity") if found is not None else None
+    if not isinstance(parity, dict):
+        return None, None
+
+    def first(*keys: str) -> float | None:
+        return next((float(parity[k]) for k in keys if parity.get(k) is not None), None)
+
+    return first("accuracy_candidate", "accuracy"), first("top1_agreement", "agreement")
+
+
+def _matmul_case(size: int, device: str) -> tuple[Case, str]:
+    """A size x size fp32 matmul with the same library, device and threads as the models."""
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(size, size, generator=gen).to(device)
+        b = torch.randn(size, size, generator=gen).to(device)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else None
+        return Case("matmul", lambda: torch.matmul(a, b), sync), f"torch {torch.__version__}"
+    rng = np.random.default_rng(0)
+    an, bn = rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)
+    return Case("matmul", lambda: an @ bn), f"numpy {np.__version__} (its BLAS threads are not set by --threads)"
+
+
+def _versions() -> dict[str, str]:
+
+    return {"python": platform.python_version(),
+            **tool_versions(("numpy", "torch", "onnxruntime", "tensorrt", "transformers"))}
+
+
+def _check_choices(values: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
+    out = list(dict.fromkeys(values))  # keep order, drop repeats
+    for v in out:
+        if v not in choices:
+            raise CvtDeployError(f"unknown {what} {v!r}", f"choose from: {', '.join(choices)}")
+    if not out:
+        raise CvtDeployError(f"no {what} given", f"choose from: {', '.join(choices)}")
+    return out
+
+
+def default_batches(batch: BatchRange) -> list[int]:
+    """1, 8 and 32 where the bundle's batch range allows; else its optimum."""
+    return [b for b in (1, 8, 32) if batch.min <= b <= batch.max] or [batch.opt]
+
+
+def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] | None = None,
+              precisions: Sequence[str] | None = None, batches: Sequence[int] | None = None, *,
+              threads: int | None = None, device: str = "cpu", iterations: int | None = None,
+              min_time: float = 2.0, warmup: int = 3, rounds: int = 5, settle: int = 1, min_iterations: int = 10,
+              reference: bool = True, hf_reference: bool = True, matmul_size: int = 2048,
+              progress: bool = True) -> BenchResult:
+    """Time every combination of ``backends`` x ``precisions`` x ``batches`` on one bundle.
+
+    ``backends``: default all (those that cannot run here become skipped rows).
+    ``precisions``: default the precisions the bundle holds artifacts for.
+    ``batches``: default 1, 8, 32 inside the bundle's batch range.
+    ``threads``: CPU threads for every backend; default :func:`default_threads`.
+    ``iterations``: timed calls per combination; None = enough for ``min_time`` seconds each
+    (at least ``min_iterations``). ``warmup`` untimed calls first, then ``rounds`` interleaved rounds,
+    each block after ``settle`` untimed calls (see :func:`measure_interleaved`).
+    ``matmul_size``: side of the fp32 matrix multiply that ``pct_matmul_peak`` compares with.
+    ``reference``: add PyTorch eager fp32 (the ratio baseline) even if "torch"/"fp32" was not asked for.
+    ``hf_reference``: add Hugging Face transformers' CvT at fp32 (a skipped row when it cannot run).
+    """
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = _loadavg()
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+    cfg = bundle.config
+    backends = _check_choices(backends or list(rt.PREFERENCE), list(rt.BACKENDS), "backend")
+    precisions = _check_choices(precisions or sorted({a.precision for a in bundle.artifacts.values()},
+                                                     key=PRECISIONS.index) or ["fp32"], PRECISIONS, "precision")
+    batches = list(dict.fromkeys(batches or default_batches(bundle.batch)))
+    if any(not isinstance(b, (int, np.integer)) or b < 1 for b in batches):
+        raise CvtDeployError(f"batch sizes {batches} must be whole numbers >= 1", "use e.g. 1,8,32")
+    threads = threads or default_threads()
+    if threads < 1:
+        raise CvtDeployError(f"threads={threads} must be >= 1", f"use e.g. {default_threads()}")
+    if min_time <= 0 or matmul_size < 16:
+        raise CvtDeployError(f"min_time={min_time} and matmul_size={matmul_size} must be positive (matmul >= 16)",
+                             "use e.g. min_time=2.0, matmul_size=2048")
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # process-wide: the torch backend, HF and the matmul all use it
+
+    # combinations: the baseline and the references first at each batch, then the backends asked for
+    references = list(rt.REFERENCES) if hf_reference else []
+    combos: list[tuple[str, str, int, str]] = []
+    for b in batches:
+        if reference or (BASELINE[0] in backends and BASELINE[1] in precisions):
+            combos.append((*BASELINE, b, "baseline"))
+        combos += [(name, "fp32", b, "reference") for name in references]
+        combos += [(be, p, b, "backend") for be in backends for p in precisions if (be, p) != BASELINE]
+
+    reasons = _backend_reasons(bundle, device, backends)
+    reasons.update({name: rt.backend_class(name).unavailable_reason(device) for name in references})
+    loaded: dict[tuple[str, str], Runtime | str] = {}
+
+    def runtime_for(backend: str, precision: str) -> Runtime | str:
+        """The runtime, loaded once per backend/precision and shared by its batch sizes; or why not."""
+        key = (backend, precision)
+        if key not in loaded:
+            why = reasons.get(backend)
+            if why is None:
+                try:
+                    loaded[key] = rt.load(bundle, backend, device, precision, threads)
+                except CvtDeployError as e:  # e.g. no int8 artifact, fp16 torch on CPU: a skipped row
+                    loaded[key] = e.message
+            else:
+                loaded[key] = why
+        return loaded[key]
+
+    rows: list[BenchRow] = []
+    cases: dict[int, Case] = {}  # row index -> case
+    inputs: dict[int, np.ndarray] = {}
+    with stage(f"loading {len({c[:2] for c in combos})} runtimes", progress):
+        runtimes = [runtime_for(backend, precision) for backend, precision, _, _ in combos]
+    for (backend, precision, b, role), runtime in zip(combos, runtimes):
+        row = BenchRow(cfg.variant, backend, precision, b, device, threads, role=role)
+        row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision)
+        if isinstance(runtime, str):
+            row.status, row.reason = "skipped", runtime
+        elif runtime.batch is not None and not runtime.batch.min <= b <= runtime.batch.max:
+            # run() would split or pad it: that times a different batch than the row claims
+            row.status, row.reason = "skipped", (f"batch {b} is outside the artifact's batch range "
+                                                 f"{runtime.batch.min}..{runtime.batch.max} (re-export with --batch)")
+        else:
+            if b not in inputs:  # one input per batch size, shared by every backend
+                shape = (b, cfg.in_chans, cfg.img_size, cfg.img_size)
+                inputs[b] = np.random.default_rng(b).standard_normal(shape).astype(np.float32)
+            cases[len(rows)] = Case.for_runtime(f"{backend} {precision} b{b}", runtime, inputs[b])
+        rows.append(row)
+
+    all_cases = list(cases.values())
+    row_of = {id(case): rows[i] for i, case in cases.items()}
+
+    def note_memory(case: Case) -> None:
+        # process-wide peak once this combination is loaded and warm (warm-up runs in row order)
+        if id(case) in row_of:
+            row_of[id(case)].peak_rss_mb = round(_peak_rss_mb(), 1)
+            row_of[id(case)].peak_cuda_mb = _peak_cuda_mb(device)
+
+    matmul, matmul_impl = _matmul_case(matmul_size, device)
+    if progress:
+        print(f"benchmarking {len(all_cases)} combinations ({len(rows) - len(all_cases)} skipped) of {cfg.variant} "
+              f"on {device} with {threads} threads, {rounds} interleaved rounds", file=sys.stderr)
+    measure_interleaved(all_cases + [matmul], iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
+                        settle=settle, min_iterations=min_iterations, progress=progress, after_warmup=note_memory)
+
+    matmul_gflops = 2 * matmul_size ** 3 / (summarize(matmul.times).p50 / 1e3) / 1e9 if matmul.times else None
+    macs = count_macs(cfg)
+    for i, case in cases.items():
+        row = rows[i]
+        if case.error is not None or not case.times:
+            row.status, row.reason = "failed", case.error or "no timings"
+            continue
+        s = summarize(case.times)
+        row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms, row.min_ms, row.max_ms = (
+            round(v, 4) for v in (s.p50, s.p90, s.p99, s.mean, s.min, s.max))
+        row.iterations = s.n
+        ips = row.batch / (s.p50 / 1e3)
+        row.throughput_ips = round(ips, 3)
+        row.gflops = round(macs * 2 * ips / 1e9, 3)
+        if matmul_gflops:
+            row.pct_matmul_peak = round(100 * row.gflops / matmul_gflops, 2)
+    for row in rows:
+        base = next((r for r in rows if (r.backend, r.precision, r.batch) == (*BASELINE, row.batch) and r.p50_ms), None)
+        if base is not None and row.p50_ms:
+            assert base.p50_ms is not None
+            row.ratio_vs_torch = round(base.p50_ms / row.p50_ms, 3)
+
+    meta = {"model": cfg.variant, "img_size": cfg.img_size, "num_classes": cfg.num_classes, "macs": macs,
+            "gmacs": macs / 1e9, "bundle": str(bundle.root), "device": device, "threads": threads,
+            "thread_controls": "torch.set_num_threads (process-wide) and onnxruntime intra_op_num_threads",
+            "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
+            "matmul": {"size": matmul_size, "impl": matmul_impl,
+                       "gflops": None if matmul_gflops is None else round(matmul_gflops, 2), "error": matmul.error},
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
+            "loadavg_1min": {"before": load_before, "after": _loadavg()},
+            "host": {"platform": platform.platform(), "machine": platform.machine(), "cpus_usable": default_threads(),
+                     "cpus_total": os.cpu_count()},
+            "versions": _versions(), "started": started,
+            "timing": "per-iteration time.perf_counter around runtime.run (+ synchronize), interleaved rounds; "
+                      "percentiles interpolate linearly"}
+    return BenchResult(rows, meta)

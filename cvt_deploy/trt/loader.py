@@ -1,0 +1,416 @@
+"""The loader: a bundle's ONNX graph -> a TensorRT plan + sidecar (``build_engine``), added to the bundle.
+
+Where the precision comes from depends on the TensorRT version (see
+docs/tensorrt.md):
+
+* TensorRT >= 10: a STRONGLY_TYPED network built from the ONNX graph *of that precision*
+  (``onnx-fp16``: fp16 with LayerNorm/Softmax kept fp32; ``onnx-int8``: Q/DQ). TensorRT 11
+  knows nothing else: its FP16/INT8 builder flags are gone.
+* TensorRT 8.6 (JetPack 5/6): the fp32 graph plus BuilderFlag.FP16, with LayerNorm and
+  Softmax layers pinned to fp32 (OBEY_PRECISION_CONSTRAINTS); int8 from the Q/DQ graph with
+  the INT8 (+FP16) flags. No implicit calibration: it is deprecated since TensorRT 10.1.
+
+The plan is written as a plain plan (``model.<precision>.engine``, usable by trtexec and
+DeepStream) with the build record beside it (``model.<precision>.engine.json``).
+TensorRT is imported inside the functions, so importing this module needs nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from ..bundle import Artifact, Bundle, artifact_name
+from ..errors import CvtDeployError
+from ..util import PRECISIONS, BatchRange, atomic_output, check_precision, file_sha256
+from .sidecar import EngineMeta, profile_shapes, sidecar_path
+from .util import (MESSAGES, cuda_call, cuda_device_index, cuda_device_info, cuda_free_memory, default_workspace_mib, dims,
+                   format_errors, import_cudart, require_tensorrt, trt_logger, version_tuple)
+
+if TYPE_CHECKING:
+    import tensorrt
+
+#: Oldest TensorRT that builds here: 8.6 parses opset-17 LayerNormalization and has the
+#: version/hardware compatibility options (JetPack 5's 8.5 has neither).
+MIN_TENSORRT = (8, 6)
+
+# Layers whose FP16 overflow or rounding hurts vision transformers, recognised by ONNX node
+# name when TensorRT did not fuse them into a Normalization/SoftMax layer (opset < 17 splits
+# LayerNorm into ReduceMean/Sub/Pow/Sqrt/Div under the module's name, e.g. ".../norm1/...").
+_KEEP_FP32_NAME = re.compile(r"layer_?norm|softmax|/norm\d*/", re.IGNORECASE)
+
+
+def engine_file(precision: str) -> str:
+    """The plan's file name inside a bundle: ``model.<precision>.engine``."""
+    return f"model.{precision}.engine"
+
+
+def build_engine(bundle: Bundle, precision: str = "fp16", *, workspace_mib: int | None = None,
+                 timing_cache: str | os.PathLike[str] | None = None, version_compatible: bool = False,
+                 hardware_compatible: bool = False, progress: bool = True, device: str | None = None) -> Artifact:
+    """Build the ``precision`` engine of ``bundle`` on this machine's GPU and add it to the bundle.
+
+    ``workspace_mib``: builder workspace pool limit (None: 1 GiB, clamped to half the free
+    GPU memory). ``timing_cache``: file reused and updated across builds (kernel timings;
+    makes rebuilds much faster). ``version_compatible``: the engine also runs on newer
+    TensorRT of the same major version. ``hardware_compatible``: the engine runs on every
+    GPU of compute capability >= 8.0 (Ampere and newer), possibly a little slower.
+    Returns the ``tensorrt-<precision>`` artifact.
+    """
+    check_precision(precision)
+    require_tensorrt("building a TensorRT engine")
+    import tensorrt as trt
+
+    strongly_typed = version_tuple(trt.__version__)[0] >= 10
+    source = _source_graph(bundle, precision, strongly_typed, trt.__version__)
+    cfg = bundle.config
+    engine = bundle.root / engine_file(precision)
+    meta = build_engine_file(
+        bundle.verified_path(source), engine, precision, bundle.batch, source.info.get("input"),
+        (cfg.in_chans, cfg.img_size, cfg.img_size), workspace_mib=workspace_mib, timing_cache=timing_cache,
+        version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+        strongly_typed=strongly_typed, progress=progress, device=device,
+        onnx_sha256=source.sha256 or None, bundle_root=bundle.root)
+    info = {"sidecar": sidecar_path(engine).name, "source": source.name,
+            "tensorrt_version": meta.tensorrt_version, "gpu": meta.gpu_name,
+            "compute_capability": "{}.{}".format(*meta.compute_capability), "strongly_typed": meta.strongly_typed,
+            "builder_flags": meta.builder_flags, "workspace_mib": meta.workspace_mib,
+            "version_compatible": meta.version_compatible,
+            "hardware_compatibility_level": meta.hardware_compatibility_level}
+    return bundle.add(Artifact(artifact_name("tensorrt", precision), engine.name, "tensorrt", precision, info=info))
+
+
+
+
+def build_engines(bundle: Bundle, precisions: Sequence[str], *, workspace_mib: int | None = None,
+                  timing_cache: str | os.PathLike[str] | None = None, version_compatible: bool = False,
+                  hardware_compatible: bool = False, check: bool = True, data: str | None = None,
+                  check_limit: int | None = None, progress: bool = True) -> list[Artifact]:
+    """The TensorRT stage of an export: an engine per precision, then (``check``) parity of
+    the engines against PyTorch fp32 on this GPU, recorded in the manifest; the same gates
+    as the ONNX graphs (:class:`~cvt_deploy.parity.ParityFailure` when one fails)."""
+    from ..parity import check_bundle, record_parity
+
+    require_tensorrt("--format trt")
+    built = []
+    for precision in precisions:
+        art = build_engine(bundle, precision, workspace_mib=workspace_mib, timing_cache=timing_cache,
+                           version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+                           progress=progress)
+        print(f"built {bundle.path(art)}", file=sys.stderr)
+        built.append(art)
+    if check:
+        reports = check_bundle(bundle, data=data, limit=check_limit, backends=["tensorrt"], precisions=precisions,
+                               progress=progress)
+        record_parity(bundle, "tensorrt", reports, show=True)
+    return built
+
+def _source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version: str) -> Artifact:
+    """The ONNX artifact an engine of ``precision`` is built from on this TensorRT."""
+    # Weakly typed (8.6) fp16 = the fp32 graph + FP16 flag; everything else needs its own typed graph.
+    want = "fp32" if precision == "fp16" and not strongly_typed else precision
+    art = bundle.find("onnx", want)
+    if art is not None:
+        return art
+    have = ", ".join(sorted(bundle.artifacts)) or "nothing"
+    why = (f"TensorRT {version} builds {precision} engines strongly typed, from the {precision} ONNX graph"
+           if strongly_typed and precision != "fp32" else f"a {precision} engine is built from the {want} ONNX graph")
+    raise CvtDeployError(f"bundle {bundle.root} has no {want} ONNX graph ({why}); it has: {have}",
+                         f"export the bundle with it: cvt-export --precision {precision} --out {bundle.root} "
+                         "(on the machine with PyTorch), then copy the bundle here")
+
+
+def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], precision: str,
+                      batch: BatchRange, input_name: str | None, chw: tuple[int, int, int], *,
+                      workspace_mib: int | None = None, timing_cache: str | os.PathLike[str] | None = None,
+                      version_compatible: bool = False, hardware_compatible: bool = False,
+                      strongly_typed: bool | None = None, progress: bool = True, device: str | None = None,
+                      onnx_sha256: str | None = None, bundle_root: str | os.PathLike[str] | None = None) -> EngineMeta:
+    """Build one plan from one ONNX file; write it and its sidecar atomically; return the sidecar record.
+
+    ``input_name``: the graph's image input (None: its only input). ``strongly_typed``:
+    None picks by TensorRT version (>= 10: strongly typed). The rest as in :func:`build_engine`.
+    """
+    require_tensorrt("building a TensorRT engine")
+    import tensorrt as trt
+
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    if not onnx_path.is_file():
+        raise CvtDeployError(f"ONNX file {onnx_path} does not exist", "pass a bundle made by cvt-export --format onnx")
+    version = trt.__version__
+    major = version_tuple(version)[0]
+    if version_tuple(version) < MIN_TENSORRT:
+        raise CvtDeployError(f"TensorRT {version} is older than 8.6, the oldest that builds CvT engines here (it parses "
+                             "opset-17 LayerNormalization and has version/hardware compatibility)",
+                             "upgrade TensorRT: JetPack 6 ships 8.6 or 10.3; on x86 pip install 'cvt-deploy[gpu]'")
+    if strongly_typed is None:
+        strongly_typed = major >= 10
+    if strongly_typed and major < 10:
+        raise CvtDeployError(f"TensorRT {version} cannot build strongly typed networks (that needs TensorRT 10)",
+                             "build with strongly_typed=None to use the builder precision flags")
+    if not strongly_typed and major >= 11:
+        raise CvtDeployError(f"TensorRT {version} builds strongly typed networks only (no FP16/INT8 builder flags)",
+                             "build with strongly_typed=None from the ONNX graph of the wanted precision")
+    rebuild_hint = f"cvt-export --format trt --onnx {bundle_root or '<bundle>'} --precision {precision}"
+
+    index = cuda_device_index(device)
+    cuda_call(import_cudart().cudaSetDevice(index), f"cudaSetDevice({index})")
+    gpu_name, cc = cuda_device_info(index)
+    if hardware_compatible and cc < (8, 0):
+        raise CvtDeployError(f"hardware-compatible engines need an Ampere or newer GPU to build on (compute capability"
+                             f" >= 8.0); {gpu_name} has {cc[0]}.{cc[1]}", "build without --hardware-compatible")
+    workspace_mib = _workspace(workspace_mib, index)
+
+    logger = trt_logger()
+    builder = trt.Builder(logger)
+    if strongly_typed:
+        net_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif major < 10:  # 8.x still has implicit-batch networks; ONNX needs explicit batch
+        net_flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    else:
+        net_flags = 0
+    network = builder.create_network(net_flags)
+    parser = trt.OnnxParser(network, logger)
+    with MESSAGES.capture() as logged:
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logged
+        raise CvtDeployError(
+            f"TensorRT {version} cannot parse {onnx_path.name} ({len(errors)} error{'s' * (len(errors) != 1)}): "
+            + format_errors(errors),
+            "an unsupported operator usually means an opset or op this TensorRT lacks: re-export with "
+            "cvt-export --opset 17 (TensorRT 8.6 and newer parse it), or upgrade TensorRT")
+    image = _check_io(network, onnx_path, input_name, chw, batch)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = profile_shapes(batch, chw)
+    profile.set_shape(image, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+
+    flags: list[str] = []
+
+    def set_flag(flag: tensorrt.BuilderFlag) -> None:
+        config.set_flag(flag)
+        flags.append(flag.name)
+
+    extra: dict[str, object] = {}
+    if precision == "fp32":
+        # TF32 (on by default) rounds fp32 matmuls to 10-bit mantissas: fp32 must mean fp32 here,
+        # or the engine misses the fp32 parity gate against ONNX Runtime.
+        config.clear_flag(trt.BuilderFlag.TF32)
+        extra["tf32"] = False
+    elif not strongly_typed:
+        if not builder.platform_has_fast_fp16:
+            print(f"warning: {gpu_name} has no fast fp16; the {precision} engine may be no faster than fp32",
+                  file=sys.stderr)
+        set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the Q/DQ nodes set the scales
+        kept = _keep_fp32(network)
+        if kept:
+            set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+            extra["fp32_layers"] = len(kept)
+    if version_compatible:
+        set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    level = trt.HardwareCompatibilityLevel.AMPERE_PLUS if hardware_compatible else trt.HardwareCompatibilityLevel.NONE
+    if hardware_compatible:
+        config.hardware_compatibility_level = level
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    if cache_path is not None:
+        _attach_timing_cache(config, cache_path)
+
+    if progress:
+        kind = "strongly typed" if strongly_typed else "flags " + "+".join(flags or ["none"])
+        print(f"building TensorRT {precision} engine from {onnx_path.name} on {gpu_name} (TensorRT {version}, {kind}, "
+              f"batch {batch.min}..{batch.max} opt {batch.opt}, workspace {workspace_mib} MiB) ...", file=sys.stderr)
+    start = time.perf_counter()
+    cancel = threading.Event()
+    monitored = progress and _attach_progress(config, cancel)
+    with MESSAGES.capture() as logged, _heartbeat(progress and not monitored):
+        plan: tensorrt.IHostMemory | None = builder.build_serialized_network(network, config)
+    if plan is None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        raise CvtDeployError(
+            f"TensorRT {version} failed to build the {precision} engine from {onnx_path.name}: {format_errors(logged)}",
+            f"if it ran out of memory (common on a Jetson): lower --workspace (was {workspace_mib} MiB) or the batch "
+            f"maximum (--batch, was {batch.max}) and close other GPU programs; then rerun {rebuild_hint}")
+
+    meta = EngineMeta(
+        tensorrt_version=version, gpu_name=gpu_name, compute_capability=cc, precision=precision, batch=batch,
+        input_name=image, output_name=network.get_output(0).name, chw=chw,
+        onnx_sha256=onnx_sha256 or _sha256(onnx_path), onnx_file=onnx_path.name, strongly_typed=strongly_typed,
+        builder_flags=flags, workspace_mib=workspace_mib, version_compatible=version_compatible,
+        hardware_compatibility_level=level.name, extra=extra)
+    with atomic_output(engine_path) as tmp:
+        tmp.write_bytes(plan)
+        meta.write(sidecar_path(engine_path))  # lands just before the plan; a failure here keeps the old plan
+    if cache_path is not None:
+        with atomic_output(cache_path) as tmp:
+            tmp.write_bytes(config.get_timing_cache().serialize())
+    if progress:
+        size = engine_path.stat().st_size / 2**20
+        print(f"built {engine_path.name} ({size:.1f} MiB) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return meta
+
+
+def _workspace(requested: int | None, index: int) -> int:
+    free = cuda_free_memory(index)
+    if requested is None:
+        return default_workspace_mib(free, index)
+    if requested < 1:
+        raise CvtDeployError(f"--workspace {requested} MiB is not positive", "pass e.g. --workspace 1024")
+    if free is not None and requested << 20 > free:
+        # TensorRT treats it as a limit, but tactics that use it fail to allocate (classic on Jetson).
+        print(f"warning: workspace {requested} MiB exceeds the free GPU memory ({free >> 20} MiB); if the build "
+              f"fails, pass --workspace {default_workspace_mib(free)}", file=sys.stderr)
+    return requested
+
+
+def _parser_error(err: tensorrt.ParserError) -> str:
+    where = f"node {err.node()}" if err.node() >= 0 else "graph"
+    # node_name / node_operator exist from TensorRT 10 on only.
+    name = err.node_name() if hasattr(err, "node_name") else ""
+    op = err.node_operator() if hasattr(err, "node_operator") else ""
+    where += f" {name!r}" if name else ""
+    where += f" ({op})" if op else ""
+    return f"{where}: {err.desc()} [{err.code()}]"
+
+
+def _check_io(network: tensorrt.INetworkDefinition, onnx_path: Path, input_name: str | None,
+              chw: tuple[int, int, int], batch: BatchRange) -> str:
+    """The image input's name, after checking the graph is one NCHW image in, one tensor out."""
+    fix = "re-export the bundle with cvt-export (one NCHW image input, one logits output)"
+    ins = [network.get_input(i) for i in range(network.num_inputs)]
+    if len(ins) != 1 or network.num_outputs != 1:
+        raise CvtDeployError(f"{onnx_path.name} has {len(ins)} inputs and {network.num_outputs} outputs; a CvT "
+                             "classifier graph has one of each", fix)
+    tensor = ins[0]
+    if input_name and tensor.name != input_name:
+        raise CvtDeployError(f"{onnx_path.name}'s input is {tensor.name!r}, but the bundle says {input_name!r}", fix)
+    shape = dims(tensor.shape)
+    if len(shape) != 4 or any(s not in (-1, want) for s, want in zip(shape[1:], chw)):
+        raise CvtDeployError(f"{onnx_path.name}'s input {tensor.name!r} has shape {shape}; expected (N, {chw[0]}, "
+                             f"{chw[1]}, {chw[2]}) for this model", fix)
+    if shape[0] != -1 and not batch.min == batch.max == shape[0]:
+        raise CvtDeployError(f"{onnx_path.name} has a fixed batch of {shape[0]}, but the engine should take batches "
+                             f"{batch.min}..{batch.max}",
+                             "re-export with a dynamic batch (cvt-export --batch 1:8:32) or the same fixed --batch")
+    return tensor.name
+
+
+def _keep_fp32(network: tensorrt.INetworkDefinition) -> list[str]:
+    """Pin LayerNorm and Softmax (and their pieces) to fp32; returns the pinned layers' names."""
+    import tensorrt as trt
+
+    floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    kept = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type not in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX) \
+                and not _KEEP_FP32_NAME.search(layer.name):
+            continue
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE) or not outputs \
+                or any(t.dtype not in floats for t in outputs):
+            continue  # shape arithmetic and integer tensors must keep their types
+        layer.precision = trt.DataType.FLOAT
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.DataType.FLOAT)
+        kept.append(layer.name)
+    return kept
+
+
+def _attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path) -> None:
+    """Load ``path`` into the builder config, or start an empty cache when absent or unusable."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache: tensorrt.ITimingCache | None = config.create_timing_cache(blob)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return
+    if blob:
+        print(f"warning: timing cache {path} was made by another TensorRT or GPU; starting a new one there",
+              file=sys.stderr)
+    cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, False)
+
+
+def _attach_progress(config: tensorrt.IBuilderConfig, cancel: threading.Event) -> bool:
+    """Print TensorRT's build phases via its progress API (TensorRT >= 10); False where there is none.
+
+    Ctrl-C inside a callback sets ``cancel``, and the next step_complete asks TensorRT to stop.
+    """
+    import tensorrt as trt
+
+    if not hasattr(trt, "IProgressMonitor"):
+        return False
+
+    class Monitor(trt.IProgressMonitor):
+        """Prints the top two levels of build phases with the elapsed time."""
+
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)  # the pybind11 trampoline needs the explicit call
+            self.start = time.perf_counter()
+            self.depth: dict[str, int] = {}
+            self.lock = threading.Lock()  # TensorRT may call from several threads
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:
+                with self.lock:
+                    depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
+                    self.depth[phase_name] = depth
+                if depth <= 1:
+                    print(f"  {'  ' * depth}{phase_name} ({num_steps} step{'s' * (num_steps != 1)}) "
+                          f"[{time.perf_counter() - self.start:.0f}s]", file=sys.stderr, flush=True)
+            except KeyboardInterrupt:
+                cancel.set()
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                return not cancel.is_set()
+            except KeyboardInterrupt:
+                cancel.set()
+                return False
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                with self.lock:
+                    self.depth.pop(phase_name, None)
+            except KeyboardInterrupt:
+                cancel.set()
+
+    config.progress_monitor = Monitor()  # TensorRT keeps it referenced for the config's lifetime
+    return True
+
+
+@contextlib.contextmanager
+def _heartbeat(show: bool, every: float = 15.0) -> Iterator[None]:
+    """Where TensorRT has no progress API (8.6): an elapsed-time line every ``every`` seconds."""
+    if not show:
+        yield
+        return
+    done = threading.Event()
+    start = time.perf_counter()
+
+    def beat() -> None:
+        while not done.wait(every):
+            print(f"  still building ... {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=beat, name="trt-build-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _sha256(path: Path) -> str:
+
+    return file_sha256(path)
