@@ -155,3 +155,17 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def read_json_object(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is an error naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise CvtDeployError(f"cannot read {path}: {e.strerror}", "pass an existing, readable JSON file") from None
+    except ValueError as e:
+        raise CvtDeployError(f"{path} is not valid JSON ({e})", fix) from None
+    if not isinstance(raw, dict):
+        raise CvtDeployError(f"{path} holds a JSON {type(raw).__name__}, not an object", fix)
+    return raw

@@ -168,7 +168,7 @@ def test_bare_onnx_without_our_metadata_is_refused(demo_bundle, tmp_path):
 
 def test_static_bundle_pads_and_splits(static_bundle, demo_bundle, demo_test_split):
     rt = load(static_bundle, backend="onnxruntime")
-    assert rt.batch == BatchRange(4, 4, 4)
+    assert rt.batch_range == BatchRange(4, 4, 4)
     dynamic = load(demo_bundle, backend="onnxruntime")
     seen: list[int] = []
     inner = rt._run

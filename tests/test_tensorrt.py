@@ -362,7 +362,7 @@ class MeanLinearRuntime(InProcessRuntime):
         self.calls: list[int] = []
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        assert self.batch is None or self.batch.min <= len(batch) <= self.batch.max, len(batch)
+        assert self.batch_range is None or self.batch_range.min <= len(batch) <= self.batch_range.max, len(batch)
         self.calls.append(len(batch))
         return batch.mean(axis=(2, 3)) @ self.w
 

@@ -211,10 +211,10 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision)
         if isinstance(runtime, str):
             row.status, row.reason = "skipped", runtime
-        elif runtime.batch is not None and not runtime.batch.min <= b <= runtime.batch.max:
+        elif runtime.batch_range is not None and not runtime.batch_range.min <= b <= runtime.batch_range.max:
             # run() would split or pad it: that times a different batch than the row claims
             row.status, row.reason = "skipped", (f"batch {b} is outside the artifact's batch range "
-                                                 f"{runtime.batch.min}..{runtime.batch.max} (re-export with --batch)")
+                                                 f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with --batch)")
         else:
             if b not in inputs:  # one input per batch size, shared by every backend
                 shape = (b, cfg.in_chans, cfg.img_size, cfg.img_size)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence

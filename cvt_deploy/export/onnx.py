@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 import warnings
@@ -20,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ..errors import CvtDeployError, require
-from ..util import (CONFIG_KEY, META_PREFIX, BatchRange, atomic_output, decode_metadata,  # noqa: F401 (re-exported)
-                    encode_metadata, scratch_dir, tool_versions)
+from ..util import BatchRange, atomic_output, decode_metadata, encode_metadata, scratch_dir
 
 if TYPE_CHECKING:
     from ..model import CvT

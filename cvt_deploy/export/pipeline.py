@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..bundle import Artifact, Bundle, artifact_name
-from ..errors import CvtDeployError
 # check_bundle and ParityFailure are re-exported: they lived here before parity.py owned checking.
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage

@@ -41,8 +41,8 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..progress import track
-from ..util import atomic_output, file_sha256
-from .onnx import encode_metadata, ort_session, save_graph, set_metadata_props
+from ..util import atomic_output, encode_metadata, file_sha256
+from .onnx import ort_session, save_graph, set_metadata_props
 
 # --- fp16 -------------------------------------------------------------------------------
 #

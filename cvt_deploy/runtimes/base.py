@@ -86,11 +86,11 @@ class Runtime(ABC):
     #: The bundle artifact kind this backend runs ("torch", "onnx", "tensorrt").
     artifact_kind: ClassVar[str]
 
-    def __init__(self, config: CvtConfig, precision: str, device: str, batch: BatchRange | None = None) -> None:
+    def __init__(self, config: CvtConfig, precision: str, device: str, batch_range: BatchRange | None = None) -> None:
         self.config = config
         self.precision = precision
         self.device = device
-        self.batch = batch  # None: any batch size in one call
+        self.batch_range = batch_range  # the batch sizes one call takes; None: any
 
     @classmethod
     @abstractmethod
@@ -105,7 +105,7 @@ class Runtime(ABC):
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32 with N inside ``self.batch`` -> (N, num_classes) float32 logits."""
+        """(N, 3, H, W) float32 with N inside ``self.batch_range`` -> (N, num_classes) float32 logits."""
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a preprocessed batch of any size.
@@ -113,14 +113,14 @@ class Runtime(ABC):
         Batches above the artifact's maximum are split; a chunk below its minimum (a static
         batch, a TensorRT profile) is padded with zeros and the padding dropped again.
         """
-        if self.batch is None or self.batch.min <= len(batch) <= self.batch.max:
+        if self.batch_range is None or self.batch_range.min <= len(batch) <= self.batch_range.max:
             return np.asarray(self._run(batch), dtype=np.float32)
         outs = []
-        for i in range(0, len(batch), self.batch.max):
-            chunk = batch[i:i + self.batch.max]
+        for i in range(0, len(batch), self.batch_range.max):
+            chunk = batch[i:i + self.batch_range.max]
             n = len(chunk)
-            if n < self.batch.min:
-                chunk = np.concatenate([chunk, np.zeros((self.batch.min - n, *chunk.shape[1:]), chunk.dtype)])
+            if n < self.batch_range.min:
+                chunk = np.concatenate([chunk, np.zeros((self.batch_range.min - n, *chunk.shape[1:]), chunk.dtype)])
             outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
         return np.concatenate(outs)
 

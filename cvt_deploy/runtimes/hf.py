@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..checkpoints import hf_config_kwargs, hf_unsupported
+from ..checkpoints.hf import hf_config_kwargs, hf_unsupported
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime

@@ -63,7 +63,7 @@ class OrtRuntime(Runtime):
         super().__init__(config, precision, device)
         shape = self.session.get_inputs()[0].shape
         if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
-            self.batch = BatchRange(shape[0], shape[0], shape[0])
+            self.batch_range = BatchRange(shape[0], shape[0], shape[0])
         self.input_name = self.session.get_inputs()[0].name
         self.path = str(path)
 

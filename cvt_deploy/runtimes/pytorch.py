@@ -6,7 +6,7 @@ so one runtime can serve several threads (PyTorch releases the GIL inside kernel
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
-from ..util import PRECISIONS, BatchRange, atomic_output, check_precision, file_sha256
+from ..util import BatchRange, atomic_output, check_precision, file_sha256
 from .sidecar import EngineMeta, profile_shapes, sidecar_path
 from .util import (MESSAGES, cuda_call, cuda_device_index, cuda_device_info, cuda_free_memory, default_workspace_mib, dims,
                    format_errors, import_cudart, require_tensorrt, trt_logger, version_tuple)

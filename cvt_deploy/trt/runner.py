@@ -8,13 +8,11 @@ with TensorRT's "version tag does not match".
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -108,7 +106,7 @@ class TensorRTRuntime(Runtime):
 
         # The engine's own profile is the truth about the batch sizes it accepts.
         lo, opt, hi = (dims(d) for d in engine.get_tensor_profile_shape(self._in_name, 0))
-        self.batch = BatchRange(lo[0], opt[0], hi[0])
+        self.batch_range = BatchRange(lo[0], opt[0], hi[0])
         if not context.set_input_shape(self._in_name, hi):
             raise CvtDeployError(f"{self.engine_path.name} rejects its own profile's largest input shape {hi}", rebuild)
         out_max = dims(context.get_tensor_shape(self._out_name))
@@ -167,7 +165,7 @@ class TensorRTRuntime(Runtime):
             cuda_call(cudart.cudaSetDevice(self._index), f"cudaSetDevice({self._index})")  # per host thread
             if not context.set_input_shape(self._in_name, x.shape):
                 raise CvtDeployError(
-                    f"input of shape {x.shape} does not fit {self.engine_path.name} (batch {self.batch.min}..{self.batch.max}"
+                    f"input of shape {x.shape} does not fit {self.engine_path.name} (batch {self.batch_range.min}..{self.batch_range.max}"
                     f" of {self.meta.chw})", "pass preprocessed (N, C, H, W) images of the model's size")
             out = np.empty(dims(context.get_tensor_shape(self._out_name)), dtype=self._out_dtype)
             stream = self._stream
