@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from .errors import CvtDeployError
 
@@ -169,3 +169,17 @@ def read_json_object(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise CvtDeployError(f"{path} holds a JSON {type(raw).__name__}, not an object", fix)
     return raw
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None,
+                providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
+    """An ONNX Runtime session with cvt-deploy's settings (quiet log; ``threads`` intra-op
+    threads and one inter-op thread when given). The one place sessions are configured."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=list(providers))

@@ -14,12 +14,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
 from ..errors import CvtDeployError, require
-from ..util import BatchRange, atomic_output, decode_metadata, encode_metadata, scratch_dir
+from ..util import BatchRange, atomic_output, decode_metadata, encode_metadata, ort_session, scratch_dir
 
 if TYPE_CHECKING:
     from ..model import CvT
@@ -128,30 +128,29 @@ def save_graph(model: Any, path: Path, external: bool | None = None) -> None:
 def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
     """Run the graph at the range's edges and a few sizes inside; fail if any is rejected."""
     sizes = sorted({batch.min, batch.max, *(n for n in (1, 3, 8) if batch.min <= n <= batch.max)})
-    sizes = [n for n in sizes if n <= 16] or [batch.min]
-    sess = ort_session(path)
+    trial_run(path, "exported", (chans, size, size), [n for n in sizes if n <= 16] or [batch.min],
+              "the exporter fixed a dimension it should have left dynamic: report this; meanwhile export a "
+              "fixed batch with --batch N")
+
+
+def trial_run(path: Path, what: str, chw: tuple[int, ...], sizes: Sequence[int], hint: str) -> None:
+    """Run a graph in ONNX Runtime CPU at each batch size in ``sizes`` (random input of its
+    input's dtype): it must take the batch and return one finite row per image."""
+    try:
+        sess = ort_session(path)
+    except Exception as e:
+        raise CvtDeployError(f"ONNX Runtime cannot load the {what} graph {path.name}: {str(e)[:300]}", hint) from None
+    inp = sess.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     for n in sizes:
-        x = np.zeros((n, chans, size, size), np.float32)
+        x = np.random.default_rng(n).standard_normal((n, *chw)).astype(dtype)
         try:
-            out = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+            out = sess.run(None, {inp.name: x})[0]
         except Exception as e:
-            raise CvtDeployError(f"the exported graph {path.name} rejects batch {n} ({str(e)[:300]}); "
-                                 f"the exporter fixed a dimension it should have left dynamic",
-                                 "report this; meanwhile export a fixed batch with --batch N") from None
-        if out.shape[0] != n:
-            raise CvtDeployError(f"the exported graph {path.name} returned {out.shape[0]} rows for a batch of {n}",
-                                 "report this; meanwhile export a fixed batch with --batch N")
-
-
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            raise CvtDeployError(f"the {what} graph {path.name} rejects batch {n} ({str(e)[:300]})", hint) from None
+        if out.shape[0] != n or not np.isfinite(out).all():
+            got = "non-finite values" if out.shape[0] == n else f"{out.shape[0]} rows"
+            raise CvtDeployError(f"the {what} graph {path.name} returned {got} for a batch of {n}", hint)
 
 
 def simplify(path: str | os.PathLike[str], *, atol: float = 1e-5) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import numpy as np
 from ..errors import CvtDeployError, require
 from ..progress import track
 from ..util import atomic_output, encode_metadata, file_sha256
-from .onnx import ort_session, save_graph, set_metadata_props
+from .onnx import save_graph, set_metadata_props, trial_run
 
 # --- fp16 -------------------------------------------------------------------------------
 #
@@ -178,23 +178,8 @@ def _verify(path: Path, what: str, chw: tuple[int, ...], fixed_batch: int | None
     except Exception as e:
         raise CvtDeployError(f"the {what} graph fails onnx.checker: {str(e)[:300]}",
                              "report this with the fp32 graph that caused it") from None
-    try:
-        sess = ort_session(path)
-    except Exception as e:
-        raise CvtDeployError(f"ONNX Runtime cannot load the {what} graph: {str(e)[:300]}",
-                             "report this with the fp32 graph that caused it") from None
-    name = sess.get_inputs()[0].name
-    dtype = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
-    for n in ([fixed_batch] if fixed_batch else CHECK_BATCHES):
-        x = np.random.default_rng(n).standard_normal((n, *chw)).astype(dtype)
-        try:
-            out = sess.run(None, {name: x})[0]
-        except Exception as e:
-            raise CvtDeployError(f"the {what} graph fails in ONNX Runtime at batch {n}: {str(e)[:300]}",
-                                 "report this with the fp32 graph that caused it") from None
-        if out.shape[0] != n or not np.isfinite(out).all():
-            raise CvtDeployError(f"the {what} graph gives {'non-finite values' if out.shape[0] == n else f'{out.shape[0]} rows'} "
-                                 f"at batch {n}", "report this with the fp32 graph that caused it")
+    trial_run(path, what, chw, [fixed_batch] if fixed_batch else CHECK_BATCHES,
+              "report this with the fp32 graph that caused it")
 
 
 def _drop_initializer_value_info(model: Any) -> None:

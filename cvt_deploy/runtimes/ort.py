@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..util import CONFIG_KEY, PRECISION_KEY, PRECISIONS, BatchRange
+from ..util import CONFIG_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -33,17 +33,10 @@ class OrtRuntime(Runtime):
     def __init__(self, path: str | os.PathLike[str], config: CvtConfig | None = None, precision: str | None = None,
                  device: str = "cpu", threads: int | None = None) -> None:
         """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props."""
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
         wanted = PROVIDERS[device]
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            self.session = ort_session(path, threads, providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise CvtDeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
                                  "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
