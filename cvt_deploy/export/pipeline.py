@@ -18,7 +18,7 @@ from ..bundle import Artifact, Bundle, artifact_name
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
 from ..util import PRECISIONS, BatchRange, check_precision, file_sha256, tool_versions
-from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify, stamp_metadata
+from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify
 
 if TYPE_CHECKING:
     from ..model import CvT
@@ -70,9 +70,10 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
         bundle.add(Artifact(artifact_name("onnx", "fp32"), fp32.name, "onnx", "fp32",
                             info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp}))
         for precision in [p for p in PRECISIONS if p in precisions and p != "fp32"]:
-            info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, progress)
+            # The stage writes the graph once, with what it is (config, batch, provenance) stamped in.
+            graph_meta = graph_metadata(cfg.to_json(), precision, meta)
+            info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta, progress)
             dst = bundle.root / ONNX_FILES[precision]
-            stamp_metadata(dst, graph_metadata(cfg.to_json(), precision, {**meta, "conversion": info}))
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
         result = ExportResult(bundle)
@@ -83,19 +84,20 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", 
 
 
 def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_method: str | None,
-                     calib_count: int | None, calib_cache: Path | None, progress: bool) -> dict[str, Any]:
+                     calib_count: int | None, calib_cache: Path | None, metadata: dict[str, str],
+                     progress: bool) -> dict[str, Any]:
     src, dst = bundle.root / ONNX_FILES["fp32"], bundle.root / ONNX_FILES[precision]
     if precision == "fp16":
         from .precision import convert_fp16
 
         with stage("converting to fp16 (LayerNorm/Softmax kept fp32)", progress):
-            return convert_fp16(src, dst)
+            return convert_fp16(src, dst, metadata=metadata)
     from ..calibration import DEFAULT_CALIB_COUNT, load_calibration
     from .precision import quantize_int8
 
     batch, description = load_calibration(calib, bundle.config, calib_count or DEFAULT_CALIB_COUNT, progress=progress)
     kwargs: dict[str, Any] = {"cache": calib_cache if calib_cache is not None else default_cache_dir() / "calibration",
-                              "progress": progress}
+                              "progress": progress, "metadata": metadata}
     if calib_method:
         kwargs["method"] = calib_method
     with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):

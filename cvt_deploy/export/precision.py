@@ -35,7 +35,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -224,13 +224,14 @@ def _node_precisions(model: Any) -> dict[str, int]:
 
 def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                  keep_fp32_ops: Sequence[str] = DEFAULT_FP32_OPS, keep_io_fp32: bool = True,
-                 keep_fp32_nodes: Sequence[str] = ()) -> dict[str, Any]:
+                 keep_fp32_nodes: Sequence[str] = (), metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write an fp16 copy of the fp32 graph ``src`` to ``dst``; return what was done.
 
     ``keep_fp32_ops``: op types computed in fp32 (Casts around them). ``keep_fp32_nodes``:
     node names also kept fp32. ``keep_io_fp32``: graph inputs/outputs stay float32 (Casts
     at the boundary), so callers feed and read the same arrays as for the fp32 graph.
-    The result has the ``cvt_deploy.precision`` metadata set to ``fp16``.
+    The result has the ``cvt_deploy.precision`` metadata set to ``fp16``; ``metadata``:
+    further ``metadata_props`` entries to write with it (the graph is written once).
     """
     require("onnx", "onnx", "FP16 conversion")
     require("onnxruntime", "onnx", "FP16 conversion")
@@ -267,7 +268,7 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         "io": "fp32" if keep_io_fp32 else "fp16",
     }
     info.update(_node_precisions(model))
-    set_metadata_props(model, encode_metadata({"precision": "fp16", "conversion": info}))
+    set_metadata_props(model, {**encode_metadata({"precision": "fp16", "conversion": info}), **(metadata or {})})
     with atomic_output(dst) as tmp:
         save_graph(model, tmp)
         _verify(tmp, "fp16", chw, fixed_batch)
@@ -380,7 +381,8 @@ def _ort_cache_supported() -> bool:
 def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], calib: np.ndarray, *,
                   method: str = DEFAULT_METHOD, per_channel: bool = True,
                   cache: str | os.PathLike[str] | None = None,
-                  attention_matmuls: bool = DEFAULT_ATTENTION_MATMULS, progress: bool = True) -> dict[str, Any]:
+                  attention_matmuls: bool = DEFAULT_ATTENTION_MATMULS, progress: bool = True,
+                  metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write an explicitly quantized (Q/DQ) int8 copy of the fp32 graph ``src`` to ``dst``.
 
     ``calib``: preprocessed NCHW float32 images (``cvt_deploy.calibration.load_calibration``).
@@ -388,6 +390,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     output channel. ``cache``: a folder (one file per key) or a ``.json`` file where the
     activation ranges are stored, keyed by the fp32 graph + calibration data + method; a
     hit skips the calibration pass. ``attention_matmuls``: also quantize q@k^T and attn@v.
+    ``metadata``: further ``metadata_props`` entries to write with the graph (written once).
     Returns the facts for the manifest (method, samples, per_channel, quantized ops, cache).
     """
     require("onnx", "onnx", "INT8 quantization")
@@ -477,8 +480,9 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         }
         # The graph records what it is, not how this run went (cache hit or miss), so that
         # a cache hit reproduces the calibrated graph byte for byte.
-        set_metadata_props(qmodel, encode_metadata({"precision": "int8",
-                                                    "conversion": {k: v for k, v in info.items() if k != "cache"}}))
+        set_metadata_props(qmodel, {**encode_metadata({"precision": "int8",
+                                                       "conversion": {k: v for k, v in info.items() if k != "cache"}}),
+                                    **(metadata or {})})
         save_graph(qmodel, tmp)
         _verify(tmp, "int8", chw, fixed_batch)
     return info
