@@ -214,6 +214,10 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(tmp_path, case, st
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--weights", "/nonexistent/CvT-13.pth"], "does not exist"),
     (["--onnx", "/nonexistent"], "builds TensorRT engines from an existing bundle"),
+    # Validated by ExportOptions / BuildOptions before any work is done.
+    (["--check-limit", "-5"], "--check-limit -5 must be a whole number >= 1"),
+    (["--precision", "int8", "--calib-count", "0"], "--calib-count 0 must be a whole number >= 1"),
+    (["--format", "trt", "--workspace", "0"], "--workspace 0 MiB is not positive"),
 ])
 def test_export_bad_arguments_exit_2(tmp_path, args, message, capsys, leftovers):
     out = tmp_path / "bundle"

@@ -5,12 +5,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..bundle import Bundle
 from ..errors import CvtDeployError
-from ..util import BatchRange, check_precision
+from ..util import BatchRange
 from .common import add_model_args, cli_entry, load_model_from_args
+
+if TYPE_CHECKING:
+    from ..trt.loader import BuildOptions
 
 EPILOG = """\
 examples:
@@ -29,7 +32,7 @@ it with cvt-check, time it with cvt-bench.
 
 
 def parse_precisions(text: str) -> list[str]:
-    return [check_precision(p.strip()) for p in text.split(",") if p.strip()] or ["fp32"]
+    return [p.strip() for p in text.split(",") if p.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,13 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ..parity import ParityFailure
 
+    from ..export.pipeline import ExportOptions
+    from ..trt.loader import BuildOptions
+
     args = build_parser().parse_args(argv)
     precisions = parse_precisions(args.precision or ("fp16" if args.format == "trt" else "fp32"))
     progress = not args.quiet
+    options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch), data=args.data,
+                            check=not args.no_check, check_limit=args.check_limit, calib=args.calib,
+                            calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache)
+    # Both validated before any work: a bad --workspace should not wait for minutes of export.
+    build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
+                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
     if args.onnx is not None:
         if args.format != "trt":
             raise CvtDeployError("--onnx BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
-        _build_engines(Bundle.open(args.onnx), precisions, args, progress)
+        _build_engines(Bundle.open(args.onnx), list(options.precisions), build, args, progress)
         return 0
     if args.format == "trt":
         from ..trt.util import require_tensorrt
@@ -89,10 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, source = load_model_from_args(args)
     out = args.out or Path("build") / model.cfg.variant  # type: ignore[attr-defined]
     try:
-        result = export_bundle(model, out, source=source, precisions=precisions, opset=args.opset,  # type: ignore[arg-type]
-                               batch=BatchRange.parse(args.batch), data=args.data, check=not args.no_check,
-                               check_limit=args.check_limit, calib=args.calib, calib_method=args.calib_method,
-                               calib_count=args.calib_count, calib_cache=args.calib_cache, progress=progress)
+        result = export_bundle(model, out, options, source=source, progress=progress)  # type: ignore[arg-type]
     except ParityFailure as e:
         for rep in e.reports:
             print(rep, file=sys.stderr)
@@ -103,14 +112,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in result.reports], indent=2))
     if args.format == "trt":
-        _build_engines(result.bundle, precisions, args, progress)
+        _build_engines(result.bundle, list(options.precisions), build, args, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
     return 0
 
 
-def _build_engines(bundle: Bundle, precisions: list[str], args: argparse.Namespace, progress: bool) -> None:
+def _build_engines(bundle: Bundle, precisions: list[str], options: BuildOptions, args: argparse.Namespace,
+                   progress: bool) -> None:
     from ..trt.loader import build_engines
 
-    build_engines(bundle, precisions, workspace_mib=args.workspace, timing_cache=args.timing_cache,
-                  version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
-                  check=not args.no_check, data=args.data, check_limit=args.check_limit, progress=progress)
+    build_engines(bundle, precisions, options, check=not args.no_check, data=args.data, check_limit=args.check_limit,
+                  progress=progress)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..bundle import Artifact, Bundle, artifact_name
 # check_bundle and ParityFailure are re-exported: they lived here before parity.py owned checking.
+from ..errors import CvtDeployError
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
 from ..util import PRECISIONS, BatchRange, check_precision, file_sha256, tool_versions
@@ -36,16 +37,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cvt-deploy"
 
 
-def export_bundle(model: CvT, out: str | os.PathLike[str], *, source: str = "", precisions: Sequence[str] = ("fp32",),
-                  opset: int = DEFAULT_OPSET, batch: BatchRange = BatchRange(), data: str | None = None,
-                  check: bool = True, check_limit: int | None = None, calib: str | None = None,
-                  calib_method: str | None = None, calib_count: int | None = None,
-                  calib_cache: Path | None = None, progress: bool = True) -> ExportResult:
-    """Export ``model`` to a checked bundle in ``out`` (replacing a previous bundle there)."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: one object for ``export_bundle`` and ``cvt-export``, validated here only.
+
+    ``precisions``: graphs besides the fp32 reference (fp16, int8). ``batch``: the batch sizes
+    the graphs accept. ``data``/``check_limit``/``check``: the parity check (an image folder,
+    default the demo digits). ``calib*``: int8 calibration images, method, count and cache.
+    """
+
+    precisions: Sequence[str] = ("fp32",)
+    opset: int = DEFAULT_OPSET
+    batch: BatchRange = field(default_factory=BatchRange)
+    data: str | None = None
+    check: bool = True
+    check_limit: int | None = None
+    calib: str | None = None
+    calib_method: str | None = None
+    calib_count: int | None = None
+    calib_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
+        for name, flag in (("check_limit", "--check-limit"), ("calib_count", "--calib-count")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise CvtDeployError(f"{flag} {value!r} must be a whole number >= 1", f"omit {flag} for the default")
+
+
+def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOptions | None = None, *,
+                  source: str = "", progress: bool = True, **fields: Any) -> ExportResult:
+    """Export ``model`` to a checked bundle in ``out`` (replacing a previous bundle there).
+
+    ``options`` (or its fields as keyword arguments: ``precisions=("fp16",)``...) say how.
+    """
     from ..checkpoints import save_checkpoint
 
-    for p in precisions:
-        check_precision(p)
+    if options is not None and fields:
+        raise TypeError("pass ExportOptions or its fields as keywords, not both")
+    options = options or ExportOptions(**fields)
+    precisions, opset, batch, data, check = options.precisions, options.opset, options.batch, options.data, options.check
+    check_limit, calib, calib_method = options.check_limit, options.calib, options.calib_method
+    calib_count, calib_cache = options.calib_count, options.calib_cache
     cfg = model.cfg
     eval_data = None
     if check:

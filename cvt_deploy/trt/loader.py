@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -87,21 +88,36 @@ def build_engine(bundle: Bundle, precision: str = "fp16", *, workspace_mib: int 
 
 
 
-def build_engines(bundle: Bundle, precisions: Sequence[str], *, workspace_mib: int | None = None,
-                  timing_cache: str | os.PathLike[str] | None = None, version_compatible: bool = False,
-                  hardware_compatible: bool = False, check: bool = True, data: str | None = None,
-                  check_limit: int | None = None, progress: bool = True) -> list[Artifact]:
+@dataclass(frozen=True)
+class BuildOptions:
+    """How engines are built: one object for ``build_engines`` and ``cvt-export --format trt``,
+    validated here. Fields as in :func:`build_engine`."""
+
+    workspace_mib: int | None = None
+    timing_cache: str | os.PathLike[str] | None = None
+    version_compatible: bool = False
+    hardware_compatible: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workspace_mib is not None and (not isinstance(self.workspace_mib, int) or self.workspace_mib < 1):
+            raise CvtDeployError(f"--workspace {self.workspace_mib} MiB is not positive", "pass e.g. --workspace 1024")
+
+
+def build_engines(bundle: Bundle, precisions: Sequence[str], options: BuildOptions | None = None, *,
+                  check: bool = True, data: str | None = None, check_limit: int | None = None,
+                  progress: bool = True) -> list[Artifact]:
     """The TensorRT stage of an export: an engine per precision, then (``check``) parity of
     the engines against PyTorch fp32 on this GPU, recorded in the manifest; the same gates
     as the ONNX graphs (:class:`~cvt_deploy.parity.ParityFailure` when one fails)."""
     from ..parity import check_bundle, record_parity
 
+    options = options or BuildOptions()
     require_tensorrt("--format trt")
     built = []
     for precision in precisions:
-        art = build_engine(bundle, precision, workspace_mib=workspace_mib, timing_cache=timing_cache,
-                           version_compatible=version_compatible, hardware_compatible=hardware_compatible,
-                           progress=progress)
+        art = build_engine(bundle, precision, workspace_mib=options.workspace_mib, timing_cache=options.timing_cache,
+                           version_compatible=options.version_compatible,
+                           hardware_compatible=options.hardware_compatible, progress=progress)
         print(f"built {bundle.path(art)}", file=sys.stderr)
         built.append(art)
     if check:
