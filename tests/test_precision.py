@@ -23,13 +23,8 @@ from cvt_deploy.calibration import DEFAULT_CALIB_COUNT, load_calibration  # noqa
 from cvt_deploy.config import CvtConfig, get_config  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.export.onnx import ort_session, read_metadata  # noqa: E402
-from cvt_deploy.export.precision import (  # noqa: E402
-    DEFAULT_FP32_OPS,
-    DEFAULT_METHOD,
-    QUANTIZED_OPS,
-    convert_fp16,
-    quantize_int8,
-)
+from cvt_deploy.export.fp16 import DEFAULT_FP32_OPS, convert_fp16  # noqa: E402
+from cvt_deploy.export.int8 import DEFAULT_METHOD, QUANTIZED_OPS, quantize_int8  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
 
 BATCHES = (1, 3, 8)

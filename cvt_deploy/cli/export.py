@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
     g = ap.add_argument_group("int8 calibration")
     g.add_argument("--calib", metavar="DIR|FILE.npy", help="calibration images (default: the demo calibration split)")
-    g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.precision)")
+    g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.int8)")
     g.add_argument("--calib-count", type=int, metavar="N", help="number of calibration images")
     g.add_argument("--calib-cache", type=Path, metavar="DIR",
                    help="where calibration ranges are cached for reuse (default ~/.cache/cvt-deploy/calibration)")

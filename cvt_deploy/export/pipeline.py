@@ -121,12 +121,12 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
                      progress: bool) -> dict[str, Any]:
     src, dst = bundle.root / ONNX_FILES["fp32"], bundle.root / ONNX_FILES[precision]
     if precision == "fp16":
-        from .precision import convert_fp16
+        from .fp16 import convert_fp16
 
         with stage("converting to fp16 (LayerNorm/Softmax kept fp32)", progress):
             return convert_fp16(src, dst, metadata=metadata)
     from ..calibration import DEFAULT_CALIB_COUNT, load_calibration
-    from .precision import quantize_int8
+    from .int8 import quantize_int8
 
     batch, description = load_calibration(calib, bundle.config, calib_count or DEFAULT_CALIB_COUNT, progress=progress)
     kwargs: dict[str, Any] = {"cache": calib_cache if calib_cache is not None else default_cache_dir() / "calibration",
