@@ -293,8 +293,8 @@ def test_cli_quick_json(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captur
     (["--batch", "0"], "batch size 0"),
     (["--batch", "x"], "'x' is not a whole number"),
     (["--batch", "1,,8"], "is not a whole number"),
-    (["--backends", "onnx"], "unknown 'onnx'"),
-    (["--precisions", "fp64"], "unknown 'fp64'"),
+    (["--backends", "onnx"], "unknown backend 'onnx'"),
+    (["--precisions", "fp64"], "unknown precision 'fp64'"),
     (["--threads", "0"], "--threads 0"),
     (["--plot", "out.gif"], "unsupported image type"),
 ])

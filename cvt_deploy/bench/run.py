@@ -6,8 +6,9 @@ import os
 import platform
 import resource
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -134,13 +135,9 @@ def default_batches(batch: BatchRange) -> list[int]:
     return [b for b in (1, 8, 32) if batch.min <= b <= batch.max] or [batch.opt]
 
 
-def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] | None = None,
-              precisions: Sequence[str] | None = None, batches: Sequence[int] | None = None, *,
-              threads: int | None = None, device: str = "cpu", iterations: int | None = None,
-              min_time: float = 2.0, warmup: int = 3, rounds: int = 5, settle: int = 1, min_iterations: int = 10,
-              reference: bool = True, hf_reference: bool = True, matmul_size: int = 2048,
-              progress: bool = True) -> BenchResult:
-    """Time every combination of ``backends`` x ``precisions`` x ``batches`` on one bundle.
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to time: one object for :func:`benchmark` and ``cvt-bench``, validated here.
 
     ``backends``: default all (those that cannot run here become skipped rows).
     ``precisions``: default the precisions the bundle holds artifacts for.
@@ -151,24 +148,71 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
     each block after ``settle`` untimed calls (see :func:`measure_interleaved`).
     ``matmul_size``: side of the fp32 matrix multiply that ``pct_matmul_peak`` compares with.
     ``reference``: add PyTorch eager fp32 (the ratio baseline) even if "torch"/"fp32" was not asked for.
-    ``hf_reference``: add Hugging Face transformers' CvT at fp32 (a skipped row when it cannot run).
+    ``hf_reference``: add the registered reference implementations (Hugging Face transformers'
+    CvT) at fp32 (a skipped row when one cannot run).
     """
+
+    backends: Sequence[str] | None = None
+    precisions: Sequence[str] | None = None
+    batches: Sequence[int] | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    iterations: int | None = None
+    min_time: float = 2.0
+    warmup: int = 3
+    rounds: int = 5
+    settle: int = 1
+    min_iterations: int = 10
+    reference: bool = True
+    hf_reference: bool = True
+    matmul_size: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.backends is not None:
+            object.__setattr__(self, "backends", _check_choices(self.backends, list(rt.BACKENDS), "backend"))
+        if self.precisions is not None:
+            object.__setattr__(self, "precisions", _check_choices(self.precisions, PRECISIONS, "precision"))
+        if self.batches is not None:
+            batches = list(dict.fromkeys(self.batches))
+            bad = [b for b in batches if not isinstance(b, (int, np.integer)) or b < 1]
+            if not batches or bad:
+                raise CvtDeployError(f"batch size {bad[0] if bad else 'list'} is {'below 1' if bad else 'empty'}",
+                                     "use whole numbers >= 1, e.g. --batch 1,8,32")
+            object.__setattr__(self, "batches", batches)
+        # Named as cvt-bench spells them: the CLI passes its flags straight through.
+        for name, low in (("threads", 1), ("iterations", 1), ("rounds", 1), ("warmup", 0), ("settle", 0),
+                          ("min_iterations", 1), ("matmul_size", 16)):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            if value is not None and value < low:
+                raise CvtDeployError(f"{flag} {value:g} is below {low}", f"pass {flag} {low} or more")
+        if not self.min_time > 0:
+            raise CvtDeployError(f"--min-time {self.min_time:g} must be positive", "use e.g. --min-time 2")
+
+
+def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] | None = None,
+              precisions: Sequence[str] | None = None, batches: Sequence[int] | None = None, *,
+              options: BenchOptions | None = None, progress: bool = True, **fields: Any) -> BenchResult:
+    """Time every combination of ``backends`` x ``precisions`` x ``batches`` on one bundle.
+
+    ``options`` (or its fields as keyword arguments: ``threads=2``...) say how; see
+    :class:`BenchOptions`.
+    """
+    if options is not None and (fields or backends or precisions or batches):
+        raise TypeError("pass BenchOptions or its fields as arguments, not both")
+    options = options or BenchOptions(backends=backends, precisions=precisions, batches=batches, **fields)
+    threads, device, iterations, min_time = options.threads, options.device, options.iterations, options.min_time
+    warmup, rounds, settle, min_iterations = options.warmup, options.rounds, options.settle, options.min_iterations
+    reference, hf_reference, matmul_size = options.reference, options.hf_reference, options.matmul_size
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = _loadavg()
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     cfg = bundle.config
-    backends = _check_choices(backends or list(rt.PREFERENCE), list(rt.BACKENDS), "backend")
-    precisions = _check_choices(precisions or sorted({a.precision for a in bundle.artifacts.values()},
-                                                     key=PRECISIONS.index) or ["fp32"], PRECISIONS, "precision")
-    batches = list(dict.fromkeys(batches or default_batches(bundle.batch)))
-    if any(not isinstance(b, (int, np.integer)) or b < 1 for b in batches):
-        raise CvtDeployError(f"batch sizes {batches} must be whole numbers >= 1", "use e.g. 1,8,32")
+    backends = list(options.backends or rt.PREFERENCE)
+    precisions = list(options.precisions or sorted({a.precision for a in bundle.artifacts.values()},
+                                                   key=PRECISIONS.index) or ["fp32"])
+    batches = list(options.batches or default_batches(bundle.batch))
     threads = threads or default_threads()
-    if threads < 1:
-        raise CvtDeployError(f"threads={threads} must be >= 1", f"use e.g. {default_threads()}")
-    if min_time <= 0 or matmul_size < 16:
-        raise CvtDeployError(f"min_time={min_time} and matmul_size={matmul_size} must be positive (matmul >= 16)",
-                             "use e.g. min_time=2.0, matmul_size=2048")
     if importlib.util.find_spec("torch") is not None:
         import torch
 

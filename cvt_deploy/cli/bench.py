@@ -52,39 +52,26 @@ examples:
 """
 
 
-def parse_list(text: str, flag: str, choices: Sequence[str]) -> list[str]:
-    """'a,b' -> ['a', 'b'], each one of ``choices``."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in choices]
-    if bad or not items:
-        raise CvtDeployError(f"{flag} {text!r}: {'unknown ' + ', '.join(map(repr, bad)) if bad else 'empty list'}",
-                             f"use a comma-separated list of: {', '.join(choices)}")
-    return items
+def split_list(text: str | None) -> list[str] | None:
+    """'a,b' -> ['a', 'b'] (None stays None: the library's default)."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_batches(text: str) -> list[int]:
-    """'1,8,32' -> [1, 8, 32]; every size a whole number >= 1."""
+    """'1,8,32' -> [1, 8, 32] (the library checks that each is >= 1)."""
     out = []
     for item in text.split(","):
         try:
-            n = int(item.strip())
+            out.append(int(item.strip()))
         except ValueError:
             raise CvtDeployError(f"--batch {text!r}: {item.strip()!r} is not a whole number",
                                  "use comma-separated batch sizes, e.g. --batch 1,8,32") from None
-        if n < 1:
-            raise CvtDeployError(f"--batch {text!r}: batch size {n} is below 1", "use sizes >= 1, e.g. --batch 1,8,32")
-        out.append(n)
     return out
-
-
-def positive(flag: str, value: float | None, minimum: float = 1) -> None:
-    if value is not None and value < minimum:
-        raise CvtDeployError(f"{flag} {value:g} is below {minimum:g}", f"pass {flag} {minimum:g} or more")
 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..bench import benchmark, default_threads
+    from ..bench import BenchOptions, benchmark, default_threads
     from ..bundle import PRECISIONS, Bundle
     from ..runtimes import BACKENDS
 
@@ -119,14 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("min_time", "warmup", "rounds"):  # explicit flags win over --quick
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    positive("--threads", args.threads)
-    positive("--iterations", args.iterations)
-    positive("--rounds", settings["rounds"])
-    positive("--warmup", settings["warmup"], 0)
-    positive("--min-time", settings["min_time"], 0.001)
-    backends = parse_list(args.backends, "--backends", list(BACKENDS)) if args.backends else None
-    precisions = parse_list(args.precisions, "--precisions", PRECISIONS) if args.precisions else None
-    batches = parse_batches(args.batch) if args.batch else None
+    # Validated by BenchOptions, before the bundle is read or anything is measured.
+    options = BenchOptions(backends=split_list(args.backends), precisions=split_list(args.precisions),
+                           batches=parse_batches(args.batch) if args.batch else None, threads=args.threads,
+                           device=args.device, iterations=args.iterations, min_time=float(settings["min_time"]),
+                           warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
+                           min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),
+                           reference=not args.no_reference, hf_reference=not args.no_hf)
     bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
     threads = args.threads or default_threads()
     show = not args.no_progress
@@ -142,11 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         require("matplotlib", "plot", "--plot")
 
-    result = benchmark(bundle, backends, precisions, batches, threads=threads, device=args.device,
-                       iterations=args.iterations, min_time=float(settings["min_time"]), warmup=int(settings["warmup"]),
-                       rounds=int(settings["rounds"]), min_iterations=int(settings["min_iterations"]),
-                       matmul_size=int(settings["matmul_size"]), reference=not args.no_reference,
-                       hf_reference=not args.no_hf, progress=show)
+    result = benchmark(bundle, options=options, progress=show)
     print(result.table())
     for path, write in ((args.json, result.to_json), (args.csv, result.to_csv), (args.plot, result.plot)):
         if path is not None:
