@@ -178,8 +178,10 @@ class Bundle:
             have = ", ".join(sorted(self.artifacts)) or "nothing"
             what = f"{kind} {precision}" if precision else kind
             raise CvtDeployError(f"bundle {self.root} has no {what} artifact (it has: {have})",
-                                 f"add it with: cvt-export --onnx {self.root} --format {'trt' if kind == 'tensorrt' else 'onnx'}"
-                                 + (f" --precision {precision}" if precision else ""))
+                                 f"build it with: cvt-export --format trt --bundle {self.root}"
+                                 + (f" --precision {precision}" if precision else "") if kind == "tensorrt"
+                                 else "re-export the bundle with that precision: cvt-export --precision P --out "
+                                      f"{self.root} (with the same --weights)")
         return art
 
     # -- writing -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import CvtDeployError
 from .progress import stage, track
-from .report import format_table
+from .table import format_table
 
 from .util import PRECISIONS
 
@@ -203,7 +203,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
                              + (f" at {', '.join(precisions)}" if precisions else "")
                              + (f" (the reference is {ref_name})" if ref_artifact is not None else ""),
-                             f"build engines with: cvt-export --format trt --onnx {bundle.root}" if "tensorrt" in backends
+                             f"build engines with: cvt-export --format trt --bundle {bundle.root}" if "tensorrt" in backends
                              else "export the artifacts first (cvt-export --precision ...), or pick another --backend/--precision")
     ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
     with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):

@@ -290,7 +290,8 @@ def test_cli_quick_json(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captur
 
 @pytest.mark.parametrize("args, message", [
     (["--bundle", "/nonexistent/bundle"], "not a folder"),
-    (["--batch", "0"], "batch size 0"),
+    (["--batch", "0"], "batch size 0"),  # the older name
+    (["--batches", "2,0"], "batch size 0 is below 1"),
     (["--batch", "x"], "'x' is not a whole number"),
     (["--batch", "1,,8"], "is not a whole number"),
     (["--backends", "onnx"], "unknown backend 'onnx'"),

@@ -213,7 +213,8 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(tmp_path, case, st
     (["--batch", "eight"], "is not a number or range"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--weights", "/nonexistent/CvT-13.pth"], "does not exist"),
-    (["--onnx", "/nonexistent"], "builds TensorRT engines from an existing bundle"),
+    (["--onnx", "/nonexistent"], "builds TensorRT engines from an existing bundle"),  # the older name
+    (["--bundle", "/nonexistent"], "--bundle BUNDLE builds TensorRT engines from an existing bundle"),
     # Validated by ExportOptions / BuildOptions before any work is done.
     (["--check-limit", "-5"], "--check-limit -5 must be a whole number >= 1"),
     (["--precision", "int8", "--calib-count", "0"], "--calib-count 0 must be a whole number >= 1"),
@@ -274,7 +275,7 @@ def test_export_trt_without_tensorrt_fails_at_once(tmp_path, monkeypatch, capsys
     assert "--format trt needs TensorRT" in err and reason in err
     assert "not installed" in err or "not the TensorRT libraries" in err
     assert "install TensorRT" in err
-    assert "carry the ONNX bundle to the target device" in err and "cvt-export --format trt --onnx" in err
+    assert "carry the ONNX bundle to the target device" in err and "cvt-export --format trt --bundle" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

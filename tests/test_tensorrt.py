@@ -170,7 +170,7 @@ def test_sidecar_missing_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(CvtDeployError) as e:
         EngineMeta.read(sidecar_path(tmp_path / "model.fp16.engine"))
     assert "model.fp16.engine has no metadata file model.fp16.engine.json" in e.value.message
-    assert "cvt-export --format trt --onnx" in (e.value.hint or "")
+    assert "cvt-export --format trt --bundle" in (e.value.hint or "")
 
 
 def test_sidecar_damaged(tmp_path: Path) -> None:
@@ -210,7 +210,7 @@ def test_other_tensorrt_version_is_refused_with_both_versions_and_the_fix() -> N
     msg = e.value.message
     assert "built with TensorRT 10.3.0.30 on Orin (compute capability 8.7)" in msg
     assert "this machine has TensorRT 10.13.0.35 on Orin" in msg
-    assert "cvt-export --format trt --onnx /data/cvt13 --precision fp16" in (e.value.hint or "")
+    assert "cvt-export --format trt --bundle /data/cvt13 --precision fp16" in (e.value.hint or "")
 
 
 def test_version_compatible_engine_runs_on_newer_same_major() -> None:
@@ -313,7 +313,7 @@ def test_install_hint_names_every_way_to_get_tensorrt() -> None:
     hint = install_hint()
     assert "pip install 'cvt-deploy[gpu]'" in hint and "pip install tensorrt" in hint
     assert "JetPack" in hint and "pypi.nvidia.com" in hint
-    assert "cvt-export --format trt --onnx <bundle>" in hint  # or carry the ONNX bundle to the device
+    assert "cvt-export --format trt --bundle <bundle>" in hint  # or carry the ONNX bundle to the device
 
 
 def test_detection_of_an_empty_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -402,7 +402,7 @@ def test_build_engine_without_tensorrt(onnx_bundle: Bundle) -> None:
         trt_export.build_engine(onnx_bundle, "fp16")
     assert isinstance(e.value, CvtDeployError)
     assert e.value.message.startswith("building a TensorRT engine needs TensorRT: ")
-    assert "JetPack" in (e.value.hint or "") and "cvt-export --format trt --onnx <bundle>" in (e.value.hint or "")
+    assert "JetPack" in (e.value.hint or "") and "cvt-export --format trt --bundle <bundle>" in (e.value.hint or "")
     assert e.value.__cause__ is None and e.value.__context__ is None
     assert Path(str(e.traceback[-1].path)).name == "util.py"  # raised by our check, not by an import
     assert not (onnx_bundle.root / "model.fp16.engine").exists()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CvtDeployError, require
-from ..report import format_table
+from ..table import format_table
 from ..util import atomic_output
 
 if TYPE_CHECKING:

@@ -177,7 +177,7 @@ class BenchOptions:
             bad = [b for b in batches if not isinstance(b, (int, np.integer)) or b < 1]
             if not batches or bad:
                 raise CvtDeployError(f"batch size {bad[0] if bad else 'list'} is {'below 1' if bad else 'empty'}",
-                                     "use whole numbers >= 1, e.g. --batch 1,8,32")
+                                     "use whole numbers >= 1, e.g. --batches 1,8,32")
             object.__setattr__(self, "batches", batches)
         # Named as cvt-bench spells them: the CLI passes its flags straight through.
         for name, low in (("threads", 1), ("iterations", 1), ("rounds", 1), ("warmup", 0), ("settle", 0),
@@ -258,7 +258,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         elif runtime.batch_range is not None and not runtime.batch_range.min <= b <= runtime.batch_range.max:
             # run() would split or pad it: that times a different batch than the row claims
             row.status, row.reason = "skipped", (f"batch {b} is outside the artifact's batch range "
-                                                 f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with --batch)")
+                                                 f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with cvt-export --batch MIN:OPT:MAX)")
         else:
             if b not in inputs:  # one input per batch size, shared by every backend
                 shape = (b, cfg.in_chans, cfg.img_size, cfg.img_size)

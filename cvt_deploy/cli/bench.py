@@ -47,8 +47,8 @@ CSV/JSON columns (--csv, --json; JSON adds a 'meta' object: threads, matmul GFLO
 
 examples:
   cvt-bench --bundle build/demo --quick
-  cvt-bench --bundle build/cvt13 --backends torch,onnxruntime --batch 1,8 --threads 2 --csv bench.csv
-  cvt-bench --bundle build/cvt13 --device cuda --precisions fp32,fp16 --batch 1,8,32 --plot bench.png
+  cvt-bench --bundle build/cvt13 --backends torch,onnxruntime --batches 1,8 --threads 2 --csv bench.csv
+  cvt-bench --bundle build/cvt13 --device cuda --precisions fp32,fp16 --batches 1,8,32 --plot bench.png
 """
 
 
@@ -64,8 +64,8 @@ def parse_batches(text: str) -> list[int]:
         try:
             out.append(int(item.strip()))
         except ValueError:
-            raise CvtDeployError(f"--batch {text!r}: {item.strip()!r} is not a whole number",
-                                 "use comma-separated batch sizes, e.g. --batch 1,8,32") from None
+            raise CvtDeployError(f"--batches {text!r}: {item.strip()!r} is not a whole number",
+                                 "use comma-separated batch sizes, e.g. --batches 1,8,32") from None
     return out
 
 
@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"comma-separated, of {','.join(BACKENDS)} (default: all; unavailable ones are skipped rows)")
     ap.add_argument("--precisions", metavar="LIST",
                     help=f"comma-separated, of {','.join(PRECISIONS)} (default: those the bundle holds)")
-    ap.add_argument("--batch", metavar="LIST", help="batch sizes, comma-separated (default: 1,8,32 inside the bundle's range)")
+    ap.add_argument("--batches", "--batch", dest="batches", metavar="LIST",
+                    help="batch sizes, comma-separated (default: 1,8,32 inside the bundle's range; --batch is the older name)")
     ap.add_argument("--threads", type=int, metavar="N",
                     help=f"CPU threads for every backend (default: the CPUs this process may use, here {default_threads()})")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings[key] = getattr(args, key)
     # Validated by BenchOptions, before the bundle is read or anything is measured.
     options = BenchOptions(backends=split_list(args.backends), precisions=split_list(args.precisions),
-                           batches=parse_batches(args.batch) if args.batch else None, threads=args.threads,
+                           batches=parse_batches(args.batches) if args.batches else None, threads=args.threads,
                            device=args.device, iterations=args.iterations, min_time=float(settings["min_time"]),
                            warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
                            min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),

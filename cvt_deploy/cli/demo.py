@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rt = load(result.bundle, backend=backend, precision=precision)
             pred = rt.predict(images, topk=1)
             columns[f"{backend} {precision}"] = [f"{lab[0]} ({100 * float(s[0]):.0f}%)" for lab, s in zip(pred.labels, pred.scores)]
-    from ..report import format_table
+    from ..table import format_table
 
     print(format_table(["image", *columns], [[n, *(c[i] for c in columns.values())] for i, n in enumerate(names)]))
     if not args.no_bench:

@@ -22,7 +22,7 @@ examples:
   cvt-export --weights microsoft/cvt-13 --format trt --precision fp16 --out build/cvt13
   cvt-export --weights my-finetuned-cvt/ --out build/mine    a Hugging Face folder: any architecture, any classes
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
-  cvt-export --format trt --onnx build/cvt13 --precision fp16   build the engine on the target device
+  cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp32, fp16, int8 or a comma list (default: fp32 for onnx, fp16 for trt). "
                          "The fp32 graph is always written: it is the reference")
     ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
-    ap.add_argument("--onnx", type=Path, metavar="BUNDLE",
-                    help="with --format trt: build engines from this existing bundle instead of exporting")
+    ap.add_argument("--bundle", "--onnx", dest="bundle", type=Path, metavar="BUNDLE",
+                    help="with --format trt: build engines for this existing bundle instead of exporting "
+                         "(--onnx is the older name)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.6 and newer parse it)")
     ap.add_argument("--batch", default="1:8:32", metavar="N|MIN:OPT:MAX",
                     help="batch sizes the graphs and engines accept: fixed N, or a dynamic range (default 1:8:32; "
@@ -87,10 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
-    if args.onnx is not None:
+    if args.bundle is not None:
         if args.format != "trt":
-            raise CvtDeployError("--onnx BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
-        _build_engines(Bundle.open(args.onnx), list(options.precisions), build, args, progress)
+            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
+        _build_engines(Bundle.open(args.bundle), list(options.precisions), build, args, progress)
         return 0
     if args.format == "trt":
         from ..trt.util import require_tensorrt

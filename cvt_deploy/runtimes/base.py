@@ -63,7 +63,7 @@ class Prediction:
         return json.dumps(self.to_dict(names), indent=2)
 
     def table(self, names: list[str] | None = None) -> str:
-        from ..report import format_table
+        from ..table import format_table
 
         rows = []
         for n in range(len(self.indices)):

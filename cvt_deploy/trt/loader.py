@@ -172,7 +172,7 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
     if not strongly_typed and major >= 11:
         raise CvtDeployError(f"TensorRT {version} builds strongly typed networks only (no FP16/INT8 builder flags)",
                              "build with strongly_typed=None from the ONNX graph of the wanted precision")
-    rebuild_hint = f"cvt-export --format trt --onnx {bundle_root or '<bundle>'} --precision {precision}"
+    rebuild_hint = f"cvt-export --format trt --bundle {bundle_root or '<bundle>'} --precision {precision}"
 
     index = cuda_device_index(device)
     cuda_call(import_cudart().cudaSetDevice(index), f"cudaSetDevice({index})")

@@ -75,7 +75,7 @@ class TensorRTRuntime(Runtime):
     def _load(self) -> None:
         import tensorrt as trt
 
-        rebuild = (f"rebuild it here: cvt-export --format trt --onnx {self.engine_path.parent} "
+        rebuild = (f"rebuild it here: cvt-export --format trt --bundle {self.engine_path.parent} "
                    f"--precision {self.precision}")
         self._runtime = trt.Runtime(trt_logger())  # must outlive the engine
         if self.meta.version_compatible:

@@ -148,7 +148,7 @@ class EngineMeta:
     def read(cls, path: str | os.PathLike[str]) -> EngineMeta:
         path = Path(path)
         engine = path.with_name(path.name[:-len(".json")]) if path.name.endswith(".json") else path
-        rebuild = "rebuild the engine on this machine: cvt-export --format trt --onnx <bundle>"
+        rebuild = "rebuild the engine on this machine: cvt-export --format trt --bundle <bundle>"
         if not path.is_file():
             raise CvtDeployError(f"engine {engine.name} has no metadata file {path.name} beside it, so it cannot be "
                                  "checked against this machine's TensorRT and GPU",
@@ -178,7 +178,7 @@ class EngineMeta:
         """
         cc = parse_compute_capability(compute_capability)
         here = f"TensorRT {runtime_trt_version} on {gpu_name} (compute capability {_cc_text(cc)})"
-        fix = (f"rebuild the engine on this machine: cvt-export --format trt --onnx {bundle or '<bundle>'} "
+        fix = (f"rebuild the engine on this machine: cvt-export --format trt --bundle {bundle or '<bundle>'} "
                f"--precision {self.precision}")
         built, run = version_tuple(self.tensorrt_version), version_tuple(runtime_trt_version)
 

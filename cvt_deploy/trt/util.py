@@ -35,7 +35,7 @@ TENSORRT_INSTALL_HINT = (
     "(or pip install tensorrt cuda-python; the TensorRT wheels come from NVIDIA's package index, "
     "pypi.nvidia.com); on a Jetson, TensorRT ships with JetPack (add cuda-python with pip). "
     "Or carry the ONNX bundle to the target device and build the engine there with "
-    "`cvt-export --format trt --onnx <bundle>`"
+    "`cvt-export --format trt --bundle <bundle>`"
 )
 CUDA_PYTHON_HINT = "pip install cuda-python (cvt-deploy's [gpu] extra includes it; on a Jetson match its CUDA major version, e.g. 'cuda-python<13' for CUDA 12)"
 

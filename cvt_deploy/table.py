@@ -1,4 +1,4 @@
-"""Plain-text tables for the CLIs and report objects."""
+"""Plain-text tables, for the CLIs and the report objects (parity, predictions, benchmarks)."""
 from __future__ import annotations
 
 from typing import Sequence
