@@ -13,6 +13,7 @@ from ..util import BatchRange
 from .common import add_model_args, cli_entry, load_model_from_args
 
 if TYPE_CHECKING:
+    from ..export.pipeline import ExportOptions
     from ..trt.loader import BuildOptions
 
 EPILOG = """\
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bundle is not None:
         if args.format != "trt":
             raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
-        _build_engines(Bundle.open(args.bundle), list(options.precisions), build, args, progress)
+        _build_engines(Bundle.open(args.bundle), options, build, progress)
         return 0
     if args.format == "trt":
         from ..trt.util import require_tensorrt
@@ -113,14 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in result.reports], indent=2))
     if args.format == "trt":
-        _build_engines(result.bundle, list(options.precisions), build, args, progress)
+        _build_engines(result.bundle, options, build, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
     return 0
 
 
-def _build_engines(bundle: Bundle, precisions: list[str], options: BuildOptions, args: argparse.Namespace,
-                   progress: bool) -> None:
+def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, progress: bool) -> None:
     from ..trt.loader import build_engines
 
-    build_engines(bundle, precisions, options, check=not args.no_check, data=args.data, check_limit=args.check_limit,
-                  progress=progress)
+    build_engines(bundle, list(options.precisions), build, check=options.check, data=options.data,
+                  check_limit=options.check_limit, progress=progress)
