@@ -160,7 +160,6 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         overrides["labels"] = list(labels)
     config_source = str(config) if is_file else "the architecture given (heads/config)"
 
-    recorded = True  # the file records its architecture (config.json, our metadata)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CvtDeployError(f"{path} is a folder without config.json", "pass a Hugging Face CvT folder or a checkpoint file")
@@ -192,12 +191,12 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
             if m and "img_size" not in overrides:
                 overrides["img_size"] = int(m.group(1))
             cfg = infer_config(state, variant, None, overrides, config_source, activation=default_act)
-            arch, overrides, recorded = WeightsArch.read(state), {}, False  # infer_config applied them
+            overrides = {}  # infer_config applied them, checked against the tensors
             source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
-    if overrides:
+    if overrides:  # only files that record their architecture (config.json, our metadata) get here
         changed = [f"{k}: recorded {show(getattr(cfg, k))}, given {show(tuple(v) if isinstance(v, list) else v)}"
                    for k, v in overrides.items() if k in ARCH_FIELDS and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
-        if recorded and changed:
+        if changed:
             raise CvtDeployError(f"{path} records its own architecture, and {config_source} changes it: " + "; ".join(changed),
                                  "drop those fields: the checkpoint's recorded values are what its weights were trained with")
         cfg = apply_overrides(cfg, overrides, arch, config_source)
