@@ -54,6 +54,7 @@ class OrtRuntime(Runtime):
             raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props {PRECISION_KEY})",
                                  f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
         super().__init__(config, precision, device)
+        _check_io(self.session, config, path)
         shape = self.session.get_inputs()[0].shape
         if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
             self.batch_range = BatchRange(shape[0], shape[0], shape[0])
@@ -88,6 +89,21 @@ class OrtRuntime(Runtime):
         try:
             out: Any = self.session.run(None, {self.input_name: batch})[0]
         except Exception as e:
-            raise CvtDeployError(f"ONNX Runtime rejected a batch of shape {batch.shape}: {str(e).splitlines()[0][:300]}",
-                                 "check the batch size against the bundle's --batch range") from None
+            raise CvtDeployError(f"ONNX Runtime failed on a batch of shape {batch.shape} with {self.path}: "
+                                 f"{str(e).splitlines()[0][:300]}",
+                                 "run cvt-check on the bundle; if it fails too, re-export it with cvt-export") from None
         return np.asarray(out)
+
+
+def _check_io(session: Any, config: CvtConfig, path: str | os.PathLike[str]) -> None:
+    """The graph must take the images and give the classes its config says: a graph swapped
+    into a bundle, or metadata of another model, would otherwise answer with wrong labels."""
+    inp, out = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    want_in = [config.in_chans, config.img_size, config.img_size]
+    got_in = list(inp[1:]) if len(inp) == 4 else None
+    if got_in is None or any(isinstance(g, int) and g != w for g, w in zip(got_in, want_in)):
+        raise CvtDeployError(f"{path} takes input of shape {inp}, but its model config says (N, {', '.join(map(str, want_in))})",
+                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != config.num_classes):
+        raise CvtDeployError(f"{path} outputs shape {out}, but its model config has {config.num_classes} classes",
+                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
