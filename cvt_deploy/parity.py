@@ -61,6 +61,7 @@ class ParityReport:
     accuracy_reference: float | None = None
     accuracy_candidate: float | None = None
     data: str = ""
+    artifact: str = ""  # the bundle artifact checked, when it was one
     checks: list[tuple[str, float, str, float, bool]] = field(default_factory=list)  # name, value, op, limit, ok
 
     @property
@@ -197,7 +198,8 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         cls = backend_class(backend)
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
             if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
-                    and not (backend == "onnxruntime" and art is ref_artifact):
+                    and not (backend == "onnxruntime" and art is ref_artifact) \
+                    and (art.target == "portable" or (backend == "onnxruntime" and (device or "cpu") == "cpu")):
                 plan.append((backend, art))
     if not plan:
         raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
@@ -210,10 +212,17 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         ref_logits = run_batches(reference, ev.batch, progress=False)
     reports = []
     for backend, art in plan:
+        # Each graph by name: a bundle can hold several ONNX graphs of one precision (per target).
         runtime = load(bundle, backend=backend, device=device, precision=art.precision)
+        if backend == "onnxruntime" and getattr(runtime, "path", None) != str(bundle.path(art)):
+            from .runtimes.ort import OrtRuntime
+
+            runtime = OrtRuntime.from_bundle(bundle, device=device, artifact=art.name)
         with stage(f"checking {runtime.describe()}", progress):
-            reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
-                                         progress=False, reference_name=ref_name))
+            report = check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
+                                   progress=False, reference_name=ref_name)
+        report.artifact = art.name
+        reports.append(report)
     return reports
 
 
@@ -233,7 +242,7 @@ def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: 
     """Write each report into its ``kind`` artifact's manifest entry, show the table (``show``),
     and raise :class:`ParityFailure` when any gate failed (the results are recorded first)."""
     for rep in reports:
-        art = bundle.find(kind, rep.precision)
+        art = bundle.artifacts.get(rep.artifact) if rep.artifact else bundle.find(kind, rep.precision)
         if art is not None:
             art.info["parity"] = rep.to_dict()
     bundle.save()

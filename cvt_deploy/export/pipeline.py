@@ -44,6 +44,8 @@ class ExportOptions:
     ``precisions``: graphs besides the fp32 reference (fp16, int8). ``batch``: the batch sizes
     the graphs accept. ``data``/``check_limit``/``check``: the parity check (an image folder,
     default the demo digits). ``calib*``: int8 calibration images, method, count and cache.
+    ``ort_cpu``: also write ONNX Runtime CPU graphs (fp32, and int8 when asked) beside the
+    portable ones (export/ort_cpu.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -56,6 +58,7 @@ class ExportOptions:
     calib_method: str | None = None
     calib_count: int | None = None
     calib_cache: Path | None = None
+    ort_cpu: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
@@ -109,6 +112,11 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
+        if options.ort_cpu:
+            from .ort_cpu import write_ort_cpu_graphs
+
+            write_ort_cpu_graphs(bundle, precisions, {p: graph_metadata(cfg.to_json(), p, meta) for p in ("fp32", "int8")},
+                                 progress)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
