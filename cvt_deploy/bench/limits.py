@@ -5,9 +5,10 @@ A "% of matmul peak" is only honest against the fastest matrix multiply the devi
 the row's arithmetic: on one 2-core CPU, ONNX Runtime's fp32 MatMul (MLAS) ran at ~2x
 torch's, so dividing by torch's overstated every row ~2x (issue #14). So on the CPU the
 ceilings are ONNX Runtime's fp32 MatMul and its u8 x s8 MatMulInteger (what the int8 graphs
-run), and torch's fp32 matmul where torch is installed: fp32/fp16 rows divide by the faster
-float one, int8 rows by the integer one. On a GPU the float ceiling is torch's matmul
-(cuBLAS) in fp32 and fp16; there is no int8 GEMM ceiling there yet.
+run), and torch's fp32 matmul where torch is installed: fp32 rows divide by the faster fp32
+one, int8 rows by the integer one, fp16 rows by the fastest fp16 or fp32 GEMM (a CPU has no
+fp16 GEMM of its own). On a GPU the ceilings are torch's matmul (cuBLAS) in fp32 and fp16;
+there is no int8 GEMM ceiling there yet.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 
 @dataclass(eq=False)
 class Ceiling:
-    """One GEMM timed beside the models: ``kind`` "float" or "int8", ``ops`` per call."""
+    """One GEMM timed beside the models: ``kind`` its arithmetic (fp32, fp16, int8), ``ops`` per call."""
 
     name: str
     kind: str
@@ -47,6 +48,8 @@ def _ort_gemm(size: int, threads: int, integer: bool) -> Case:
     from ..util import ort_session
 
     rng = np.random.default_rng(0)
+    a: np.ndarray
+    b: np.ndarray
     if integer:
         a = rng.integers(0, 256, (size, size), dtype=np.uint8)
         b = rng.integers(-128, 128, (size, size), dtype=np.int8)
@@ -86,27 +89,27 @@ def ceilings(size: int, device: str, threads: int) -> list[Ceiling]:
             import onnxruntime
 
             impl = f"onnxruntime {onnxruntime.__version__} CPU"
-            out.append(Ceiling("ort-fp32", "float", f"{impl} MatMul fp32 (MLAS)", _ort_gemm(size, threads, False), ops))
+            out.append(Ceiling("ort-fp32", "fp32", f"{impl} MatMul fp32 (MLAS)", _ort_gemm(size, threads, False), ops))
             out.append(Ceiling("ort-int8", "int8", f"{impl} MatMulInteger u8 x s8", _ort_gemm(size, threads, True), ops))
         if has_torch:
             case, impl = _torch_gemm(size, device, "fp32")
-            out.append(Ceiling("torch-fp32", "float", impl, case, ops))
+            out.append(Ceiling("torch-fp32", "fp32", impl, case, ops))
         if not out:  # neither library: numpy's BLAS, whose threads --threads does not set
             rng = np.random.default_rng(0)
             an, bn = rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)
-            out.append(Ceiling("numpy-fp32", "float", f"numpy {np.__version__} (its BLAS threads are not set by --threads)",
+            out.append(Ceiling("numpy-fp32", "fp32", f"numpy {np.__version__} (its BLAS threads are not set by --threads)",
                                Case("numpy fp32 gemm", lambda: an @ bn), ops))
     elif has_torch:
         for dtype in ("fp32", "fp16"):
             case, impl = _torch_gemm(size, device, dtype)
-            out.append(Ceiling(f"torch-{dtype}", "float", impl, case, ops))
+            out.append(Ceiling(f"torch-{dtype}", dtype, impl, case, ops))
     return out
 
 
 def best(found: list[Ceiling], precision: str) -> Ceiling | None:
     """The fastest measured ceiling for a row of ``precision`` (int8 rows: the integer GEMM)."""
-    kind = "int8" if precision == "int8" else "float"
-    timed = [c for c in found if c.kind == kind and c.gops is not None]
+    kinds = {"int8": ("int8",), "fp16": ("fp16", "fp32")}.get(precision, ("fp32",))
+    timed = [c for c in found if c.kind in kinds and c.gops is not None]
     return max(timed, key=lambda c: c.gops or 0.0, default=None)
 
 

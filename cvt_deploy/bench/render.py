@@ -23,7 +23,7 @@ def header(result: BenchResult) -> str:
     if "ceilings" in mm:
         peaks = "; ".join(f"{name} {c['gops']:.0f} GOP/s" if c.get("gops") else f"{name} not measured ({c.get('error')})"
                           for name, c in mm["ceilings"].items())
-        peak = f"GEMM ceilings {mm['size']}^3: {peaks or 'none'} (float rows use {mm.get('float')}, int8 rows {mm.get('int8')})"
+        peak = f"GEMM ceilings {mm['size']}^3: {peaks or 'none'} (fp32 rows use {mm.get('fp32')}, int8 rows {mm.get('int8')})"
     else:  # a result written before the per-precision ceilings
         peak = f"fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): " + (
             f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})")

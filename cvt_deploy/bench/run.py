@@ -322,7 +322,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             "thread_controls": "torch.set_num_threads (process-wide) and onnxruntime intra_op_num_threads",
             "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
             "matmul": {"size": matmul_size, "ceilings": ceilings_meta(gemms),
-                       "float": _ceiling_name(gemms, "fp32"), "int8": _ceiling_name(gemms, "int8")},
+                       **{p: _ceiling_name(gemms, p) for p in PRECISIONS}},
             "llc_bytes": llc, "llc_source": str(SYSFS_CACHE) if llc else "unknown (no sysfs cache information)",
             "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
             "loadavg_1min": {"before": load_before, "after": _loadavg()},
