@@ -95,6 +95,25 @@ def test_no_attention_pattern_means_no_graph_and_a_reason() -> None:
         rewrite_for_ort_cpu(no_softmax)
 
 
+def test_export_stage_says_why_and_writes_nothing_when_the_pattern_is_missing(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from cvt_deploy.bundle import Artifact, BatchRange
+    from cvt_deploy.config import get_config
+    from cvt_deploy.export.ort_cpu import write_ort_cpu_graphs
+
+    x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["b", 3, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3, 64, 64])
+    graph = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["pixel_values"], ["logits"], axis=-1)],
+                                                "g", [x], [y]))
+    with Bundle.create(tmp_path / "b", get_config("cvt-tiny"), BatchRange(), {}) as bundle:
+        onnx.save(graph, str(bundle.root / "model.onnx"))
+        bundle.add(Artifact("onnx-fp32", "model.onnx", "onnx", "fp32"))
+        assert write_ort_cpu_graphs(bundle, ("fp32", "int8"), {"fp32": {}, "int8": {}}) == []
+        assert set(bundle.artifacts) == {"onnx-fp32"} and not (bundle.root / FILES["fp32"]).exists()
+    assert "no ONNX Runtime CPU graph" in capsys.readouterr().err
+    assert set(Bundle.open(tmp_path / "b").artifacts) == {"onnx-fp32"}
+
+
 def test_export_writes_ort_cpu_graphs_that_pass_the_gates(demo_int8_bundle: Path) -> None:
     bundle = Bundle.open(demo_int8_bundle)
     for precision in ("fp32", "int8"):

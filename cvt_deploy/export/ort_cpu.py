@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -320,7 +320,7 @@ def quantize_dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
             "activations": "uint8, range computed per call", "quantized_ops": ["MatMul"]}
 
 
-def _self_check(reference: Path, candidate: Path, chw: tuple[int, ...], batches: Iterator[int], atol: float) -> float:
+def _self_check(reference: Path, candidate: Path, chw: tuple[int, ...], batches: Sequence[int], atol: float) -> float:
     """Largest |logit difference| of ``candidate`` against ``reference`` on random input; raises above ``atol``."""
     worst = 0.0
     try:  # e.g. an onnxruntime without a CPU MultiHeadAttention kernel: no CPU graph, not a failed export
@@ -358,7 +358,7 @@ def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[
             dst = bundle.root / FILES["fp32"]
             save_graph(rewritten, dst)
             sizes = [fixed] if fixed else [1, 3, 8]
-            diff = _self_check(src, dst, chw, iter(sizes), SELF_CHECK_ATOL)
+            diff = _self_check(src, dst, chw, sizes, SELF_CHECK_ATOL)
         base = {"target": TARGET, "input": INPUT_NAME, "output": OUTPUT_NAME, "portable": "onnx-fp32"}
         arts.append(bundle.add(Artifact(artifact_name("onnx", "fp32", TARGET), dst.name, "onnx", "fp32",
                                         info={**base, "rewrite": counts, "self_check_max_abs": diff})))
@@ -373,6 +373,9 @@ def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[
             arts.append(bundle.add(Artifact(artifact_name("onnx", "int8", TARGET), dst8.name, "onnx", "int8",
                                             info={**base, "portable": "onnx-int8", **info})))
     except PatternNotFound as e:
+        for art in arts:
+            bundle.artifacts.pop(art.name, None)
+        bundle.save()
         for name in FILES.values():
             (bundle.root / name).unlink(missing_ok=True)
         if progress:
