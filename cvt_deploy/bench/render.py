@@ -37,7 +37,7 @@ def _cache_note(result: BenchResult) -> str | None:
     sizes = {f"{r.backend} {r.precision}": (r.weights_mb, r.weights_fit_llc) for r in result.measured if r.weights_mb}
     if not sizes:
         return None
-    what = ", ".join(f"{k} {mb:.0f} MiB ({fit})" for k, (mb, fit) in sizes.items())
+    what = ", ".join(f"{k} {mb:.3g} MiB ({fit})" for k, (mb, fit) in sizes.items())
     where = f"the last-level cache ({llc / 2**20:.0f} MiB)" if llc else "the last-level cache (size unknown here)"
     return (f"weights within {where}: {what}. Steady-state timings of weights that fit are warmer than a "
             "first call or a busy machine will see; 'first ms' is the first call after load")

@@ -20,7 +20,8 @@ CvT-13, issue #14):
   Weights use 7 bits (``reduce_range``): CPUs without VNNI (AVX2, like the 2-core machine
   this was built on) multiply u8 x s8 with VPMADDUBSW, whose int16 pair sums saturate; on
   the demo model full-range weights gave min cosine 0.9967 and 99.72% top-1 agreement
-  against fp32, 7-bit weights 0.9995 and 100%, at the same speed. A bundle may be exported
+  against fp32, 7-bit weights 0.9995 and 100%; CvT-13 ran at the same speed within this
+  machine's noise (full-range / 7-bit: 0.95x at batch 1, 1.08x at batch 8). A bundle may be exported
   on one CPU and run on another, so the safe choice is the default.
   The activation scale is computed per call over the whole batch, so one image's logits
   move slightly with the other images of its batch (within the int8 gates).
