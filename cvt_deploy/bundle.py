@@ -33,6 +33,11 @@ MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
 ARTIFACT_KINDS = ("onnx", "tensorrt", "torch")
+# What a graph is built for (its "target" in the manifest; absent = portable): "portable"
+# graphs use standard ONNX ops and are what TensorRT and every execution provider compile;
+# "onnxruntime-cpu" graphs (export/ort_cpu.py) use ONNX Runtime contrib ops and dynamic
+# quantization and only ever run on its CPU provider.
+TARGETS = ("portable", "onnxruntime-cpu")
 
 
 @dataclass
@@ -45,6 +50,10 @@ class Artifact:
     precision: str       # "fp32" | "fp16" | "int8"
     sha256: str = ""
     info: dict[str, Any] = field(default_factory=dict)  # opset, calibration, parity, build flags...
+
+    @property
+    def target(self) -> str:
+        return str(self.info.get("target", "portable"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "kind": self.kind, "precision": self.precision, "sha256": self.sha256, **self.info}
@@ -66,6 +75,8 @@ def _inside(name: Any) -> bool:
 
 def _check_info(art: Artifact) -> None:
     """Raise ValueError naming the entry when a recorded fact that code reads is malformed."""
+    if art.info.get("target", "portable") not in TARGETS:
+        raise ValueError(f"artifact {art.name!r} has target {art.info['target']!r}; known targets are {', '.join(TARGETS)}")
     sidecar = art.info.get("sidecar")
     if sidecar is not None and not _inside(sidecar):
         raise ValueError(f"artifact {art.name!r} has sidecar {sidecar!r}, not a file name inside the bundle")
@@ -84,8 +95,8 @@ def _check_info(art: Artifact) -> None:
             raise ValueError(f"artifact {art.name!r} has parity {key} {value!r}, not a fraction between 0 and 1")
 
 
-def artifact_name(kind: str, precision: str) -> str:
-    return f"{kind}-{precision}"
+def artifact_name(kind: str, precision: str, target: str = "portable") -> str:
+    return f"{kind}-{precision}" + ("" if target == "portable" else f"-{target}")
 
 
 class Bundle:
@@ -171,11 +182,12 @@ class Bundle:
             self._verified.add(art.name)
         return path
 
-    def find(self, kind: str, precision: str | None = None) -> Artifact | None:
-        """The artifact of this kind at ``precision`` (default: the most precise one present)."""
+    def find(self, kind: str, precision: str | None = None, target: str = "portable") -> Artifact | None:
+        """The artifact of this kind at ``precision`` (default: the most precise one present),
+        built for ``target`` (default the portable graph every runtime can compile)."""
         for p in ([precision] if precision else PRECISIONS):
-            art = self.artifacts.get(artifact_name(kind, p))
-            if art is not None:
+            art = self.artifacts.get(artifact_name(kind, p, target))
+            if art is not None and art.target == target:
                 return art
         return None
 

@@ -61,6 +61,7 @@ class ParityReport:
     accuracy_reference: float | None = None
     accuracy_candidate: float | None = None
     data: str = ""
+    artifact: str = ""  # the bundle artifact checked, when it was one
     checks: list[tuple[str, float, str, float, bool]] = field(default_factory=list)  # name, value, op, limit, ok
 
     @property
@@ -187,7 +188,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     fp16/int8 graphs and engines; that graph is then not checked against itself).
     """
     from .data import DEFAULT_LIMIT, EvalData, load_eval_data
-    from .runtimes import backend_class, load
+    from .runtimes import backend_class
 
     reference, ref_name, ref_artifact = _reference(bundle, reference_model)
     # Decide what is to be checked before the expensive part, so a request that matches
@@ -197,7 +198,8 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         cls = backend_class(backend)
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
             if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
-                    and not (backend == "onnxruntime" and art is ref_artifact):
+                    and not (backend == "onnxruntime" and art is ref_artifact) \
+                    and (art.target == "portable" or (backend == "onnxruntime" and (device or "cpu") == "cpu")):
                 plan.append((backend, art))
     if not plan:
         raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
@@ -206,12 +208,30 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
                              f"build engines with: cvt-export --format trt --bundle {bundle.root}" if "tensorrt" in backends
                              else "export the artifacts first (cvt-export --precision ...), or pick another --backend/--precision")
     ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, DEFAULT_LIMIT if limit is None else limit, progress)
-    runtimes = [load(bundle, backend=backend, device=device, precision=art.precision) for backend, art in plan]
+    runtimes = [_runtime_for(bundle, backend, art, device) for backend, art in plan]
     with stage(f"running {ref_name} (reference) and {', '.join(r.describe() for r in runtimes)} on {len(ev)} images",
                progress):
         ref_logits, *logits = run_streamed([reference, *runtimes], ev, progress)
-    return [compare(ref_logits, cand, ev.labels, precision=rt.precision, candidate_name=rt.describe(),
-                    reference_name=ref_name, data=ev.description) for rt, cand in zip(runtimes, logits)]
+    reports = []
+    for (_, art), runtime, cand in zip(plan, runtimes, logits):
+        report = compare(ref_logits, cand, ev.labels, precision=runtime.precision, candidate_name=runtime.describe(),
+                         reference_name=ref_name, data=ev.description)
+        report.artifact = art.name
+        reports.append(report)
+    return reports
+
+
+def _runtime_for(bundle: Bundle, backend: str, art: Artifact, device: str | None) -> Runtime:
+    """The runtime that runs exactly ``art``: a bundle can hold several ONNX graphs of one
+    precision (one per target), and ``load`` picks one of them."""
+    from .runtimes import load
+
+    runtime = load(bundle, backend=backend, device=device, precision=art.precision)
+    if backend == "onnxruntime" and getattr(runtime, "path", None) != str(bundle.path(art)):
+        from .runtimes.ort import OrtRuntime
+
+        runtime = OrtRuntime.from_bundle(bundle, device=device, artifact=art.name)
+    return runtime
 
 
 def run_streamed(runtimes: Sequence[Runtime], ev: EvalData, progress: bool = True) -> list[np.ndarray]:
@@ -243,7 +263,7 @@ def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: 
     """Write each report into its ``kind`` artifact's manifest entry, show the table (``show``),
     and raise :class:`ParityFailure` when any gate failed (the results are recorded first)."""
     for rep in reports:
-        art = bundle.find(kind, rep.precision)
+        art = bundle.artifacts.get(rep.artifact) if rep.artifact else bundle.find(kind, rep.precision)
         if art is not None:
             art.info["parity"] = rep.to_dict()
     bundle.save()

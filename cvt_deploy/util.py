@@ -316,7 +316,7 @@ def read_json_object(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
     return raw
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None,
+def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None,
                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> Any:
     """An ONNX Runtime session with cvt-deploy's settings (quiet log; ``threads`` intra-op
     threads and one inter-op thread when given). The one place sessions are configured."""
@@ -327,4 +327,4 @@ def ort_session(path: str | os.PathLike[str], threads: int | None = None,
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=list(providers))

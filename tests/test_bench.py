@@ -173,7 +173,7 @@ def result(tiny_bundle: Path) -> BenchResult:
         torch.set_num_threads(n)
 
 
-def test_every_combination_is_a_row(result: BenchResult) -> None:
+def test_every_combination_is_a_row(result: BenchResult, tiny_bundle: Path) -> None:
     hf = importlib.util.find_spec("transformers") is not None
     # per batch: baseline (torch fp32) + HF + tensorrt x3 + onnxruntime x3 + torch fp16/int8
     assert len(result.rows) == 2 * (1 + hf + 3 + 3 + 2)
@@ -194,7 +194,20 @@ def test_every_combination_is_a_row(result: BenchResult) -> None:
         if hf:
             ref = result.row("hf-transformers", "fp32", batch)
             assert ref is not None and ref.status == "ok" and ref.role == "reference" and ref.ratio_vs_torch
-    assert result.meta["threads"] == 1 and result.meta["matmul"]["gflops"] > 0
+    assert result.meta["threads"] == 1
+    ceilings = result.meta["matmul"]["ceilings"]
+    # the same run times ONNX Runtime's fp32 MatMul and u8 x s8 MatMulInteger (and torch's matmul)
+    assert {"ort-fp32", "ort-int8", "torch-fp32"} <= set(ceilings) and all(c["gops"] > 0 for c in ceilings.values())
+    fastest = max(("ort-fp32", "torch-fp32"), key=lambda k: ceilings[k]["gops"])
+    assert result.meta["matmul"]["fp32"] == result.meta["matmul"]["fp16"] == fastest
+    assert result.meta["matmul"]["int8"] == "ort-int8"
+    for r in result.measured:
+        assert r.matmul_ceiling == fastest
+        assert r.pct_matmul_peak == pytest.approx(100 * r.gflops / ceilings[fastest]["gops"], rel=2e-2)
+        assert r.first_call_ms is not None and r.first_call_ms > 0  # the cold call, kept out of the statistics
+        assert r.weights_fit_llc in ("yes", "no", "unknown")
+    ort = result.row("onnxruntime", "fp32", 1)
+    assert ort is not None and ort.weights_mb == pytest.approx((tiny_bundle / "model.onnx").stat().st_size / 2**20, abs=0.01)
     assert result.meta["macs"] == count_macs(get_config("cvt-tiny", num_classes=10))
 
 
@@ -307,3 +320,40 @@ def test_cli_bad_input_is_a_clear_error(tiny_bundle: Path, args: list[str], mess
     assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "fix:" in err and "Traceback" not in err
+
+
+# --- what bounds a row: ceilings per precision, the last-level cache ----------------------------
+
+def test_int8_rows_divide_by_the_integer_gemm() -> None:
+    from cvt_deploy.bench.limits import Ceiling, best
+    from cvt_deploy.bench.timing import Case
+
+    def timed(name: str, kind: str, seconds: float) -> Ceiling:
+        c = Ceiling(name, kind, name, Case(name, lambda: None), ops=2e9)
+        c.case.times = [seconds] * 3
+        return c
+
+    found = [timed("ort-fp32", "fp32", 0.004), timed("torch-fp32", "fp32", 0.008), timed("ort-int8", "int8", 0.001)]
+    assert best(found, "fp32").name == best(found, "fp16").name == "ort-fp32"  # type: ignore[union-attr]
+    # with an fp16 GEMM (a GPU), fp16 rows divide by it and fp32 rows still by the fp32 one
+    gpu = [timed("torch-fp32", "fp32", 0.004), timed("torch-fp16", "fp16", 0.0005)]
+    assert best(gpu, "fp16").name == "torch-fp16" and best(gpu, "fp32").name == "torch-fp32"  # type: ignore[union-attr]
+    assert best(found, "int8").name == "ort-int8" and best(found, "int8").gops == pytest.approx(2000)  # type: ignore[union-attr]
+    assert best(found[:2], "int8") is None  # no integer GEMM measured: no int8 ceiling, not the float one
+
+
+def test_llc_size_from_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cvt_deploy.bench import limits
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "48K"), (1, "Instruction", "32K"), (2, "Unified", "2048K"),
+                                             (3, "Unified", "32M")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    monkeypatch.setattr(limits, "SYSFS_CACHE", tmp_path)
+    assert limits.llc_bytes() == 32 * 2**20
+    assert limits.fits_llc(20 * 2**20, limits.llc_bytes()) == "yes" and limits.fits_llc(80 * 2**20, 32 * 2**20) == "no"
+    monkeypatch.setattr(limits, "SYSFS_CACHE", tmp_path / "absent")
+    assert limits.llc_bytes() is None and limits.fits_llc(1, None) == "unknown"

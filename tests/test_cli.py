@@ -86,12 +86,13 @@ def test_export_default_is_the_demo_model(tmp_path, demo_model, stub_export_onnx
     assert bundle.batch == BatchRange(1, 8, 32)
     assert bundle.extra["source"]["checkpoint"] == str(DEMO_WEIGHTS)
     assert bundle.extra["source"]["sha256"] == file_sha256(DEMO_WEIGHTS)
-    assert set(bundle.artifacts) == {"onnx-fp32", "torch-fp32"}
+    assert set(bundle.artifacts) == {"onnx-fp32", "onnx-fp32-onnxruntime-cpu", "torch-fp32"}
     # The weights in the bundle are the demo weights, tensor for tensor.
     saved = cvt_deploy.load_checkpoint(out / "model.safetensors").state_dict()
     for key, value in demo_model.state_dict().items():
         assert torch.equal(saved[key], value), key
-    (report,) = json.loads(captured.out)
+    report, cpu_graph = json.loads(captured.out)  # the portable graph and the ONNX Runtime CPU one
+    assert cpu_graph["artifact"] == "onnx-fp32-onnxruntime-cpu" and cpu_graph["passed"] is True
     assert report["passed"] is True and report["images"] == 64
     assert report["accuracy_candidate"] >= 0.97 and report["max_abs"] <= FP32_TOL
     assert bundle.require("onnx").info["parity"]["passed"] is True
@@ -131,7 +132,8 @@ def test_export_hugging_face_folder(tmp_path, capsys):
     rc = export_cli.main(["--weights", str(folder), "--out", str(out), "--check-limit", "32", "--json", "-q"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    (report,) = json.loads(captured.out)
+    report, cpu_graph = json.loads(captured.out)
+    assert cpu_graph["passed"] is True
     assert report["passed"] is True and report["images"] == 32
     assert report["accuracy_reference"] is None and report["accuracy_candidate"] is None
     assert "agreement only" in report["data"]
@@ -157,8 +159,8 @@ def test_export_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch,
     assert stub_export_onnx, "the export ran; the check failed it"
     assert "parity gates failed" in captured.err and f"nothing was written to {out}" in captured.err
     assert "FAIL" in captured.err
-    (report,) = json.loads(captured.out)
-    assert report["passed"] is False
+    report, cpu_graph = json.loads(captured.out)
+    assert report["passed"] is False and cpu_graph["passed"] is False
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert leftovers(tmp_path) == []
 
@@ -285,14 +287,17 @@ def test_check_good_bundle_exits_0_with_a_pass_table(demo_bundle, capsys):
     assert rc == 0
     assert "PASS" in out and "FAIL" not in out
     assert "onnxruntime fp32 on cpu vs torch fp32 (cpu) on 64 images" in out
-    assert "gates" in out.splitlines()[-3]  # the summary table's header
+    assert "gates" in out.splitlines()[-4]  # the summary table's header (two fp32 graphs below it)
+    assert "onnxruntime fp32 on cpu (onnxruntime-cpu graph) vs torch fp32 (cpu)" in out
 
 
 def test_check_json(demo_bundle, capsys):
     rc = check_cli.main(["--bundle", str(demo_bundle), "--limit", "48", "--json", "-q"])
     out = capsys.readouterr().out
     assert rc == 0
-    (report,) = json.loads(out)
+    report, cpu_graph = json.loads(out)
+    assert (report["artifact"], cpu_graph["artifact"]) == ("onnx-fp32", "onnx-fp32-onnxruntime-cpu")
+    assert cpu_graph["passed"] is True and cpu_graph["max_abs"] <= FP32_TOL
     assert report["passed"] is True and report["images"] == 48 and report["precision"] == "fp32"
     assert report["accuracy_candidate"] >= 0.97 and report["max_abs"] <= FP32_TOL
 
@@ -375,8 +380,9 @@ def test_predict_bad_input(bundle_copy, tmp_path, case, capsys):
     elif case == "missing-image":
         args, message = [str(tmp_path / "cat.jpg")], "does not exist"
     elif case == "corrupt-onnx":
-        data = (bundle_copy / "model.onnx").read_bytes()
-        (bundle_copy / "model.onnx").write_bytes(data[: len(data) // 2])
+        for graph in ("model.onnx", "model.ort-cpu.onnx"):  # whichever graph cvt-predict picks
+            data = (bundle_copy / graph).read_bytes()
+            (bundle_copy / graph).write_bytes(data[: len(data) // 2])
         (tmp_path / "x.png").write_bytes(b"")
         args, message = [str(tmp_path / "x.png")], "does not match the bundle's manifest"
     else:
@@ -420,7 +426,8 @@ def test_failing_cli_prints_a_message_not_a_traceback(bundle_copy, tmp_path, cas
 
 def test_predict_corrupt_onnx_subprocess(bundle_copy, digit_files):
     _, paths, _ = digit_files
-    (bundle_copy / "model.onnx").write_bytes(b"\x00" * 100)
+    for graph in ("model.onnx", "model.ort-cpu.onnx"):  # whichever graph cvt-predict picks
+        (bundle_copy / graph).write_bytes(b"\x00" * 100)
     proc = run_script("cvt-predict", "--bundle", str(bundle_copy), str(paths[0]))
     assert proc.returncode == 2
     assert "does not match the bundle's manifest" in proc.stderr and "Traceback" not in proc.stderr
@@ -442,6 +449,7 @@ def test_check_on_a_labelled_image_folder(demo_bundle, tmp_path, demo_test_split
         Image.fromarray(demo_test_split.images[i]).save(folder / f"{i}.png")
     rc = check_cli.main(["--bundle", str(demo_bundle), "--data", str(tmp_path / "data"), "--json", "-q"])
     assert rc == 0
-    (report,) = json.loads(capsys.readouterr().out)
+    report, cpu_graph = json.loads(capsys.readouterr().out)
+    assert cpu_graph["images"] == 20 and cpu_graph["accuracy_drop"] == 0.0
     assert report["images"] == 20 and "labelled" in report["data"]
     assert report["accuracy_reference"] >= 0.9 and report["accuracy_drop"] == 0.0

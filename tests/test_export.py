@@ -242,9 +242,11 @@ def test_manifest_lists_artifacts_with_matching_sha256(demo_export):
     assert CvtConfig.from_dict(raw["model"]) == demo_export.model.cfg
     assert raw["batch"] == BatchRange().to_dict()
     assert raw["source"] == {"checkpoint": str(DEMO_WEIGHTS), "sha256": file_sha256(DEMO_WEIGHTS)}
-    assert set(raw["artifacts"]) == {"onnx-fp32", "torch-fp32"}
+    # the portable fp32 graph, and the ONNX Runtime CPU graph beside it (export/ort_cpu.py)
+    assert set(raw["artifacts"]) == {"onnx-fp32", "onnx-fp32-onnxruntime-cpu", "torch-fp32"}
+    assert raw["artifacts"]["onnx-fp32-onnxruntime-cpu"]["target"] == "onnxruntime-cpu"
     files = {a["file"] for a in raw["artifacts"].values()}
-    assert files == {"model.onnx", "model.safetensors"}
+    assert files == {"model.onnx", "model.ort-cpu.onnx", "model.safetensors"}
     assert {p.name for p in root.iterdir()} == files | {"manifest.json"}
     for art in raw["artifacts"].values():
         assert len(art["sha256"]) == 64
@@ -262,7 +264,7 @@ def test_manifest_lists_artifacts_with_matching_sha256(demo_export):
 
 def test_export_with_check_writes_parity_into_the_manifest(demo_export):
     reports = demo_export.result.reports
-    assert len(reports) == 1 and reports[0] and reports[0].precision == "fp32"
+    assert len(reports) == 2 and all(reports) and {r.precision for r in reports} == {"fp32"}  # portable + ORT-CPU graph
     parity = json.loads((demo_export.root / "manifest.json").read_text())["artifacts"]["onnx-fp32"]["parity"]
     assert parity["passed"] is True
     assert parity["images"] == 360 and "demo held-out digits" in parity["data"]
@@ -303,7 +305,8 @@ def test_parity_failure_leaves_no_bundle_and_no_temporary_folders(demo_model, tm
     with pytest.raises(ParityFailure) as e:
         export_bundle(demo_model, out, check_limit=32, progress=False)
     assert stub_export_onnx, "the export stage ran"
-    (report,) = e.value.reports
+    report = e.value.reports[0]
+    assert all(not r for r in e.value.reports)
     assert not report and report.max_abs > 0
     assert report.failed and report.failed[0].startswith("max |diff|")
     assert "parity gates failed for onnxruntime fp32 on cpu" in e.value.message and "max |diff|" in e.value.message

@@ -140,7 +140,8 @@ def test_bare_onnx_gets_config_labels_and_preprocessing_from_metadata(demo_expor
     assert rt.config.preprocess.size == 64 and rt.config.preprocess.resize == "squash"
     direct = OrtRuntime.from_onnx(demo_export.root / "model.onnx")
     images = list(demo_test_split.images[:16])
-    ref = load(demo_export.root, backend="onnxruntime").predict(images)
+    # the same graph loaded from the bundle (on the CPU, load() would pick the bundle's ORT-CPU graph)
+    ref = OrtRuntime.from_bundle(Bundle.open(demo_export.root), artifact="onnx-fp32").predict(images)
     for r in (rt, direct):
         pred = r.predict(images)
         np.testing.assert_array_equal(pred.logits, ref.logits)
@@ -194,16 +195,24 @@ def test_bare_static_onnx_pads_and_splits_too(static_bundle, demo_test_split):
 # --- bad bundles ----------------------------------------------------------------------------
 
 
+def _graph_load_runs(bundle_dir):
+    """(path, artifact name) of the graph load(bundle, "onnxruntime") runs here: on the CPU the
+    bundle's ONNX Runtime CPU graph where it has one."""
+    bundle = Bundle.open(bundle_dir)
+    art = bundle.find("onnx", "fp32", "onnxruntime-cpu") or bundle.require("onnx", "fp32")
+    return bundle.path(art), art.name
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 @pytest.mark.parametrize("as_bare_file", [False, True], ids=["bundle", "bare"])
 def test_corrupt_onnx_is_a_clear_error(bundle_copy, damage, as_bare_file):
-    path = bundle_copy / "model.onnx"
+    path, _ = _graph_load_runs(bundle_copy)
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x08\x07garbage" * 10, "empty": b""}[damage])
     with pytest.raises(CvtDeployError) as e:
         rt = load(path if as_bare_file else bundle_copy)
         rt.predict(rand_batch(1, 0))
-    assert "model.onnx" in e.value.message
+    assert path.name in e.value.message
     if as_bare_file:
         assert "ONNX Runtime cannot load" in e.value.message
     else:  # inside a bundle the manifest's hash catches the damage before ONNX Runtime sees it
@@ -215,17 +224,17 @@ def test_corrupt_onnx_with_matching_hash_still_is_a_clear_error(bundle_copy):
     """A manifest rewritten to the damaged file's hash: ONNX Runtime's own refusal, worded."""
     from cvt_deploy.bundle import Bundle
 
-    path = bundle_copy / "model.onnx"
+    path, name = _graph_load_runs(bundle_copy)
     path.write_bytes(path.read_bytes()[:1000])
     bundle = Bundle.open(bundle_copy)
-    bundle.add(bundle.artifacts["onnx-fp32"])  # re-hashes the file
+    bundle.add(bundle.artifacts[name])  # re-hashes the file
     with pytest.raises(CvtDeployError) as e:
         load(bundle_copy, backend="onnxruntime")
     assert "ONNX Runtime cannot load" in e.value.message and "re-export" in (e.value.hint or "")
 
 
 def test_bit_flipped_onnx_in_a_bundle_is_detected(bundle_copy, demo_test_split):
-    path = bundle_copy / "model.onnx"
+    path, _ = _graph_load_runs(bundle_copy)
     data = bytearray(path.read_bytes())
     mid = len(data) // 2  # inside the weight initialisers: still a parseable protobuf
     data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])

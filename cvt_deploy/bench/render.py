@@ -20,9 +20,28 @@ NOISY = 1.5  # p90 / p50 above this: the table says the row's calls were held up
 def header(result: BenchResult) -> str:
     m = result.meta
     mm = m["matmul"]
-    peak = f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})"
+    if "ceilings" in mm:
+        peaks = "; ".join(f"{name} {c['gops']:.0f} GOP/s" if c.get("gops") else f"{name} not measured ({c.get('error')})"
+                          for name, c in mm["ceilings"].items())
+        peak = f"GEMM ceilings {mm['size']}^3: {peaks or 'none'} (fp32 rows use {mm.get('fp32')}, int8 rows {mm.get('int8')})"
+    else:  # a result written before the per-precision ceilings
+        peak = f"fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): " + (
+            f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})")
     return (f"{m['model']} at {m['img_size']}px ({m['gmacs']:.3g} GMACs/image) on {m['device']}, "
-            f"{m['threads']} threads; fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): {peak}")
+            f"{m['threads']} threads; {peak}")
+
+
+def _cache_note(result: BenchResult) -> str | None:
+    """Which rows' weights fit the last-level cache: warm timings of those that do flatter them."""
+    llc = result.meta.get("llc_bytes")
+    sizes = {f"{r.backend} {r.precision}": (r.weights_mb, r.weights_fit_llc) for r in result.measured if r.weights_mb}
+    if not sizes:
+        return None
+    what = ", ".join(f"{k} {mb:.3g} MiB ({fit})" for k, (mb, fit) in sizes.items())
+    where = f"the last-level cache ({llc / 2**20:.0f} MiB)" if llc else "the last-level cache (size unknown here)"
+    return (f"weights within {where}: {what}. Steady-state timings of weights that fit are warmer than a "
+            "first call or a busy machine will see; 'first ms' is the first call after load")
+
 
 def table(result: BenchResult) -> str:
     """Terminal text: one line per combination, skipped/failed reasons as numbered notes."""
@@ -40,9 +59,10 @@ def table(result: BenchResult) -> str:
                      _ms(r.mean_ms), _ms(r.min_ms), _ms(r.max_ms), _num(r.throughput_ips, 1),
                      "" if r.ratio_vs_torch is None else f"{r.ratio_vs_torch:.2f}x", _num(r.gflops, 1),
                      "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
-                     _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else ""])
+                     _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else "",
+                     _ms(r.first_call_ms)])
     head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
-            "img/s", "vs torch", "GFLOP/s", "% matmul", "accuracy", "agree", "n"]
+            "img/s", "vs torch", "GFLOP/s", "% peak", "accuracy", "agree", "n", "first ms"]
     text = format_table(head, rows, title=header(result))
     foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     noisy = [f"{r.backend} {r.precision} b{r.batch}" for r in result.measured
@@ -54,6 +74,10 @@ def table(result: BenchResult) -> str:
     if load is not None and load > cpus + 1:
         foot.append(f"system load average {load:.1f} on {cpus} usable CPUs: other processes competed for the cores; "
                     "re-run on a quieter machine (or with fewer --threads) before trusting small differences")
+    cache = _cache_note(result)
+    if cache:
+        foot.append(cache)
+    foot.append("% peak = GFLOP/s / the fastest GEMM of the row's kind in this run (int8 rows: the integer GEMM)")
     foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
                 + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
     foot.append("vs torch = PyTorch-eager fp32 p50 / this p50 at the same batch (>1 is faster). "

@@ -35,7 +35,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("throughput_ips", "float", "images per second = batch / p50"),
     ("ratio_vs_torch", "float", "speed-up over PyTorch eager fp32 at the same batch = its p50 / this p50 (>1 is faster)"),
     ("gflops", "float", "achieved GFLOP/s = MACs x 2 x images/s / 1e9"),
-    ("pct_matmul_peak", "float", "gflops as % of a large fp32 matmul timed in the same run, same device and threads"),
+    ("pct_matmul_peak", "float", "gflops as % of the fastest GEMM for this precision timed in the same run, same device "
+                                 "and threads (matmul_ceiling names it: float GEMM for fp32/fp16, u8 x s8 for int8)"),
     ("peak_rss_mb", "float", "process-wide peak resident memory (ru_maxrss) once this combination was loaded and "
                              "warmed up; cumulative, since all runtimes share one process"),
     ("accuracy", "float", "accuracy recorded in the bundle manifest at export (fraction), blank if none"),
@@ -43,6 +44,11 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("iterations", "int", "timed calls behind the statistics"),
     ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend"),
     ("peak_cuda_mb", "float", "torch.cuda.max_memory_allocated, process-wide; blank off CUDA"),
+    ("first_call_ms", "float", "the first call after load at this batch (cold caches, buffers allocated); not in p50..max. "
+                               "Only the runtime's first batch size is a first call of the runtime itself"),
+    ("matmul_ceiling", "str", "the GEMM pct_matmul_peak divides by (see meta.matmul.ceilings)"),
+    ("weights_mb", "float", "size of the file the weights come from (graph, engine, safetensors), MiB"),
+    ("weights_fit_llc", "str", "yes | no | unknown: weights_mb within the CPU's last-level cache (meta.llc_bytes)"),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
@@ -75,6 +81,10 @@ class BenchRow:
     iterations: int = 0
     role: str = "backend"
     peak_cuda_mb: float | None = None
+    first_call_ms: float | None = None
+    matmul_ceiling: str | None = None
+    weights_mb: float | None = None
+    weights_fit_llc: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,7 @@ from ..progress import stage
 from ..runtimes.base import Runtime
 from ..util import PRECISIONS, tool_versions
 from .cost import count_macs
+from .limits import SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, llc_bytes
 from .results import BenchResult, BenchRow
 from .timing import Case, measure_interleaved, summarize
 
@@ -99,19 +100,26 @@ def _recorded_parity(bundle: Bundle, backend: str, precision: str) -> tuple[floa
     return first("accuracy_candidate", "accuracy"), first("top1_agreement", "agreement")
 
 
-def _matmul_case(size: int, device: str) -> tuple[Case, str]:
-    """A size x size fp32 matmul with the same library, device and threads as the models."""
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+def _ceiling_name(gemms: list[Any], precision: str) -> str | None:
+    found = best(gemms, precision)
+    return None if found is None else found.name
 
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(size, size, generator=gen).to(device)
-        b = torch.randn(size, size, generator=gen).to(device)
-        sync = torch.cuda.synchronize if device.startswith("cuda") else None
-        return Case("matmul", lambda: torch.matmul(a, b), sync), f"torch {torch.__version__}"
-    rng = np.random.default_rng(0)
-    an, bn = rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)
-    return Case("matmul", lambda: an @ bn), f"numpy {np.__version__} (its BLAS threads are not set by --threads)"
+
+def _weights_mb(bundle: Bundle, runtime: Runtime | str) -> float | None:
+    """Size of the file the runtime's weights come from (its graph, engine or safetensors), MB."""
+    if isinstance(runtime, str):
+        return None
+    path = getattr(runtime, "path", None)
+    if path is None:
+        try:
+            art = bundle.find(rt.backend_class(runtime.backend).artifact_kind, runtime.precision)
+        except (ImportError, CvtDeployError):
+            return None
+        path = bundle.path(art) if art is not None else None
+    try:
+        return round(os.path.getsize(path) / 2**20, 2) if path is not None else None
+    except OSError:
+        return None
 
 
 def _versions() -> dict[str, str]:
@@ -306,15 +314,15 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             row_of[id(case)].peak_rss_mb = round(_peak_rss_mb(), 1)
             row_of[id(case)].peak_cuda_mb = _peak_cuda_mb(device)
 
-    matmul, matmul_impl = _matmul_case(matmul_size, device)
+    gemms = ceilings(matmul_size, device, threads)
     if progress:
         print(f"benchmarking {len(all_cases)} combinations ({len(rows) - len(all_cases)} skipped) of {cfg.variant} "
               f"on {device} with {threads} threads, {rounds} interleaved rounds", file=sys.stderr)
-    measure_interleaved(all_cases + [matmul], iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
+    measure_interleaved(all_cases + [c.case for c in gemms], iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
                         settle=settle, min_iterations=min_iterations, progress=progress, after_warmup=note_memory)
 
-    matmul_gflops = 2 * matmul_size ** 3 / (summarize(matmul.times).p50 / 1e3) / 1e9 if matmul.times else None
     macs = count_macs(cfg)
+    llc = llc_bytes() if device == "cpu" else None
     for i, case in cases.items():
         row = rows[i]
         if case.error is not None or not case.times:
@@ -327,8 +335,13 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         ips = row.batch / (s.p50 / 1e3)
         row.throughput_ips = round(ips, 3)
         row.gflops = round(macs * 2 * ips / 1e9, 3)
-        if matmul_gflops:
-            row.pct_matmul_peak = round(100 * row.gflops / matmul_gflops, 2)
+        ceiling = best(gemms, row.precision)
+        if ceiling is not None and ceiling.gops:
+            row.pct_matmul_peak, row.matmul_ceiling = round(100 * row.gflops / ceiling.gops, 2), ceiling.name
+        if case.first is not None:
+            row.first_call_ms = round(case.first * 1e3, 4)
+        row.weights_mb = _weights_mb(bundle, runtimes[i])
+        row.weights_fit_llc = fits_llc(None if row.weights_mb is None else int(row.weights_mb * 2**20), llc)
     for row in rows:
         base = next((r for r in rows if (r.backend, r.precision, r.batch) == (*BASELINE, row.batch) and r.p50_ms), None)
         if base is not None and row.p50_ms:
@@ -339,8 +352,9 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             "gmacs": macs / 1e9, "bundle": str(bundle.root), "device": device, "threads": threads,
             "thread_controls": "torch.set_num_threads (process-wide) and onnxruntime intra_op_num_threads",
             "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
-            "matmul": {"size": matmul_size, "impl": matmul_impl,
-                       "gflops": None if matmul_gflops is None else round(matmul_gflops, 2), "error": matmul.error},
+            "matmul": {"size": matmul_size, "ceilings": ceilings_meta(gemms),
+                       **{p: _ceiling_name(gemms, p) for p in PRECISIONS}},
+            "llc_bytes": llc, "llc_source": str(SYSFS_CACHE) if llc else "unknown (no sysfs cache information)",
             "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
             "loadavg_1min": {"before": load_before, "after": _loadavg()},
             "host": {"platform": platform.platform(), "machine": platform.machine(), "cpus_usable": default_threads(),

@@ -49,6 +49,7 @@ class Case:
     iterations: int = 0  # timed calls: fixed if set beforehand, else measure_interleaved decides
     times: list[float] = field(default_factory=list)
     error: str | None = None  # set when a call raised; the case is then dropped from later rounds
+    first: float | None = None  # the first (cold) call, seconds; never among ``times``
 
     @classmethod
     def for_runtime(cls, name: str, runtime: Runtime, batch: np.ndarray) -> Case:
@@ -84,8 +85,10 @@ def measure_interleaved(cases: Sequence[Case], *, iterations: int | None = None,
                              "and min_time > 0", "pass positive counts")
     for case in track(cases, len(cases), "warming up", show=progress):
         try:
-            for _ in range(max(1, warmup)):
-                case._once()
+            for i in range(max(1, warmup)):
+                elapsed = case._once()
+                if i == 0 and case.first is None:
+                    case.first = elapsed
         except Exception as e:  # any backend error: report it in the row, keep measuring the rest
             case.error = _one_line(e)
             continue

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
     g.add_argument("--check-limit", type=int, metavar="N", help="check on at most N images (default 512)")
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
+    ap.add_argument("--no-ort-cpu", action="store_true",
+                    help="write the portable graphs only (by default ONNX Runtime CPU graphs are added: faster there, "
+                         "see README 'Graphs per target')")
     g = ap.add_argument_group("int8 calibration")
     g.add_argument("--calib", metavar="DIR|FILE.npy", help="calibration images (default: the demo calibration split)")
     g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.int8)")
@@ -85,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.quiet
     options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch), data=args.data,
                             check=not args.no_check, check_limit=args.check_limit, calib=args.calib,
-                            calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache)
+                            calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache,
+                            ort_cpu=not args.no_ort_cpu)
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)

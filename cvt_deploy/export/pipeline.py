@@ -44,6 +44,8 @@ class ExportOptions:
     ``precisions``: graphs besides the fp32 reference (fp16, int8). ``batch``: the batch sizes
     the graphs accept. ``data``/``check_limit``/``check``: the parity check (an image folder,
     default the demo digits). ``calib*``: int8 calibration images, method, count and cache.
+    ``ort_cpu``: also write ONNX Runtime CPU graphs (fp32, and int8 when asked) beside the
+    portable ones (export/ort_cpu.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -56,6 +58,7 @@ class ExportOptions:
     calib_method: str | None = None
     calib_count: int | None = None
     calib_cache: Path | None = None
+    ort_cpu: bool = True
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
@@ -73,7 +76,11 @@ class ExportOptions:
 
 def planned_files(options: ExportOptions) -> list[str]:
     """The files an export with ``options`` writes (checked against a user's files in --out first)."""
-    return ["model.safetensors", *(f for p, f in ONNX_FILES.items() if p in options.precisions or p == "fp32")]
+    from .ort_cpu import FILES as ORT_CPU_FILES
+
+    wanted = {"fp32", *options.precisions}
+    return ["model.safetensors", *(f for p, f in ONNX_FILES.items() if p in wanted),
+            *(f for p, f in ORT_CPU_FILES.items() if p in wanted and options.ort_cpu)]
 
 
 def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOptions | None = None, *,
@@ -127,6 +134,11 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
+        if options.ort_cpu:
+            from .ort_cpu import write_ort_cpu_graphs
+
+            write_ort_cpu_graphs(bundle, precisions, {p: graph_metadata(cfg.to_json(), p, meta) for p in ("fp32", "int8")},
+                                 progress)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)

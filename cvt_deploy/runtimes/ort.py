@@ -60,6 +60,7 @@ class OrtRuntime(Runtime):
             self.batch_range = BatchRange(shape[0], shape[0], shape[0])
         self.input_name = self.session.get_inputs()[0].name
         self.path = str(path)
+        self.target = "portable"  # what the graph was built for (bundle.TARGETS); from_bundle knows
 
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
@@ -76,9 +77,28 @@ class OrtRuntime(Runtime):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
-                    threads: int | None = None) -> OrtRuntime:
-        art = bundle.require("onnx", precision)
-        return cls(bundle.verified_path(art), bundle.config, art.precision, device or "cpu", threads)
+                    threads: int | None = None, artifact: str | None = None) -> OrtRuntime:
+        """On the CPU, the bundle's ONNX Runtime CPU graph of ``precision`` where it has one (faster:
+        export/ort_cpu.py), else the portable graph; on CUDA/TensorRT, always the portable one.
+        ``artifact`` names one graph of the bundle instead (cvt-check checks each)."""
+        device = device or "cpu"
+        if artifact is not None:
+            art = bundle.artifacts.get(artifact)
+            if art is None or art.kind != "onnx":
+                raise CvtDeployError(f"bundle {bundle.root} has no ONNX graph named {artifact!r}",
+                                     f"choose one of: {', '.join(n for n, a in bundle.artifacts.items() if a.kind == 'onnx')}")
+            if art.target == "onnxruntime-cpu" and device != "cpu":
+                raise CvtDeployError(f"{artifact} is built for ONNX Runtime's CPU provider, not {device}",
+                                     "load the portable graph (leave the artifact out) or use --device cpu")
+        else:
+            art = (bundle.find("onnx", precision, "onnxruntime-cpu") if device == "cpu" else None) \
+                or bundle.require("onnx", precision)
+        runtime = cls(bundle.verified_path(art), bundle.config, art.precision, device, threads)
+        runtime.target = art.target
+        return runtime
+
+    def describe(self) -> str:
+        return super().describe() + (f" ({self.target} graph)" if self.target != "portable" else "")
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str], device: str | None = None, threads: int | None = None) -> OrtRuntime:

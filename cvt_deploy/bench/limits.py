@@ -1,0 +1,141 @@
+"""What bounds a benchmark row: the fastest GEMM of its kind on the device (measured in the
+same run) and whether the model's weights fit the last-level cache.
+
+A "% of matmul peak" is only honest against the fastest matrix multiply the device offers
+the row's arithmetic: on one 2-core CPU, ONNX Runtime's fp32 MatMul (MLAS) ran at ~2x
+torch's, so dividing by torch's overstated every row ~2x (issue #14). So on the CPU the
+ceilings are ONNX Runtime's fp32 MatMul and its u8 x s8 MatMulInteger (what the int8 graphs
+run), and torch's fp32 matmul where torch is installed: fp32 rows divide by the faster fp32
+one, int8 rows by the integer one, fp16 rows by the fastest fp16 or fp32 GEMM (a CPU has no
+fp16 GEMM of its own). On a GPU the ceilings are torch's matmul (cuBLAS) in fp32 and fp16;
+there is no int8 GEMM ceiling there yet.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .timing import Case, summarize
+
+SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+@dataclass(eq=False)
+class Ceiling:
+    """One GEMM timed beside the models: ``kind`` its arithmetic (fp32, fp16, int8), ``ops`` per call."""
+
+    name: str
+    kind: str
+    impl: str
+    case: Case
+    ops: float
+
+    @property
+    def gops(self) -> float | None:
+        if not self.case.times:
+            return None
+        return self.ops / (summarize(self.case.times).p50 / 1e3) / 1e9
+
+
+def _ort_gemm(size: int, threads: int, integer: bool) -> Case:
+    """A size x size MatMul (fp32) or MatMulInteger (u8 x s8 -> s32) in ONNX Runtime's CPU provider."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..util import ort_session
+
+    rng = np.random.default_rng(0)
+    a: np.ndarray
+    b: np.ndarray
+    if integer:
+        a = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        b = rng.integers(-128, 128, (size, size), dtype=np.int8)
+        node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
+        a_type, y_type = TensorProto.UINT8, TensorProto.INT32
+    else:
+        a = rng.standard_normal((size, size), np.float32)
+        b = rng.standard_normal((size, size), np.float32)
+        node = helper.make_node("MatMul", ["a", "b"], ["y"])
+        a_type = y_type = TensorProto.FLOAT
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", a_type, [size, size])],
+                              [helper.make_tensor_value_info("y", y_type, [size, size])],
+                              initializer=[numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort_session(model.SerializeToString(), threads, ["CPUExecutionProvider"])
+    return Case("ort " + ("int8" if integer else "fp32") + " gemm", lambda: session.run(None, {"a": a}))
+
+
+def _torch_gemm(size: int, device: str, dtype: str) -> tuple[Case, str]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    t = getattr(torch, {"fp32": "float32", "fp16": "float16"}[dtype])
+    a = torch.randn(size, size, generator=gen).to(device, t)
+    b = torch.randn(size, size, generator=gen).to(device, t)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    return Case(f"torch {dtype} gemm", lambda: torch.matmul(a, b), sync), f"torch {torch.__version__} matmul {dtype}"
+
+
+def ceilings(size: int, device: str, threads: int) -> list[Ceiling]:
+    """The GEMMs to time in this run (size x size x size, ``threads`` CPU threads)."""
+    ops = 2.0 * size ** 3
+    out: list[Ceiling] = []
+    has_torch = importlib.util.find_spec("torch") is not None
+    if device == "cpu":
+        if importlib.util.find_spec("onnxruntime") is not None:
+            import onnxruntime
+
+            impl = f"onnxruntime {onnxruntime.__version__} CPU"
+            out.append(Ceiling("ort-fp32", "fp32", f"{impl} MatMul fp32 (MLAS)", _ort_gemm(size, threads, False), ops))
+            out.append(Ceiling("ort-int8", "int8", f"{impl} MatMulInteger u8 x s8", _ort_gemm(size, threads, True), ops))
+        if has_torch:
+            case, impl = _torch_gemm(size, device, "fp32")
+            out.append(Ceiling("torch-fp32", "fp32", impl, case, ops))
+        if not out:  # neither library: numpy's BLAS, whose threads --threads does not set
+            rng = np.random.default_rng(0)
+            an, bn = rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)
+            out.append(Ceiling("numpy-fp32", "fp32", f"numpy {np.__version__} (its BLAS threads are not set by --threads)",
+                               Case("numpy fp32 gemm", lambda: an @ bn), ops))
+    elif has_torch:
+        for dtype in ("fp32", "fp16"):
+            case, impl = _torch_gemm(size, device, dtype)
+            out.append(Ceiling(f"torch-{dtype}", dtype, impl, case, ops))
+    return out
+
+
+def best(found: list[Ceiling], precision: str) -> Ceiling | None:
+    """The fastest measured ceiling for a row of ``precision`` (int8 rows: the integer GEMM)."""
+    kinds = {"int8": ("int8",), "fp16": ("fp16", "fp32")}.get(precision, ("fp32",))
+    timed = [c for c in found if c.kind in kinds and c.gops is not None]
+    return max(timed, key=lambda c: c.gops or 0.0, default=None)
+
+
+def llc_bytes() -> int | None:
+    """Size of the largest (last-level) CPU cache from sysfs, or None where it cannot be read."""
+    sizes = []
+    try:
+        for index in SYSFS_CACHE.glob("index*"):
+            kind = (index / "type").read_text().strip()
+            if kind not in ("Unified", "Data"):
+                continue
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append((int((index / "level").read_text()), int(text.rstrip("KMG")) * scale))
+    except (OSError, ValueError):
+        return None
+    return max(sizes)[1] if sizes else None
+
+
+def fits_llc(weights: int | None, llc: int | None) -> str:
+    """"yes" / "no" / "unknown": whether ``weights`` bytes fit a last-level cache of ``llc`` bytes."""
+    if weights is None or llc is None:
+        return "unknown"
+    return "yes" if weights <= llc else "no"
+
+
+def ceilings_meta(found: list[Ceiling]) -> dict[str, Any]:
+    return {c.name: {"kind": c.kind, "impl": c.impl, "gops": None if c.gops is None else round(c.gops, 2),
+                     "error": c.case.error} for c in found}
