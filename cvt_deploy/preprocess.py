@@ -5,6 +5,7 @@ resize the shorter side to 256 (bicubic) and center-crop 224; 384 models resize 
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -15,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from .config import PreprocessConfig
 from .errors import CvtDeployError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # config.INTERPOLATIONS
@@ -23,17 +24,24 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def load_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image (any mode) or an HWC/HW uint8 array."""
-    if isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.is_file():
-            raise CvtDeployError(f"image {str(path)!r} does not exist", "check the path")
+    """An RGB PIL image from a path, an encoded image file's bytes (PNG, JPEG...), a PIL image
+    (any mode) or an HWC/HW uint8 array."""
+    if isinstance(item, (str, os.PathLike, bytes)):
+        # Files and bytes (e.g. a served request) go through the same decoder.
+        if isinstance(item, bytes):
+            source: Any = io.BytesIO(item)
+            what = f"{len(item)} bytes" + (f" starting {item[:8]!r}" if item else "")
+        else:
+            source = path = Path(item)
+            what = str(path)
+            if not path.is_file():
+                raise CvtDeployError(f"image {what!r} does not exist", "check the path")
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 im.load()
                 return _to_rgb(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise CvtDeployError(f"{path} is not a readable image ({type(e).__name__}: {e})",
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise CvtDeployError(f"{what} is not a readable image ({type(e).__name__}: {e})",
                                  "pass a JPEG, PNG or other image file PIL can open") from None
     if isinstance(item, Image.Image):
         return _to_rgb(item)

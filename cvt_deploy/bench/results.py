@@ -41,8 +41,12 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("accuracy", "float", "accuracy recorded in the bundle manifest at export (fraction), blank if none"),
     ("top1_agreement", "float", "top-1 agreement with PyTorch fp32 recorded at export (fraction), blank if none"),
     ("iterations", "int", "timed calls behind the statistics"),
-    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend"),
+    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend | in-process "
+                    "(beside a served run)"),
     ("peak_cuda_mb", "float", "torch.cuda.max_memory_allocated, process-wide; blank off CUDA"),
+    ("concurrency", "int", "served rows (cvt-bench --url): requests kept in flight; throughput is then images "
+                           "completed / wall time; blank in-process"),
+    ("server_batch", "float", "served rows: mean batch Triton formed (its inference count / execution count)"),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
@@ -75,6 +79,8 @@ class BenchRow:
     iterations: int = 0
     role: str = "backend"
     peak_cuda_mb: float | None = None
+    concurrency: int | None = None
+    server_batch: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
