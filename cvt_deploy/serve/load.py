@@ -171,7 +171,7 @@ class _Level:
     errors: list[str] = field(default_factory=list)
 
 
-def _run_block(level: _Level, clients: list[Any], send: Callable[[Any], None], seconds: float,
+def _run_block(level: _Level, connect: Callable[[], Any], send: Callable[[Any], None], seconds: float,
                metrics: Callable[[], Metrics], images_per_request: int, settle: int = 1) -> None:
     """C requests in flight for ``seconds``; latencies, images and Triton's counters into ``level``."""
     marks: dict[str, Any] = {}
@@ -180,10 +180,12 @@ def _run_block(level: _Level, clients: list[Any], send: Callable[[Any], None], s
         marks["before"] = metrics()
         marks["t0"] = time.perf_counter()
 
-    barrier = threading.Barrier(len(clients), action=start)
+    barrier = threading.Barrier(level.concurrency, action=start)
 
-    def worker(client: Any) -> None:
+    def worker() -> None:
         try:
+            # a client per thread: tritonclient.http's clients are bound to the thread (gevent) that made them
+            client = connect()
             for _ in range(settle):  # the first call after a pause pays for waking the server's threads
                 send(client)
             barrier.wait()
@@ -197,7 +199,7 @@ def _run_block(level: _Level, clients: list[Any], send: Callable[[Any], None], s
             barrier.abort()
 
     n_before = len(level.times)
-    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    threads = [threading.Thread(target=worker) for _ in range(level.concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -228,17 +230,17 @@ def sweep(options: LoadOptions, progress: bool = True) -> Any:
         client.infer(options.model, request_inputs(module, **payload))
 
     levels = [_Level(c) for c in options.concurrency]
-    pool = [module.InferenceServerClient(options.endpoint) for _ in range(max(options.concurrency))]
-    for client in pool[:1]:
-        for _ in range(options.warmup):
-            send(client)
+    connect = lambda: module.InferenceServerClient(options.endpoint)  # noqa: E731
+    warm = connect()
+    for _ in range(options.warmup):
+        send(warm)
     local = _local_cases(options, chw) if options.bundle else []
     block = options.min_time / options.rounds
     schedule = [(r, item) for r in range(options.rounds) for item in [*levels, *local]]
     for _, item in track(schedule, len(schedule), "measuring", show=progress):
         if isinstance(item, _Level):
             if not item.errors:
-                _run_block(item, pool[:item.concurrency], send, block, read, options.images_per_request)
+                _run_block(item, connect, send, block, read, options.images_per_request)
         else:
             _time_block(item, block)
 
