@@ -226,6 +226,33 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference)
             assert np.abs(result.as_numpy("logits")[0] - pred.logits[0]).max() <= 1e-5
 
 
+def test_served_benchmark_sweeps_concurrency_with_the_bench_files(served, demo_bundle, tmp_path, capsys):
+    """cvt-bench --url: rows per level with Triton's batch sizes, beside in-process rows, in the usual files."""
+    from cvt_deploy.bench import BenchResult
+    from cvt_deploy.cli.bench import main
+
+    out = tmp_path / "served.json"
+    code = main(["--url", f"http://{served.http}", "--metrics-url", served.metrics, "--concurrency", "1,4",
+                 "--bundle", str(demo_bundle), "--batches", "1,4", "--threads", "1", "--quick", "--no-progress",
+                 "--json", str(out), "--csv", str(tmp_path / "served.csv")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    result = BenchResult.from_json(out)
+    levels = {r.concurrency: r for r in result.rows if r.concurrency is not None}
+    assert sorted(levels) == [1, 4] and all(r.status == "ok" and r.throughput_ips > 0 for r in levels.values())
+    assert levels[1].server_batch is not None and levels[1].server_batch >= 1
+    assert [r.batch for r in result.rows if r.role == "in-process"] == [1, 4]
+    assert "in flight" in text and "served / in-process:" in text
+    assert "concurrency,server_batch" in (tmp_path / "served.csv").read_text().splitlines()[0]
+
+
+def test_served_benchmark_of_a_model_not_served_is_a_clear_error(served, capsys):
+    from cvt_deploy.cli.bench import main
+
+    assert main(["--url", f"http://{served.http}", "--model", "nope", "--quick", "--no-progress"]) == 2
+    assert "does not serve model 'nope'" in capsys.readouterr().err
+
+
 def test_sigterm_stops_triton_and_its_children_and_frees_the_ports(served):
     """Runs last: stops the module's server."""
     below = descendants(served.proc.pid)

@@ -66,8 +66,8 @@ def table(result: BenchResult) -> str:
         foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
                     + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
     if served:
-        foot.append("served rows: img/s = images completed / wall time with 'in flight' requests outstanding; "
-                    "srv batch = mean batch Triton formed (from its metrics)")
+        foot.append("served run: img/s = images completed / wall time (in-process rows too); 'in flight' = requests "
+                    "kept outstanding; srv batch = mean batch Triton formed (from its metrics)")
     foot.append("vs torch = PyTorch-eager fp32 p50 / this p50 at the same batch (>1 is faster). "
                 "On a shared machine compare these ratios, not absolute milliseconds across runs.")
     return text + "\n" + "\n".join(foot)
