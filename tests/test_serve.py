@@ -156,6 +156,26 @@ def clients(served: Served):
     return [(thttp, thttp.InferenceServerClient(served.http)), (tgrpc, tgrpc.InferenceServerClient(served.grpc))]
 
 
+def test_one_runtime_call_answers_requests_of_both_kinds(reference, monkeypatch):
+    """What Triton hands the model: a list of requests; one run() for all, outputs split back per request."""
+    from cvt_deploy.serve.server import infer_batch
+
+    runtime, files, pred, pixels = reference
+    calls = []
+    run = runtime.run
+    monkeypatch.setattr(runtime, "run", lambda batch: calls.append(len(batch)) or run(batch))
+    requests = [{"images": np.array([[Path(f).read_bytes()] for f in files[:2]], dtype=np.object_)},
+                {"pixels": pixels[2:5]},
+                {"images": np.array([[Path(files[5]).read_bytes()]], dtype=np.object_)}]
+    out = infer_batch(runtime, requests, topk=3)
+    assert calls == [6]
+    logits = np.concatenate([o["logits"] for o in out])
+    assert [len(o["logits"]) for o in out] == [2, 3, 1] and np.abs(logits - pred.logits).max() <= 1e-5
+    np.testing.assert_array_equal(np.concatenate([o["classes"] for o in out]), pred.indices[:, :3])
+    with pytest.raises(CvtDeployError, match="exactly one"):
+        infer_batch(runtime, [{"images": requests[0]["images"], "pixels": pixels[:2]}], topk=3)
+
+
 def test_startup_prints_urls_and_metadata_describes_inputs_and_outputs(served):
     text = "".join(served.output)
     assert served.http in text and served.grpc in text and served.metrics in text
