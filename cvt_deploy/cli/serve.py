@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instances", type=int, default=1, metavar="N", help="batches run at once (default 1)")
     g.add_argument("--topk", type=int, default=5, metavar="K", help="labels and scores per image (default 5)")
     ap.add_argument("--log-file", type=Path, metavar="FILE",
-                    help="where Triton writes its log (default: a temporary file, named at startup)")
+                    help="where Triton writes its log (default: a temporary file, named at startup and removed after a clean stop)")
     ap.add_argument("-v", "--verbose", action="store_true", help="Triton's and PyTriton's log on the terminal instead")
     return ap
 
@@ -67,12 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                            grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch=args.max_batch,
                            max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, topk=args.topk)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    log_file = None
-    if not args.verbose:
+    log_file, temporary = args.log_file, False
+    if not args.verbose and log_file is None:
         import tempfile
 
-        log_file = args.log_file or Path(tempfile.mkstemp(prefix="cvt-serve-", suffix=".log")[1])
-    main_loop(Server(args.bundle, options, log_file=log_file))
+        log_file, temporary = Path(tempfile.mkstemp(prefix="cvt-serve-", suffix=".log")[1]), True
+    try:
+        main_loop(Server(args.bundle, options, log_file=log_file))
+    except BaseException:
+        if temporary and log_file is not None and log_file.stat().st_size == 0:
+            log_file.unlink()  # Triton never wrote to it: nothing to look at
+        raise
+    if temporary and log_file is not None:
+        log_file.unlink(missing_ok=True)  # a clean stop: the temporary log has served its purpose
     return 0
 
 
