@@ -6,6 +6,7 @@ resize the shorter side to 256 (bicubic) and center-crop 224; 384 models resize 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import PreprocessConfig
 from .errors import CvtDeployError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # config.INTERPOLATIONS
@@ -26,8 +27,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
+def _opened(path: Path | io.BytesIO, what: str | None = None) -> Iterator[Image.Image]:
     """``Image.open`` with every failure (not an image, a decompression bomb) as our error."""
+    what = what or str(path)
     try:
         with warnings.catch_warnings():
             # PIL only warns between its limit and twice it: both are refused here.
@@ -35,11 +37,11 @@ def _opened(path: Path) -> Iterator[Image.Image]:
             with Image.open(path) as im:
                 yield im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CvtDeployError(f"{path} is refused as a possible decompression bomb ({e})",
+        raise CvtDeployError(f"{what} is refused as a possible decompression bomb ({e})",
                              "downscale the image first, or raise PIL.Image.MAX_IMAGE_PIXELS in your own "
                              "code if you trust the file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise CvtDeployError(f"{path} is not a readable image ({type(e).__name__}: {e})",
+        raise CvtDeployError(f"{what} is not a readable image ({type(e).__name__}: {e})",
                              "pass a JPEG, PNG or other image file PIL can open") from None
 
 
@@ -54,7 +56,8 @@ def check_image_header(path: str | os.PathLike[str]) -> None:
 
 
 def load_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image (any mode) or an HWC/HW array.
+    """An RGB PIL image from a path, an encoded image file's bytes (PNG, JPEG...: a served
+    request), a PIL image (any mode) or an HWC/HW array.
 
     How pixels are read, one rule for every source (documented in the README, "Images"):
     integer images are scaled by their type's full range (8-bit as is, 16-bit -- PIL modes
@@ -64,6 +67,11 @@ def load_image(item: ImageLike) -> Image.Image:
     composited on white. Empty images, values outside their type's range, and images with
     more pixels than PIL's decompression-bomb limit are refused.
     """
+    if isinstance(item, bytes):  # files and bytes go through the same decoder
+        what = f"{len(item)} bytes" + (f" starting {item[:8]!r}" if item else "")
+        with _opened(io.BytesIO(item), what) as im:
+            im.load()
+            return _to_rgb(im, what)
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():

@@ -19,6 +19,9 @@ NOISY = 1.5  # p90 / p50 above this: the table says the row's calls were held up
 
 def header(result: BenchResult) -> str:
     m = result.meta
+    if "url" in m:  # a served run (cvt-bench --url)
+        return (f"model {m['model']!r} served at {m['url']} over {m['protocol']}, {m['send']} "
+                f"x{m['images_per_request']} per request" + (f"; in-process: {m['bundle']}" if m.get("bundle") else ""))
     mm = m["matmul"]
     if "ceilings" in mm:
         peaks = "; ".join(f"{name} {c['gops']:.0f} GOP/s" if c.get("gops") else f"{name} not measured ({c.get('error')})"
@@ -47,6 +50,7 @@ def table(result: BenchResult) -> str:
     """Terminal text: one line per combination, skipped/failed reasons as numbered notes."""
     notes: list[str] = []
     rows = []
+    served = any(r.concurrency is not None for r in result.rows)
     for r in result.rows:
         if r.status != "ok":
             note = f"{r.backend}: {r.reason}"  # reasons name the precision where it matters
@@ -61,8 +65,12 @@ def table(result: BenchResult) -> str:
                      "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
                      _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else "",
                      _ms(r.first_call_ms)])
+        if served:
+            rows[-1][3:3] = ["" if r.concurrency is None else str(r.concurrency), _num(r.server_batch, 2)]
     head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
             "img/s", "vs torch", "GFLOP/s", "% peak", "accuracy", "agree", "n", "first ms"]
+    if served:
+        head[3:3] = ["in flight", "srv batch"]
     text = format_table(head, rows, title=header(result))
     foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     noisy = [f"{r.backend} {r.precision} b{r.batch}" for r in result.measured
@@ -77,9 +85,14 @@ def table(result: BenchResult) -> str:
     cache = _cache_note(result)
     if cache:
         foot.append(cache)
-    foot.append("% peak = GFLOP/s / the fastest GEMM of the row's kind in this run (int8 rows: the integer GEMM)")
-    foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
-                + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
+    if not served:
+        foot.append("% peak = GFLOP/s / the fastest GEMM of the row's kind in this run (int8 rows: the integer GEMM)")
+    if "peak_rss_mb" in result.meta:
+        foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
+                    + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
+    if served:
+        foot.append("served run: img/s = images completed / wall time (in-process rows too); 'in flight' = requests "
+                    "kept outstanding; srv batch = mean batch Triton formed (from its metrics)")
     foot.append("vs torch = PyTorch-eager fp32 p50 / this p50 at the same batch (>1 is faster). "
                 "On a shared machine compare these ratios, not absolute milliseconds across runs.")
     return text + "\n" + "\n".join(foot)
@@ -104,10 +117,11 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     if not series:
         raise CvtDeployError("no combination was measured, so there is nothing to plot", "see the table's skipped reasons")
     ax_lat, ax_ips = fig.subplots(1, 2)
-    batches = sorted({r.batch for r in result.measured})
+    batches = sorted({r.concurrency or r.batch for r in result.measured})
+    served = any(r.concurrency is not None for r in result.measured)
     for (backend, precision), rows in series.items():
-        rows = sorted(rows, key=lambda r: r.batch)
-        xs = [r.batch for r in rows]
+        rows = sorted(rows, key=lambda r: r.concurrency or r.batch)
+        xs = [r.concurrency or r.batch for r in rows]
         p50 = np.array([r.p50_ms for r in rows], dtype=float)
         low = [p - (r.min_ms or p) for p, r in zip(p50, rows)]
         high = [(r.p90_ms or p) - p for p, r in zip(p50, rows)]
@@ -117,7 +131,7 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
         ax_ips.plot(xs, [r.throughput_ips for r in rows], marker="o", label=label)
     for ax, ylabel in ((ax_lat, "latency per call, ms (p50; whiskers min..p90)"), (ax_ips, "throughput, images/s")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
+        ax.set_xlabel("batch size (in-process) / requests in flight (served)" if served else "batch size")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.set_xticks(batches, [str(b) for b in batches])

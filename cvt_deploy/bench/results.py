@@ -42,13 +42,17 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("accuracy", "float", "accuracy recorded in the bundle manifest at export (fraction), blank if none"),
     ("top1_agreement", "float", "top-1 agreement with PyTorch fp32 recorded at export (fraction), blank if none"),
     ("iterations", "int", "timed calls behind the statistics"),
-    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend"),
+    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend | in-process "
+                    "(beside a served run)"),
     ("peak_cuda_mb", "float", "torch.cuda.max_memory_allocated, process-wide; blank off CUDA"),
     ("first_call_ms", "float", "the first call after load at this batch (cold caches, buffers allocated); not in p50..max. "
                                "Only the runtime's first batch size is a first call of the runtime itself"),
     ("matmul_ceiling", "str", "the GEMM pct_matmul_peak divides by (see meta.matmul.ceilings)"),
     ("weights_mb", "float", "size of the file the weights come from (graph, engine, safetensors), MiB"),
     ("weights_fit_llc", "str", "yes | no | unknown: weights_mb within the CPU's last-level cache (meta.llc_bytes)"),
+    ("concurrency", "int", "served rows (cvt-bench --url): requests kept in flight; throughput is then images "
+                           "completed / wall time; blank in-process"),
+    ("server_batch", "float", "served rows: mean batch Triton formed (its inference count / execution count)"),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
@@ -85,6 +89,8 @@ class BenchRow:
     matmul_ceiling: str | None = None
     weights_mb: float | None = None
     weights_fit_llc: str | None = None
+    concurrency: int | None = None
+    server_batch: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

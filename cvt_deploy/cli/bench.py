@@ -49,6 +49,11 @@ examples:
   cvt-bench --bundle build/demo --quick
   cvt-bench --bundle build/cvt13 --backends torch,onnxruntime --batches 1,8 --threads 2 --csv bench.csv
   cvt-bench --bundle build/cvt13 --device cuda --precisions fp32,fp16 --batches 1,8,32 --plot bench.png
+
+a served model (cvt-serve, or any Triton serving it):
+  cvt-bench --url http://localhost:8000 --model cvt --concurrency 1,2,4,8,16
+  cvt-bench --url http://localhost:8000 --bundle build/cvt13 --threads 2   also times the bundle in this
+      process (ONNX Runtime fp32 at --batches) in the same interleaved rounds, and prints the ratios
 """
 
 
@@ -77,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, epilog=epilog(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
+    ap.add_argument("--bundle", type=Path, help="bundle folder written by cvt-export")
     ap.add_argument("--backends", metavar="LIST",
                     help=f"comma-separated, of {','.join(BACKENDS)} (default: all; unavailable ones are skipped rows)")
     ap.add_argument("--precisions", metavar="LIST",
@@ -101,7 +106,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds in all: ~0.1 s per row, 1 warm-up call, 3 rounds (figures are rough)")
     ap.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    g = ap.add_argument_group("a served model (cvt-serve)")
+    g.add_argument("--url", help="a running Triton server, e.g. http://localhost:8000 (gRPC: localhost:8001 with --protocol grpc)")
+    g.add_argument("--model", default="cvt", help="served model name (default cvt)")
+    g.add_argument("--concurrency", default="1,2,4,8,16", metavar="LIST", help="requests in flight per level (default 1,2,4,8,16)")
+    g.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
+    g.add_argument("--send", choices=("pixels", "images"), default="pixels",
+                   help="pixels: preprocessed float32 (default); images: an encoded PNG, preprocessed by the server")
+    g.add_argument("--images-per-request", type=int, default=1, metavar="N", help="batch of one request (default 1)")
+    g.add_argument("--metrics-url", help="Triton's metrics (default: the --url host, port 8002)")
     args = ap.parse_args(argv)
+    if args.url is not None:
+        return _served(args)
+    if args.bundle is None:
+        raise CvtDeployError("nothing to benchmark", "pass --bundle DIR, or --url URL for a served model")
 
     settings = dict(QUICK if args.quick else NORMAL)
     for key in ("min_time", "warmup", "rounds"):  # explicit flags win over --quick
@@ -139,6 +157,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CvtDeployError("no combination could run here (see the reasons under the table)",
                              "install a backend (pip install 'cvt-deploy[onnx]') or export the missing artifacts")
     # 1: it ran, but some combination broke while running (reasons under the table)
+    return 1 if any(r.status == "failed" for r in result.rows) else 0
+
+
+def _served(args: argparse.Namespace) -> int:
+    from ..serve.load import LoadOptions, comparison, sweep
+
+    settings = dict(QUICK if args.quick else NORMAL)
+    for key in ("min_time", "warmup", "rounds"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    options = LoadOptions(url=args.url, model=args.model, concurrency=parse_batches(args.concurrency),
+                          protocol=args.protocol, metrics_url=args.metrics_url, send=args.send,
+                          images_per_request=args.images_per_request, min_time=float(settings["min_time"]),
+                          warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
+                          bundle=str(args.bundle) if args.bundle else None,
+                          batches=parse_batches(args.batches) if args.batches else (1, 8, 32), threads=args.threads)
+    result = sweep(options, progress=not args.no_progress)
+    print(result.table())
+    ratios = comparison(result)
+    if ratios:
+        result.meta["comparison"] = ratios
+        print("served / in-process: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
+    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv), (args.plot, result.plot)):
+        if path is not None:
+            write(path)
+            print(f"wrote {path}", file=sys.stderr)
     return 1 if any(r.status == "failed" for r in result.rows) else 0
 
 

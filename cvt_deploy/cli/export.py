@@ -24,6 +24,7 @@ examples:
   cvt-export --weights my-finetuned-cvt/ --out build/mine    a Hugging Face folder: any architecture, any classes
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
+  cvt-export --format triton --bundle build/cvt13 --out build/triton-repo   a Triton model repository
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--format", choices=("onnx", "trt"), default="onnx",
-                    help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU)")
+    ap.add_argument("--format", choices=("onnx", "trt", "triton"), default="onnx",
+                    help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU); "
+                         "triton: a Triton model repository from --bundle, written to --out")
     ap.add_argument("--precision", default=None, metavar="P[,P]",
                     help="fp32, fp16, int8 or a comma list (default: fp32 for onnx, fp16 for trt). "
                          "The fp32 graph is always written: it is the reference")
@@ -71,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
     g.add_argument("--version-compatible", action="store_true", help="engine runs on newer TensorRT 10.x too")
     g.add_argument("--hardware-compatible", action="store_true", help="engine runs on all Ampere and newer GPUs")
+    g = ap.add_argument_group("Triton model repository (--format triton; needs the 'serve' extra)")
+    g.add_argument("--triton-name", default="cvt", metavar="NAME", help="model name prefix: NAME-onnx-fp32, NAME-trt-fp16 (default cvt)")
+    g.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu", help="instances of the ONNX models (default cpu)")
+    g.add_argument("--triton-instances", type=int, default=1, metavar="N", help="instances per model (default 1)")
+    g.add_argument("--triton-ort-tensorrt", action="store_true", help="ONNX models run through ONNX Runtime's TensorRT accelerator")
     ap.add_argument("--json", action="store_true", help="print the parity reports as JSON on stdout")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return ap
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+    if args.format == "triton":
+        return _triton(args)
     if args.bundle is not None:
         if args.format != "trt":
             raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
@@ -123,6 +132,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.format == "trt":
         _build_engines(result.bundle, options, build, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
+    return 0
+
+
+def _triton(args: argparse.Namespace) -> int:
+    from ..serve.repository import RepositoryOptions, write_model_repository
+
+    if args.bundle is None or args.out is None:
+        raise CvtDeployError("--format triton writes a model repository (--out) from an exported bundle (--bundle)",
+                             "export first (cvt-export --out build/b), then: cvt-export --format triton --bundle build/b --out REPO")
+    options = RepositoryOptions(model_name=args.triton_name, precisions=parse_precisions(args.precision) if args.precision else None,
+                                device=args.triton_device, instances=args.triton_instances,
+                                ort_tensorrt=args.triton_ort_tensorrt)
+    names = write_model_repository(args.bundle, args.out, options)
+    print(f"wrote {args.out}: {', '.join(names)} (serve: see {args.out / 'README.md'})", file=sys.stderr)
     return 0
 
 

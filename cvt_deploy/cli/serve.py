@@ -1,0 +1,89 @@
+"""cvt-serve: serve a bundle on Triton Inference Server (HTTP, gRPC, metrics) with dynamic batching."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from ..runtimes import BACKENDS
+from .common import cli_entry
+
+EPILOG = """\
+The bundle runs on the same runtime as cvt-predict, inside this process; a real tritonserver
+(shipped by the nvidia-pytriton package: pip install 'cvt-deploy[serve]') takes requests,
+forms batches from concurrent requests and hands them over. A request carries either encoded
+image files (input 'images', BYTES [N,1]: preprocessed on the server exactly as cvt-predict
+does) or preprocessed pixels (input 'pixels', FP32 [N,C,H,W]); responses carry 'logits' and
+the top-k 'classes', 'scores' and 'labels'. GET /v2/models/<name> describes them.
+
+examples:
+  cvt-serve --bundle build/demo
+  cvt-serve --bundle build/cvt13 --backend onnxruntime --threads 4 --max-queue-delay-us 2000
+  curl localhost:8000/v2/models/cvt                     inputs and outputs
+  curl localhost:8002/metrics | grep nv_inference       requests, executions (batches) per model
+  cvt-bench --url http://localhost:8000 --model cvt     a concurrency sweep against the server
+
+For production Triton containers write a model repository instead:
+  cvt-export --format triton --bundle build/cvt13 --out build/triton-repo
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..serve.protocol import DEFAULT_MODEL_NAME
+    from ..serve.server import DEFAULT_PORTS
+
+    ap = argparse.ArgumentParser(prog="cvt-serve", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
+    g = ap.add_argument_group("runtime (as cvt-predict)")
+    g.add_argument("--backend", choices=list(BACKENDS), help="default: best available")
+    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="default: most precise in the bundle")
+    g.add_argument("--device", help="cpu or cuda (default: what the backend picks)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime (default: the library's)")
+    g = ap.add_argument_group("Triton")
+    g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help=f"name clients ask for (default {DEFAULT_MODEL_NAME})")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all; 127.0.0.1: this machine only)")
+    for what, port in DEFAULT_PORTS.items():
+        g.add_argument(f"--{what}-port", type=int, default=port, metavar="PORT", help=f"default {port}")
+    g.add_argument("--max-batch", type=int, metavar="N", help="largest batch Triton forms (default: the bundle's maximum)")
+    g.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="US",
+                   help="how long Triton may hold a request to fill a batch (default 1000 us)")
+    g.add_argument("--instances", type=int, default=1, metavar="N", help="batches run at once (default 1)")
+    g.add_argument("--topk", type=int, default=5, metavar="K", help="labels and scores per image (default 5)")
+    ap.add_argument("--log-file", type=Path, metavar="FILE",
+                    help="where Triton writes its log (default: a temporary file, named at startup and removed after a clean stop)")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Triton's and PyTriton's log on the terminal instead")
+    return ap
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..serve.server import ServeOptions, Server, main_loop
+
+    args = build_parser().parse_args(argv)
+    options = ServeOptions(backend=args.backend, precision=args.precision, device=args.device, threads=args.threads,
+                           model_name=args.model_name, host=args.host, http_port=args.http_port,
+                           grpc_port=args.grpc_port, metrics_port=args.metrics_port, max_batch=args.max_batch,
+                           max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, topk=args.topk)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    log_file, temporary = args.log_file, False
+    if not args.verbose and log_file is None:
+        import tempfile
+
+        log_file, temporary = Path(tempfile.mkstemp(prefix="cvt-serve-", suffix=".log")[1]), True
+    try:
+        main_loop(Server(args.bundle, options, log_file=log_file))
+    except BaseException:
+        if temporary and log_file is not None and log_file.stat().st_size == 0:
+            log_file.unlink()  # Triton never wrote to it: nothing to look at
+        raise
+    if temporary and log_file is not None:
+        log_file.unlink(missing_ok=True)  # a clean stop: the temporary log has served its purpose
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(None))
