@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from .config import CvtConfig
 from .errors import CvtDeployError
 # Re-exported: these lived here before the ground floor (util) existed.
-from .util import PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
+from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
@@ -72,6 +72,10 @@ def _check_info(art: Artifact) -> None:
         value = art.info.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a name")
+    for key, known in (("input_format", INPUT_FORMATS), ("output_kind", OUTPUT_KINDS)):
+        value = art.info.get(key)
+        if value is not None and value not in known:
+            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not one of {', '.join(known)}")
     parity = art.info.get("parity")
     if parity is None:
         return

@@ -157,7 +157,11 @@ def check_runtime(candidate: Runtime, reference: Runtime | np.ndarray, batch: np
     """Run ``candidate`` (and ``reference``, unless its logits are given) and compare them."""
     ref = reference if isinstance(reference, np.ndarray) else run_batches(reference, batch, progress=progress)
     ref_name = reference_name or (reference.describe() if not isinstance(reference, np.ndarray) else "reference")
-    return compare(ref, run_batches(candidate, batch, progress=progress), labels, precision=candidate.precision,
+    cand = run_batches(candidate, batch, progress=progress)
+    if candidate.output_kind == "probs":
+        # Its log-probabilities are the logits less a per-image constant: compare both with the row mean removed.
+        ref, cand = ref - ref.mean(axis=1, keepdims=True), cand - cand.mean(axis=1, keepdims=True)
+    return compare(ref, cand, labels, precision=candidate.precision,
                    candidate_name=candidate.describe(), reference_name=ref_name, data=data)
 
 

@@ -18,7 +18,7 @@ from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
-from ..util import PRECISIONS, BatchRange, check_precision, file_sha256, tool_versions
+from ..util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, check_choice, check_precision, file_sha256, tool_versions
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ class ExportOptions:
     ``precisions``: graphs besides the fp32 reference (fp16, int8). ``batch``: the batch sizes
     the graphs accept. ``data``/``check_limit``/``check``: the parity check (an image folder,
     default the demo digits). ``calib*``: int8 calibration images, method, count and cache.
+    ``input_format``/``output``: what every graph takes and gives (export/rawpixel.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -56,8 +57,12 @@ class ExportOptions:
     calib_method: str | None = None
     calib_count: int | None = None
     calib_cache: Path | None = None
+    input_format: str = "float"
+    output: str = "logits"
 
     def __post_init__(self) -> None:
+        check_choice(self.input_format, INPUT_FORMATS, "--input-format")
+        check_choice(self.output, OUTPUT_KINDS, "--output")
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
         for name, flag in (("check_limit", "--check-limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
@@ -109,11 +114,23 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
+        if options.input_format != "float" or options.output != "logits":
+            _embed_io(bundle, options.input_format, options.output, progress)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
             record_parity(bundle, "onnx", result.reports, show=progress)
     return result
+
+
+def _embed_io(bundle: Bundle, input_format: str, output: str, progress: bool) -> None:
+    """Last graph stage, after the precisions: each was made from the float fp32 graph."""
+    from .rawpixel import embed_io
+
+    with stage(f"making the graphs take {input_format} input and give {output}", progress):
+        for art in [a for a in bundle.artifacts.values() if a.kind == "onnx"]:
+            art.info.update(embed_io(bundle.path(art), bundle.config.preprocess, input_format, output))
+            bundle.add(art)
 
 
 def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_method: str | None,

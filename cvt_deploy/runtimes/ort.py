@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..util import CONFIG_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
+from ..util import CONFIG_KEY, INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -59,6 +59,12 @@ class OrtRuntime(Runtime):
             self.batch_range = BatchRange(shape[0], shape[0], shape[0])
         self.input_name = self.session.get_inputs()[0].name
         self.path = str(path)
+        # The graph says what it takes (export/rawpixel.py stamps it); its input type must agree.
+        self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
+        in_type = self.session.get_inputs()[0].type
+        if (in_type == "tensor(uint8)") != self.input_format.startswith("uint8"):
+            raise CvtDeployError(f"{path} takes {in_type} but says its input format is {self.input_format!r}",
+                                 "the graph was edited after export: re-export it with cvt-export")
 
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
