@@ -141,6 +141,13 @@ def pixels_from_batch(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return q.astype(np.uint8)
 
 
+def graph_dims(cfg: PreprocessConfig, input_format: str) -> tuple[int, int, int]:
+    """One image's input dimensions in a graph of ``input_format``: (H, W, C) for NHWC, else (C, H, W)."""
+    if input_format == "uint8-nhwc":
+        return cfg.size, cfg.size, cfg.channels
+    return cfg.channels, cfg.size, cfg.size
+
+
 def graph_input(batch: np.ndarray, cfg: PreprocessConfig, input_format: str) -> np.ndarray:
     """What a graph of ``input_format`` takes (see ``util.INPUT_FORMATS``) from a preprocessed
     float32 NCHW batch or from (N, size, size, channels) uint8 pixels at the model's size."""

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
     g.add_argument("--version-compatible", action="store_true", help="engine runs on newer TensorRT 10.x too")
     g.add_argument("--hardware-compatible", action="store_true", help="engine runs on all Ampere and newer GPUs")
+    g.add_argument("--dla-core", type=int, metavar="N",
+                   help="Jetson: run what the DLA can on DLA core N, the rest on the GPU (fp16 and a fixed --batch only)")
     g = ap.add_argument_group("what the graphs take and give (for apps that hand the network pixels)")
     g.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
                    help="float (default): normalised float32 NCHW, as preprocess() makes; uint8-nhwc / uint8-nchw: "
@@ -112,7 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                             output=args.output or ("probs" if deepstream else "logits"))
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
-                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                         dla_core=args.dla_core)
+    if args.dla_core is not None:
+        from ..trt.dla import check_dla_request
+
+        if args.format != "trt":
+            raise CvtDeployError("--dla-core applies to TensorRT engines", "add --format trt")
+        for precision in precisions if args.bundle is None else []:  # a bundle's batch is checked when it is read
+            check_dla_request(args.dla_core, precision, options.batch)
     ds = _deepstream_options(args, options) if deepstream else None
     if args.bundle is not None:
         if args.format == "onnx":

@@ -242,6 +242,21 @@ def check_resize(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
                    data=own.description)
 
 
+def format_resize(report: ParityReport) -> str:
+    """The resize check as a user reads it: accuracy under each preprocessing and their agreement."""
+    from ..table import format_table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}%"
+
+    table = format_table(["preprocessing", "accuracy"], [[report.reference, pct(report.accuracy_reference)],
+                                                         [report.candidate, pct(report.accuracy_candidate)]],
+                         title=f"DeepStream resize on {report.images} images ({report.data})")
+    drop = "" if report.accuracy_drop is None else f"; accuracy change {-report.accuracy_drop:+.2f} points"
+    return f"{table}\ntop-1 agreement with the model's preprocessing: {100 * report.top1_agreement:.2f}%" \
+           f" (top-5 overlap {100 * report.top5_overlap:.2f}%){drop}"
+
+
 def _describe(cfg: CvtConfig) -> str:
     pre = cfg.preprocess
     how = "resize to size" if pre.resize == "squash" else f"shorter side to {int(pre.size / pre.crop_pct)}, center crop"

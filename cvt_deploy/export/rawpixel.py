@@ -27,17 +27,11 @@ import numpy as np
 
 from ..config import PreprocessConfig
 from ..errors import CvtDeployError, require
+from ..preprocess import graph_dims
 from ..util import INPUT_FORMAT_KEY, INPUT_FORMATS, OUTPUT_KINDS, atomic_output, check_choice, encode_metadata, ort_session
 from .onnx import save_graph, set_metadata_props
 
 PROBS_NAME = "probs"
-
-
-def graph_dims(cfg: PreprocessConfig, input_format: str) -> tuple[int, int, int]:
-    """One image's input dimensions for ``input_format``: (H, W, C) for NHWC, else (C, H, W)."""
-    if input_format == "uint8-nhwc":
-        return cfg.size, cfg.size, cfg.channels
-    return cfg.channels, cfg.size, cfg.size
 
 
 def embed_io(path: str | os.PathLike[str], cfg: PreprocessConfig, input_format: str = "uint8-nhwc",

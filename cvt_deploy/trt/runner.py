@@ -78,6 +78,8 @@ class TensorRTRuntime(Runtime):
         rebuild = (f"rebuild it here: cvt-export --format trt --bundle {self.engine_path.parent} "
                    f"--precision {self.precision}")
         self._runtime = trt.Runtime(trt_logger())  # must outlive the engine
+        if "dla_core" in self.meta.extra:  # a DLA engine runs on the core it was built for
+            self._runtime.DLA_core = int(self.meta.extra["dla_core"])
         if self.meta.version_compatible:
             # A version-compatible plan carries TensorRT's lean runtime (host code); the
             # sidecar says we built it, so we trust it.
