@@ -115,22 +115,14 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
         if options.input_format != "float" or options.output != "logits":
-            _embed_io(bundle, options.input_format, options.output, progress)
+            from .rawpixel import embed_bundle_io
+
+            embed_bundle_io(bundle, options.input_format, options.output, progress)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
             record_parity(bundle, "onnx", result.reports, show=progress)
     return result
-
-
-def _embed_io(bundle: Bundle, input_format: str, output: str, progress: bool) -> None:
-    """Last graph stage, after the precisions: each was made from the float fp32 graph."""
-    from .rawpixel import embed_io
-
-    with stage(f"making the graphs take {input_format} input and give {output}", progress):
-        for art in [a for a in bundle.artifacts.values() if a.kind == "onnx"]:
-            art.info.update(embed_io(bundle.path(art), bundle.config.preprocess, input_format, output))
-            bundle.add(art)
 
 
 def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_method: str | None,

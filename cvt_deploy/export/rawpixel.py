@@ -21,17 +21,30 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..config import PreprocessConfig
+from ..progress import stage
 from ..errors import CvtDeployError, require
 from ..preprocess import graph_dims
 from ..util import INPUT_FORMAT_KEY, INPUT_FORMATS, OUTPUT_KINDS, atomic_output, check_choice, encode_metadata, ort_session
 from .onnx import save_graph, set_metadata_props
 
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+
 PROBS_NAME = "probs"
+
+
+def embed_bundle_io(bundle: Bundle, input_format: str, output: str, progress: bool = True) -> None:
+    """:func:`embed_io` on every ONNX graph of ``bundle``, recorded in its manifest. The export's
+    last graph stage: the precision stages all start from the float fp32 graph."""
+    with stage(f"making the graphs take {input_format} input and give {output}", progress):
+        for art in [a for a in bundle.artifacts.values() if a.kind == "onnx"]:
+            art.info.update(embed_io(bundle.path(art), bundle.config.preprocess, input_format, output))
+            bundle.add(art)
 
 
 def embed_io(path: str | os.PathLike[str], cfg: PreprocessConfig, input_format: str = "uint8-nhwc",
