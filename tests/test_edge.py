@@ -240,6 +240,16 @@ def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
     assert "APPROXIMATE" in (approx / "nvinfer_config.txt").read_text()
 
 
+@pytest.mark.parametrize("flags,says", [(["--input-format", "uint8-nhwc"], "float data"),
+                                        (["--output", "logits"], "probabilities")])
+def test_export_deepstream_refuses_graphs_nvinfer_cannot_use_before_exporting(tmp_path, capsys, flags, says):
+    from cvt_deploy.cli import export as export_cli
+
+    out = tmp_path / "never"
+    assert export_cli.main(["--format", "deepstream", *flags, "--out", str(out)]) == 2
+    assert says in capsys.readouterr().err and not out.exists()
+
+
 def test_deepstream_refuses_labels_it_cannot_write(demo_model):
     from dataclasses import replace
 

@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = _deepstream_options(args, options) if deepstream else None
     if args.bundle is not None:
         if args.format == "onnx":
-            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines or a DeepStream config for an existing bundle",
+            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt) "
+                                 "or writes its DeepStream config (--format deepstream)",
                                  "add --format trt or --format deepstream")
         if ds is not None:
             _write_deepstream(Bundle.open(args.bundle), ds, progress)
@@ -172,8 +173,10 @@ def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, 
 
 
 def _deepstream_options(args: argparse.Namespace, options: ExportOptions) -> DeepStreamOptions:
-    from ..deepstream import DeepStreamOptions
+    from ..deepstream import DeepStreamOptions, check_graph_io
 
+    if args.bundle is None:  # refused before minutes of export, not after
+        check_graph_io(options.input_format, options.output, "the graph asked for")
     # One config per bundle: fp16 when exported (Jetson's usual engine), else the first precision asked for.
     precision = "fp16" if "fp16" in options.precisions else options.precisions[0]
     return DeepStreamOptions(precision=precision if args.precision or args.bundle is None else None,

@@ -100,13 +100,7 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
     precision = options.precision or ("fp16" if bundle.find("onnx", "fp16") else "fp32")
     graph = bundle.require("onnx", precision)
     fmt, kind = graph.info.get("input_format", "float"), graph.info.get("output_kind", "logits")
-    redo = f"cvt-export --format deepstream --input-format float-pixels --output probs --precision {precision} (same --weights)"
-    if fmt.startswith("uint8"):
-        raise CvtDeployError(f"{bundle.root} takes {fmt} pixels, but nvinfer hands an engine float data (its plugin "
-                             "manual: it produces float planar RGB for TensorRT)", f"re-export for DeepStream: {redo}")
-    if kind != "probs":
-        raise CvtDeployError(f"{bundle.root}'s {precision} graph gives logits; nvinfer's classifier parser "
-                             "thresholds softmax probabilities", f"re-export with --output probs: {redo}")
+    check_graph_io(fmt, kind, f"{bundle.root}'s {precision} graph", precision)
     engine = bundle.find("tensorrt", precision)
     if precision == "int8" and engine is None:
         raise CvtDeployError("an int8 config needs the int8 engine in the bundle: nvinfer builds int8 with implicit "
@@ -130,6 +124,17 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
     return DeepStreamResult(config, labels, approximation is None, approximation)
 
 
+def check_graph_io(input_format: str, output_kind: str, what: str, precision: str = "fp16") -> None:
+    """Refuse graphs nvinfer cannot feed or read (see the module doc), with the export that fixes it."""
+    redo = f"cvt-export --format deepstream --input-format float-pixels --output probs --precision {precision} (same --weights)"
+    if input_format.startswith("uint8"):
+        raise CvtDeployError(f"{what} takes {input_format} pixels, but nvinfer hands an engine float data (its plugin "
+                             "manual: it produces float planar RGB for TensorRT)", f"export for DeepStream: {redo}")
+    if output_kind != "probs":
+        raise CvtDeployError(f"{what} gives logits; nvinfer's classifier parser thresholds softmax probabilities",
+                             f"export with --output probs: {redo}")
+
+
 def averaged_std(cfg: CvtConfig) -> tuple[float, list[float]]:
     """nvinfer's ``net-scale-factor`` and ``offsets`` closest to the model's normalisation:
     (x/255 - mean_c)/std_c = (x - 255 mean_c) / (255 std_c), with std_c replaced by its mean."""
@@ -139,13 +144,13 @@ def averaged_std(cfg: CvtConfig) -> tuple[float, list[float]]:
 
 def measure_averaged_std(bundle: Bundle, graph: Artifact, options: DeepStreamOptions, progress: bool) -> ParityReport:
     """Top-1 agreement (and accuracy) of ``graph`` on averaged-std input vs exact normalisation."""
-    from ..data import load_eval_data
+    from ..data import DEFAULT_LIMIT, load_eval_data
     from ..parity import Gates, compare, run_batches
     from ..preprocess import pixels_from_batch
     from ..runtimes.ort import OrtRuntime
 
     cfg = bundle.config
-    ev = load_eval_data(options.data, cfg, options.limit, progress)
+    ev = load_eval_data(options.data, cfg, options.limit or DEFAULT_LIMIT, progress)
     scale, offsets = averaged_std(cfg)
     pixels = pixels_from_batch(ev.batch, cfg.preprocess).astype(np.float32)
     approx = (scale * (pixels - np.asarray(offsets, np.float32))).transpose(0, 3, 1, 2)
