@@ -21,17 +21,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .config import CvtConfig
 from .errors import CvtDeployError
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
+from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, write_errors, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
-ARTIFACT_KINDS = ("onnx", "tensorrt", "torch")
+ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream")  # deepstream: an nvinfer config
 
 
 @dataclass
@@ -65,9 +66,10 @@ def _inside(name: Any) -> bool:
 
 def _check_info(art: Artifact) -> None:
     """Raise ValueError naming the entry when a recorded fact that code reads is malformed."""
-    sidecar = art.info.get("sidecar")
-    if sidecar is not None and not _inside(sidecar):
-        raise ValueError(f"artifact {art.name!r} has sidecar {sidecar!r}, not a file name inside the bundle")
+    for key in ("sidecar", "labels"):  # files beside the artifact's own
+        value = art.info.get(key)
+        if value is not None and not _inside(value):
+            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a file name inside the bundle")
     for key in ("source", "input"):  # an artifact name, a graph input name
         value = art.info.get(key)
         if value is not None and (not isinstance(value, str) or not value):
@@ -102,6 +104,8 @@ class Bundle:
         self.artifacts = artifacts
         self.extra = extra  # source checkpoint, tool versions, eval data ...
         self._verified: set[str] = set()
+        self.notes: list[str] = []  # what create() found and did (leftovers removed ...)
+        self.kept: list[str] = []   # files in --out that are not the bundle's, kept by create()
 
     # -- reading -----------------------------------------------------------------------
     @classmethod
@@ -111,6 +115,10 @@ class Bundle:
         if not root.is_dir():
             raise CvtDeployError(f"bundle {str(root)!r} is not a folder",
                                  "pass the --out folder of cvt-export (it holds manifest.json)")
+        if (root / JOURNAL).exists():
+            raise CvtDeployError(f"{root} is incomplete: an export into it was interrupted while it replaced the "
+                                 f"bundle there, or is running now ({JOURNAL} is left)",
+                                 f"wait for a running export to finish, or export again to --out {root}")
         if not manifest.is_file():
             raise CvtDeployError(f"{root} has no {MANIFEST}, so it is not a cvt-deploy bundle",
                                  "export one with: cvt-export --format onnx --out DIR")
@@ -206,34 +214,156 @@ class Bundle:
     @classmethod
     @contextlib.contextmanager
     def create(cls, out: str | os.PathLike[str], config: CvtConfig, batch: BatchRange,
-               extra: dict[str, Any], overwrite: bool = True) -> Iterator[Bundle]:
-        """Assemble a new bundle in a temporary sibling folder; it replaces ``out`` on success only."""
+               extra: dict[str, Any], overwrite: bool = True, planned: Sequence[str] = ()) -> Iterator[Bundle]:
+        """Assemble a new bundle in a temporary folder; it becomes ``out`` on success only.
+
+        A new ``out`` appears with one rename. An existing ``out`` (an empty folder, a mount
+        point, a symlink, ``.``, or a bundle) is never renamed or removed: the new files are
+        moved into it one by one, manifest last, under a journal (see :data:`JOURNAL`), and
+        the old bundle's files that the new one lacks are removed. Files that are not the old
+        bundle's are kept (``bundle.kept``); a folder that is not a bundle and not empty is
+        refused, as is a bundle where a user's file sits at a name the new bundle writes
+        (``planned`` names are checked before any work, the rest before anything is moved).
+        """
         out = Path(out)
-        if out.exists() and not out.is_dir():
-            raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
-        if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-            raise CvtDeployError(f"output folder {out} is not empty and is not a bundle; refusing to replace it",
-                                 "choose an empty or new --out folder")
-        if out.is_dir() and not overwrite:
-            raise CvtDeployError(f"output folder {out} already exists", "pass another --out or allow overwriting")
+        notes = _clean_partials(out)
+        owned = check_output(out, planned, overwrite)
+        existing = out.is_dir()
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+            parent = out if existing else out.parent
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=partial_name("cvt-export" if existing else out.name),
+                                        suffix=PARTIAL_SUFFIX, dir=parent))
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
         except OSError as e:
-            raise CvtDeployError(f"cannot write to {out.parent}: {e.strerror}", "choose an --out folder you can write to") from None
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
+            raise write_failure(e, out) or CvtDeployError(
+                f"cannot write to {out}: {e.strerror}", "choose an --out folder you can write to") from None
         bundle = cls(tmp, config, batch, {}, dict(extra))
+        bundle.notes = notes
         try:
-            yield bundle
-            bundle.save()
-            old = None
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                out.rename(old)
-            tmp.rename(out)
+            with write_errors(out):
+                yield bundle
+                bundle.save()
+            with write_errors(out, any_cause=True):
+                if existing:
+                    bundle.kept = _install(tmp, out, owned or set())
+                else:
+                    tmp.rename(out)
             bundle.root = out
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# While files move into an existing --out, this file lists every file of the old and the new
+# bundle: a run killed half-way leaves it, so the next export knows those files are its own
+# (and Bundle.open says the folder is incomplete instead of reading a mix).
+JOURNAL = ".cvt-deploy-replacing.json"
+
+
+def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True) -> set[str] | None:
+    """Refuse an ``out`` that a new bundle must not be written to; the old bundle's files (None: no bundle).
+
+    Cheap: callers run it before any long work, and :meth:`Bundle.create` again.
+    """
+    if out.exists() and not out.is_dir():
+        raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
+    if not out.is_dir():
+        return None
+    owned = bundle_files(out)
+    user = _user_files(out, owned)
+    if owned is None and user:
+        raise CvtDeployError(f"output folder {out} is not empty and holds no cvt-deploy bundle ({_some(user)}); "
+                             "refusing to write into it", "choose an empty or new --out folder")
+    if owned is not None and not overwrite:
+        raise CvtDeployError(f"output folder {out} already holds a bundle", "pass another --out or allow overwriting")
+    _refuse_clashes(out, [n for n in planned if n in user])
+    return owned
+
+
+def bundle_files(root: Path) -> set[str] | None:
+    """The files of the bundle in ``root`` (by its manifest's format marker, plus an interrupted
+    replacement's journal), or None when ``root`` holds no cvt-deploy bundle."""
+    files: set[str] = set()
+    found = False
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        journal = json.loads((root / JOURNAL).read_text())
+        files |= {f for f in journal["files"] if _inside(f)} | {JOURNAL}
+        found = True
+    with contextlib.suppress(OSError, ValueError):
+        raw = json.loads((root / MANIFEST).read_text())
+        if isinstance(raw, dict) and raw.get("format") == FORMAT:
+            found = True
+            files.add(MANIFEST)
+            arts = raw.get("artifacts")
+            for art in (arts.values() if isinstance(arts, dict) else ()):
+                if isinstance(art, dict):
+                    files |= {str(f) for f in (art.get("file"), art.get("sidecar"), art.get("labels")) if _inside(f)}
+    return files if found else None
+
+
+def _user_files(root: Path, owned: set[str] | None) -> list[str]:
+    return sorted(p.name for p in root.iterdir()
+                  if p.name not in (owned or ()) and not p.name.endswith(PARTIAL_SUFFIX))
+
+
+def _some(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _refuse_clashes(out: Path, clashes: Sequence[str]) -> None:
+    if clashes:
+        raise CvtDeployError(f"{out} holds files that are not part of its bundle where the new bundle writes: "
+                             f"{_some(list(clashes))}; refusing to overwrite them",
+                             "move those files elsewhere, or choose another --out")
+
+
+def _clean_partials(out: Path) -> list[str]:
+    """Remove what killed runs left in and beside ``out``; say what was removed or left."""
+    notes = []
+    out = Path(os.path.abspath(out))  # "." has no name or parent of its own
+    for folder, name in ((out, ""), (out.parent, out.name)):
+        stale, unknown = stale_partials(folder, name)
+        for p in stale:
+            remove_path(p)
+        if stale:
+            notes.append(f"removed {len(stale)} leftover(s) of an interrupted export: {_some([p.name for p in stale])}")
+        if unknown:
+            notes.append(f"left {_some([str(p) for p in unknown])}: a temporary file of another run "
+                         "(still running, or from an older cvt-deploy); delete it if no export is running")
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir():
+        notes.append(f"{old} holds a bundle from an older cvt-deploy's interrupted replacement; delete it when done")
+    return notes
+
+
+def _install(tmp: Path, out: Path, owned: set[str]) -> list[str]:
+    """Move the new bundle's files from ``tmp`` into ``out`` (manifest last); returns the user's files kept."""
+    new = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == MANIFEST)
+    user = _user_files(out, owned)
+    _refuse_clashes(out, [n for n in new if n in user])
+    atomic_write_text(out / JOURNAL, json.dumps({"pid": os.getpid(), "files": sorted(set(new) | owned)}) + "\n")
+    with _signals_held():
+        for name in new:
+            os.replace(tmp / name, out / name)
+        for name in sorted(owned - set(new) - {JOURNAL}):
+            remove_path(out / name)
+        (out / JOURNAL).unlink()
+    return [n for n in user if n != JOURNAL]
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP for the few renames of an install: they arrive after it,
+    so a stopped export leaves the old bundle or the new one, not a mix (the journal covers SIGKILL)."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -75,6 +75,16 @@ class PreprocessConfig:
             _fail("preprocess.std", self.std, f"must have as many entries as mean {self.mean}", "give one mean and one std per channel")
         if not all(s > 0 for s in self.std):
             _fail("preprocess.std", self.std, "every entry must be > 0 (it divides the pixels)", f"use ImageNet's {list(IMAGENET_STD)}")
+        # Pixels are scaled to 0..1 before normalising: values on the 0..255 scale (123.675,
+        # 58.395) or a near-zero std would turn every image into garbage, silently.
+        if not all(0 <= m <= 1 for m in self.mean):
+            _fail("preprocess.mean", self.mean, "every entry must be within 0..1: pixels are scaled to 0..1 first "
+                  "(values above 1 are on the 0..255 scale)",
+                  f"divide 0..255-scale values by 255, e.g. ImageNet's {list(IMAGENET_MEAN)}")
+        if not all(1e-3 <= s <= 10 for s in self.std):
+            _fail("preprocess.std", self.std, "every entry must be within 0.001..10: pixels are scaled to 0..1 first "
+                  "(values above 10 are on the 0..255 scale)",
+                  f"divide 0..255-scale values by 255, e.g. ImageNet's {list(IMAGENET_STD)}")
         if self.interpolation not in INTERPOLATIONS:
             _fail("preprocess.interpolation", self.interpolation, f"must be one of {', '.join(INTERPOLATIONS)}",
                   "use 'bicubic', what CvT was evaluated with")

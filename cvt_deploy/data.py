@@ -8,28 +8,52 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from .config import CvtConfig
+from .config import CvtConfig, PreprocessConfig
 from .demo import demo_split
 from .errors import CvtDeployError
-from .preprocess import find_images, preprocess
+from .preprocess import check_image_header, find_images, preprocess
 from .progress import track
 
 DEFAULT_LIMIT = 512
 
 
+CHUNK = 32  # images preprocessed and run at a time: folders of any size stream in bounded memory
+
+
 @dataclass(frozen=True)
 class EvalData:
-    """A preprocessed batch, its labels (None when unknown) and where it came from."""
+    """Evaluation images, their labels (None when unknown) and where they came from.
 
-    batch: np.ndarray
+    Either an in-memory preprocessed ``images`` batch (the demo split) or image ``files``
+    read ``CHUNK`` at a time by :meth:`chunks`, so a folder of any size streams.
+    """
+
+    images: np.ndarray | None
     labels: np.ndarray | None
     description: str
+    files: tuple[Path, ...] = ()
+    preprocess: PreprocessConfig | None = None
 
     def __len__(self) -> int:
-        return len(self.batch)
+        return len(self.images) if self.images is not None else len(self.files)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[np.ndarray]:
+        """Preprocessed NCHW float32 batches of at most ``size`` images, in order."""
+        for i in range(0, len(self), size):
+            if self.images is not None:
+                yield self.images[i:i + size]
+            else:
+                assert self.preprocess is not None
+                yield preprocess([str(f) for f in self.files[i:i + size]], self.preprocess)
+
+    @property
+    def batch(self) -> np.ndarray:
+        """All images as one array (memory grows with the count: prefer :meth:`chunks`)."""
+        return self.images if self.images is not None else np.concatenate(list(self.chunks()))
 
 
 def spread_indices(available: int, count: int) -> np.ndarray:
@@ -46,6 +70,9 @@ def is_demo_model(cfg: CvtConfig) -> bool:
 def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit: int | None = DEFAULT_LIMIT,
                    progress: bool = True) -> EvalData:
     """``source`` None: the demo model's held-out digits (labelled only for the demo model)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CvtDeployError(f"the image limit {limit!r} must be a whole number >= 1",
+                             f"omit --limit/--check-limit for the default ({DEFAULT_LIMIT})")
     if source is None:
         split = demo_split("test")
         if limit:
@@ -54,6 +81,7 @@ def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit:
         what = "demo held-out digits" + ("" if labelled else " (not this model's classes: agreement only)")
         return EvalData(preprocess(list(split.images), cfg.preprocess), split.labels if labelled else None,
                         f"{what}, {len(split)} images")
+
     root = Path(source)
     if not root.is_dir():
         raise CvtDeployError(f"--data {str(source)!r} is not a folder", "pass an image folder with one sub-folder per class")
@@ -62,9 +90,12 @@ def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit:
         # Evenly spaced over the sorted list, so every class folder is represented.
         files = [files[i] for i in spread_indices(len(files), limit)]
     labels = _folder_labels(root, files, cfg)
-    chunks = [preprocess([str(f) for f in files[i:i + 64]], cfg.preprocess) for i in range(0, len(files), 64)]
-    batch = np.concatenate(list(track(chunks, len(chunks), "reading images", progress)))
-    return EvalData(batch, labels, f"{root} ({len(files)} images, {'labelled' if labels is not None else 'unlabelled'})")
+    # Headers only, now: a file that is no image (or a decompression bomb) fails before any
+    # long work; pixels are decoded chunk by chunk when the check runs.
+    for f in track(files, len(files), "checking images", progress and len(files) > 256):
+        check_image_header(f)
+    return EvalData(None, labels, f"{root} ({len(files)} images, {'labelled' if labels is not None else 'unlabelled'})",
+                    tuple(files), cfg.preprocess)
 
 
 def _folder_labels(root: Path, files: list[Path], cfg: CvtConfig) -> np.ndarray | None:

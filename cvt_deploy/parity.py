@@ -157,10 +157,7 @@ def check_runtime(candidate: Runtime, reference: Runtime | np.ndarray, batch: np
     """Run ``candidate`` (and ``reference``, unless its logits are given) and compare them."""
     ref = reference if isinstance(reference, np.ndarray) else run_batches(reference, batch, progress=progress)
     ref_name = reference_name or (reference.describe() if not isinstance(reference, np.ndarray) else "reference")
-    cand = run_batches(candidate, batch, progress=progress)
-    if candidate.output_kind == "probs":
-        # Its log-probabilities are the logits less a per-image constant: compare both with the row mean removed.
-        ref, cand = ref - ref.mean(axis=1, keepdims=True), cand - cand.mean(axis=1, keepdims=True)
+    ref, cand = comparable(ref, run_batches(candidate, batch, progress=progress), candidate)
     return compare(ref, cand, labels, precision=candidate.precision,
                    candidate_name=candidate.describe(), reference_name=ref_name, data=data)
 
@@ -209,16 +206,35 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
                              + (f" (the reference is {ref_name})" if ref_artifact is not None else ""),
                              f"build engines with: cvt-export --format trt --bundle {bundle.root}" if "tensorrt" in backends
                              else "export the artifacts first (cvt-export --precision ...), or pick another --backend/--precision")
-    ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, limit or DEFAULT_LIMIT, progress)
-    with stage(f"reference logits ({ref_name}) on {len(ev)} images", progress):
-        ref_logits = run_batches(reference, ev.batch, progress=False)
-    reports = []
-    for backend, art in plan:
-        runtime = load(bundle, backend=backend, device=device, precision=art.precision)
-        with stage(f"checking {runtime.describe()}", progress):
-            reports.append(check_runtime(runtime, ref_logits, ev.batch, ev.labels, data=ev.description,
-                                         progress=False, reference_name=ref_name))
-    return reports
+    ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, DEFAULT_LIMIT if limit is None else limit, progress)
+    runtimes = [load(bundle, backend=backend, device=device, precision=art.precision) for backend, art in plan]
+    with stage(f"running {ref_name} (reference) and {', '.join(r.describe() for r in runtimes)} on {len(ev)} images",
+               progress):
+        ref_logits, *logits = run_streamed([reference, *runtimes], ev, progress)
+    return [compare(*comparable(ref_logits, cand, rt), ev.labels, precision=rt.precision, candidate_name=rt.describe(),
+                    reference_name=ref_name, data=ev.description) for rt, cand in zip(runtimes, logits)]
+
+
+def comparable(reference: np.ndarray, candidate: np.ndarray, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """Reference logits and a candidate's output made comparable. A probabilities graph's
+    runtime gives log-probabilities: the logits less a per-image constant, so both are
+    compared with the row mean removed (which changes neither ranking nor softmax)."""
+    if runtime.output_kind != "probs":
+        return reference, candidate
+    return reference - reference.mean(axis=1, keepdims=True), candidate - candidate.mean(axis=1, keepdims=True)
+
+
+def run_streamed(runtimes: Sequence[Runtime], ev: EvalData, progress: bool = True) -> list[np.ndarray]:
+    """Logits of every runtime on ``ev``, one pass over the data: each chunk of images is
+    read once, run by all, and dropped (only the logits are kept)."""
+    from .data import CHUNK
+
+    parts: list[list[np.ndarray]] = [[] for _ in runtimes]
+    chunks = (len(ev) + CHUNK - 1) // CHUNK
+    for batch in track(ev.chunks(CHUNK), chunks, "  images", progress and chunks > 1):
+        for out, runtime in zip(parts, runtimes):
+            out.append(runtime.run(batch))
+    return [np.concatenate(p) for p in parts]
 
 
 def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | None]:

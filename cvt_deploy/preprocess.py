@@ -5,12 +5,14 @@ resize the shorter side to 256 (bicubic) and center-crop 224; 384 models resize 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import PreprocessConfig
 from .errors import CvtDeployError
@@ -19,49 +21,116 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Images = Union[ImageLike, Sequence[ImageLike]]
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # config.INTERPOLATIONS
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` with every failure (not an image, a decompression bomb) as our error."""
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it: both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                yield im
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CvtDeployError(f"{path} is refused as a possible decompression bomb ({e})",
+                             "downscale the image first, or raise PIL.Image.MAX_IMAGE_PIXELS in your own "
+                             "code if you trust the file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise CvtDeployError(f"{path} is not a readable image ({type(e).__name__}: {e})",
+                             "pass a JPEG, PNG or other image file PIL can open") from None
+
+
+def check_image_header(path: str | os.PathLike[str]) -> None:
+    """Fail now if ``path`` is not an image PIL can open (header only: no pixels decoded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CvtDeployError(f"image {str(path)!r} does not exist", "check the path")
+    with _opened(path) as im:
+        if im.width == 0 or im.height == 0:
+            raise CvtDeployError(f"{path} is empty ({im.width}x{im.height} pixels)", "pass an image with pixels")
+
+
 def load_image(item: ImageLike) -> Image.Image:
-    """An RGB PIL image from a path, a PIL image (any mode) or an HWC/HW uint8 array."""
+    """An RGB PIL image from a path, a PIL image (any mode) or an HWC/HW array.
+
+    How pixels are read, one rule for every source (documented in the README, "Images"):
+    integer images are scaled by their type's full range (8-bit as is, 16-bit -- PIL modes
+    I;16*, I, uint16 arrays -- by 255/65535), float images (mode F, float arrays) are taken
+    as 0..1; both end as 8-bit RGB, what the models were trained on. The EXIF orientation
+    is applied, so the model sees the photo the way viewers show it. Transparent pixels are
+    composited on white. Empty images, values outside their type's range, and images with
+    more pixels than PIL's decompression-bomb limit are refused.
+    """
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
             raise CvtDeployError(f"image {str(path)!r} does not exist", "check the path")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return _to_rgb(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise CvtDeployError(f"{path} is not a readable image ({type(e).__name__}: {e})",
-                                 "pass a JPEG, PNG or other image file PIL can open") from None
+        with _opened(path) as im:
+            im.load()
+            return _to_rgb(im, str(path))
     if isinstance(item, Image.Image):
-        return _to_rgb(item)
+        return _to_rgb(item, "the PIL image")
     if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8:
-            raise CvtDeployError(f"an image array must be uint8 HWC, got dtype {item.dtype} shape {item.shape}",
-                                 "convert with (x * 255).clip(0, 255).astype(np.uint8), or pass a preprocessed float32 NCHW batch")
-        if item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4)):
-            return _to_rgb(Image.fromarray(item.squeeze(2) if item.ndim == 3 and item.shape[2] == 1 else item))
-        raise CvtDeployError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {item.shape}",
-                             "pass one image per array, channels last")
+        return _to_rgb(Image.fromarray(_array_to_uint8(item)), "the image array")
     raise CvtDeployError(f"cannot read an image from a {type(item).__name__}",
                          "pass a file path, a PIL image, or a uint8 HWC numpy array")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _array_to_uint8(item: np.ndarray) -> np.ndarray:
+    if not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
+        raise CvtDeployError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {item.shape}",
+                             "pass one image per array, channels last")
+    if item.size == 0:
+        raise CvtDeployError(f"the image array is empty (shape {item.shape})", "pass an image with pixels")
+    item = item.squeeze(2) if item.ndim == 3 and item.shape[2] == 1 else item
+    if item.dtype == np.uint8:
+        return item
+    if item.dtype == np.uint16:
+        return _scaled(item.astype(np.float64), 65535.0, "the uint16 image array")
+    if item.dtype.kind == "f":
+        return _scaled(item.astype(np.float64), 1.0, f"the {item.dtype} image array")
+    raise CvtDeployError(f"an image array must be uint8, uint16 or float (0..1), got dtype {item.dtype} shape {item.shape}",
+                         "convert it to uint8 (0..255), or pass a preprocessed float32 NCHW batch")
+
+
+def _scaled(arr: np.ndarray, full: float, what: str) -> np.ndarray:
+    """0..full -> 0..255 uint8 (rounded); values outside 0..full are refused, not clipped."""
+    if not np.isfinite(arr).all():
+        raise CvtDeployError(f"{what} holds NaN or infinite values", "pass an image with finite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > full:
+        kind = "float images are read as 0..1" if full == 1.0 else f"its values are read as 0..{full:g}"
+        raise CvtDeployError(f"{what} holds values from {lo:g} to {hi:g}, but {kind}",
+                             "rescale it to that range, or save it as an 8-bit image")
+    return np.rint(arr * (255.0 / full)).astype(np.uint8)
+
+
+def _to_rgb(im: Image.Image, what: str) -> Image.Image:
+    if im.width == 0 or im.height == 0:
+        raise CvtDeployError(f"{what} is empty ({im.width}x{im.height} pixels)", "pass an image with pixels")
+    if im.getexif().get(_ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
     if im.mode == "RGB":
         return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        return Image.fromarray(_scaled(np.asarray(im, dtype=np.float64), 65535.0, f"{what} (mode {im.mode})")).convert("RGB")
+    if im.mode == "F":
+        return Image.fromarray(_scaled(np.asarray(im, dtype=np.float64), 1.0, f"{what} (mode F)")).convert("RGB")
+    if im.mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these to straight alpha only
+        im = im.convert("LA" if im.mode == "La" else "RGBA")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Composite on white like a viewer would, instead of dropping alpha to black fill.
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        arr = 255.0 * (arr - arr.min()) / max(float(arr.max() - arr.min()), 1.0)
-        return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise CvtDeployError(f"{what} has PIL mode {im.mode}, which cannot be converted to RGB ({e})",
+                             "save it as an 8-bit RGB or grayscale image") from None
 
 
 def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
@@ -97,14 +166,14 @@ def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 
 def preprocess_pixels(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
-    """Paths, PIL images, uint8 arrays (one, a list, or an NHWC uint8 batch) -> (N, size, size,
+    """Paths, PIL images, image arrays (one, a list, or an NHWC uint8/uint16 batch) -> (N, size, size,
     channels) uint8 pixels after the model's resize and crop: what a raw-pixel graph takes."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         if len(images) == 0:
             raise CvtDeployError("the image batch is empty (0 images)", "pass at least one image")
-        if images.dtype != np.uint8:
-            raise CvtDeployError(f"an image batch must be uint8 NHWC, got dtype {images.dtype}",
-                                 "pass uint8 images, or a preprocessed float32 NCHW batch to preprocess()")
+        if images.dtype not in (np.uint8, np.uint16):  # NHWC images, not a preprocessed batch
+            raise CvtDeployError(f"an image batch must be uint8 or uint16 NHWC, got dtype {images.dtype}",
+                                 "pass images, or a preprocessed float32 NCHW batch to preprocess()")
         return np.stack([resize_crop(load_image(x), cfg) for x in images])
     items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
     if not items:
@@ -118,7 +187,7 @@ def preprocess(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
     A float32 NCHW array is taken as already preprocessed and only validated. Images of
     different sizes and modes (grayscale, RGBA) can be mixed in one call.
     """
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype != np.uint8 and len(images):
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype not in (np.uint8, np.uint16) and len(images):
         return validate_batch(images, cfg)
     return normalize(preprocess_pixels(images, cfg), cfg)
 

@@ -6,6 +6,7 @@ ONNX ``metadata_props``) and their encoding, atomic file writes, hashing and too
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -113,17 +114,141 @@ def tool_versions(dists: tuple[str, ...] = ("torch", "onnx", "onnxruntime", "onn
     return out
 
 
+# Temporary names carry the writer's pid, so that the next run can tell the leftovers of a
+# killed one (SIGKILL, power loss) from the work of a run still going.
+PARTIAL_SUFFIX = ".partial"
+# errno -> (what happened, how to fix it) for writes that cannot complete.
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there or choose another location"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there or choose another location"),
+    errno.EFBIG: ("the file is too large for that file system", "choose another location"),
+    errno.EROFS: ("the file system is read-only", "choose a writable location (or remount it read-write)"),
+    errno.EACCES: ("permission denied", "choose a location you can write to"),
+    errno.EPERM: ("the operation is not permitted (an immutable folder, chattr +i?)",
+                  "choose another location, or lift the restriction (chattr -i)"),
+    errno.EBUSY: ("it is busy (a mount point, or in use by another program)", "choose another location"),
+    errno.EXDEV: ("it would move a file across file systems", "choose a location on one file system"),
+}
+
+
+class WriteError(CvtDeployError):
+    """The operating system refused a write (``errno`` says why); callers that wrote into a
+    temporary place re-raise it naming the place the user asked for."""
+
+    def __init__(self, message: str, hint: str, errno: int) -> None:
+        super().__init__(message, hint)
+        self.errno = errno
+
+
+def partial_name(name: str) -> str:
+    """Prefix for a temporary sibling of ``name``: ``.NAME.PID.``; mkstemp adds a random part."""
+    return f".{name}.{os.getpid()}."
+
+
+def _device_full(path: Path) -> bool:
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize < (1 << 20)
+    return False
+
+
+# What only a write can cause: inside a block that also reads inputs, EACCES/EPERM may be
+# about an input file, so only these are blamed on the output there.
+_WRITE_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike[str],
+                  codes: Sequence[int] = tuple(_WRITE_ERRORS)) -> WriteError | None:
+    """The clear error for a write to ``path`` that the operating system refused, else None.
+
+    Libraries report a full disk in their own words (torch: "file write failed", safetensors:
+    "IoError ... StorageFull"); a device with less than 1 MiB free is taken as the cause.
+    """
+    if isinstance(exc, WriteError):
+        exc = OSError(exc.errno, os.strerror(exc.errno))  # said again for ``path``
+    elif isinstance(exc, CvtDeployError):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code not in codes and _device_full(Path(path)):
+        code = errno.ENOSPC
+    if code is None or code not in codes:
+        return None
+    what, fix = _WRITE_ERRORS[code]
+    return WriteError(f"cannot write {path}: {what}; nothing was left behind", fix, code)
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike[str], any_cause: bool = False) -> Iterator[None]:
+    """Turn a refused write inside the block into :func:`write_failure`'s error for ``path``.
+
+    ``any_cause``: the block only writes, so permission errors are the output's too.
+    """
+    try:
+        yield
+    except Exception as e:
+        err = write_failure(e, path, tuple(_WRITE_ERRORS) if any_cause else _WRITE_ONLY)
+        if err is None:
+            raise
+        raise err from None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_partials(folder: Path, name: str = "") -> tuple[list[Path], list[Path]]:
+    """Temporary files/folders in ``folder`` (for ``name``, or any) left by writers that are gone.
+
+    Returns (stale: whose writer's pid no longer runs, unknown: without a pid, e.g. from an
+    older cvt-deploy, or whose pid runs again). Only stale ones are safe to delete.
+    """
+    stale: list[Path] = []
+    unknown: list[Path] = []
+    if not folder.is_dir():
+        return stale, unknown
+    prefix = f".{name}." if name else "."
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            if not (p.name.startswith(prefix) and p.name.endswith(PARTIAL_SUFFIX)):
+                continue
+            # .NAME.PID.RANDOM.partial: NAME may hold dots, mkstemp's RANDOM does not
+            parts = p.name[:-len(PARTIAL_SUFFIX)].rsplit(".", 2)
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            if pid is not None and pid != os.getpid() and not pid_alive(pid):
+                stale.append(p)
+            elif pid is None or pid != os.getpid():
+                unknown.append(p)
+    return stale, unknown
+
+
+def remove_path(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
+
+
 @contextlib.contextmanager
 def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[Path]:
     """A private temporary folder inside ``parent`` (same file system, so renames out of it are atomic)."""
     parent = Path(parent)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{label}.", suffix=".partial", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=partial_name(label), suffix=PARTIAL_SUFFIX, dir=parent))
     except OSError as e:
-        raise CvtDeployError(f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
+        raise write_failure(e, parent) or CvtDeployError(
+            f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
     try:
-        yield tmp
+        with write_errors(parent):
+            yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -135,19 +260,28 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    A write the operating system refuses (disk full, read-only...) becomes one
+    :class:`CvtDeployError` naming ``path``, with the temporary file removed.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CvtDeployError(f"cannot write {path}: it is a folder", "name a file (inside it, or elsewhere)")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=partial_name(path.name), suffix=PARTIAL_SUFFIX, dir=path.parent)
     except OSError as e:
-        raise CvtDeployError(f"cannot write {path}: {e.strerror}", "choose an output location you can write to") from None
+        raise write_failure(e, path) or CvtDeployError(
+            f"cannot write {path}: {e.strerror}", "choose an output location you can write to") from None
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it normal file permissions
-        os.replace(tmp, path)
+        with write_errors(path):
+            yield tmp
+        with write_errors(path, any_cause=True):
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it normal file permissions
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -258,7 +258,25 @@ def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
 
 
 # Shared test helpers
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from typing import ClassVar  # noqa: E402
+
+
+def script(name: str) -> str:
+    """The installed console script ``name`` (cvt-export ...) beside this interpreter."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"console script {name} is not installed next to {sys.executable}")
+    return str(path)
+
+
+def run_script(name: str, *args: str, timeout: int = 120, cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a cvt-deploy command as a user would: a subprocess, its output captured."""
+    return subprocess.run([script(name), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 from cvt_deploy.runtimes.base import Runtime  # noqa: E402
 

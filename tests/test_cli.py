@@ -7,9 +7,6 @@ Exit codes: 0 success, 1 a parity gate failed, 2 bad input or environment.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,20 +27,9 @@ from cvt_deploy.parity import Gates  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
 from cvt_deploy.runtimes import load  # noqa: E402
 
-BIN = Path(sys.executable).parent
+from conftest import run_script  # noqa: E402
+
 FP32_TOL = 1e-4
-
-
-def script(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        pytest.skip(f"console script {name} is not installed next to {sys.executable}")
-    return str(path)
-
-
-def run_script(name: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([script(name), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture
@@ -345,7 +331,7 @@ def test_check_with_nothing_to_check_fails_before_the_reference_pass(demo_bundle
     def no_reference(*a, **k):
         raise AssertionError("the reference ran although nothing matched")
 
-    monkeypatch.setattr("cvt_deploy.parity.run_batches", no_reference)
+    monkeypatch.setattr("cvt_deploy.parity.run_streamed", no_reference)
     rc = check_cli.main(["--bundle", str(demo_bundle), *args, "-q"])
     assert rc == 2 and "nothing to check" in capsys.readouterr().err
 

@@ -213,6 +213,12 @@ def test_export_deepstream_writes_an_exact_config_that_names_bundle_files(tmp_pa
     assert props["infer-dims"] == "3;64;64" and props["output-blob-names"] == "probs"
     labels = (out / props["labelfile-path"]).read_text().splitlines()
     assert len(labels) == 1 and labels[0].split(";") == [str(i) for i in range(10)]
+    # The manifest lists the config (hashed) and its label file as the bundle's own.
+    from cvt_deploy.bundle import Bundle
+
+    art = Bundle.open(out).require("deepstream", "fp16")
+    assert (art.file, art.info["labels"], art.info["exact"]) == ("nvinfer_config.txt", "labels.txt", True)
+    Bundle.open(out).verified_path(art)
 
 
 def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
@@ -238,6 +244,10 @@ def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
     assert [round(float(v), 3) for v in props["offsets"].split(";")] == [123.675, 116.28, 103.53]
     assert (props["process-mode"], props["operate-on-gie-id"], props["onnx-file"]) == ("2", "3", "model.onnx")
     assert "APPROXIMATE" in (approx / "nvinfer_config.txt").read_text()
+    from cvt_deploy.bundle import Bundle
+
+    art = Bundle.open(approx).require("deepstream", "fp32")
+    assert art.info["exact"] is False and 0 <= art.info["parity"]["top1_agreement"] <= 1
 
 
 @pytest.mark.parametrize("flags,says", [(["--input-format", "uint8-nhwc"], "float data"),

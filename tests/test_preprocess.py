@@ -216,11 +216,26 @@ def test_missing_image_path(tmp_path):
         preprocess([photos()["coffee"], str(tmp_path / "nope.png")], CFG)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int32, np.uint16])
-def test_non_uint8_image_array(dtype):
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_])
+def test_image_array_of_another_dtype(dtype):
     with pytest.raises(CvtDeployError) as e:
         preprocess(np.zeros((32, 32, 3), dtype), CFG)
     assert "uint8" in str(e.value) and np.dtype(dtype).name in str(e.value)
+
+
+def test_image_arrays_follow_the_one_scaling_rule():
+    """uint16 is read as 0..65535 and float as 0..1, so the same scene in any dtype gives the
+    same input; values outside the dtype's range are refused, never clipped."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    ref = preprocess(u8, CFG)
+    for same in (u8.astype(np.uint16) * 257, u8.astype(np.float32) / 255, u8.astype(np.float64) / 255):
+        np.testing.assert_array_equal(preprocess(same, CFG), ref)
+    for bad, value in ((u8.astype(np.float32), "255"), (u8.astype(np.float32) / 255 - 0.5, "-0.5")):
+        with pytest.raises(CvtDeployError, match=f"values from .*{value}.*read as 0..1"):
+            preprocess(bad, CFG)
+    with pytest.raises(CvtDeployError, match="NaN"):
+        preprocess(np.full((8, 8), np.nan, np.float32), CFG)
 
 
 def test_int_nchw_batch():

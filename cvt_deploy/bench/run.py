@@ -191,6 +191,36 @@ class BenchOptions:
             raise CvtDeployError(f"--min-time {self.min_time:g} must be positive", "use e.g. --min-time 2")
 
 
+def _check_batches(bundle: Bundle, batches: Sequence[int]) -> None:
+    """Refuse, before anything is loaded, batches the bundle was not exported for or that
+    cannot fit in memory (inputs are made up front, one per batch size)."""
+    rng = bundle.batch
+    outside = [b for b in batches if not rng.min <= b <= rng.max]
+    if outside:
+        raise CvtDeployError(f"batch size {outside[0]} is outside the bundle's batch range {rng.min}..{rng.max}",
+                             f"pick --batches within {rng.min}..{rng.max}, or re-export with cvt-export --batch MIN:OPT:MAX")
+    cfg = bundle.config
+    image_bytes = 4 * cfg.in_chans * cfg.img_size ** 2
+    # Activations of one call are many times its input; 16x is a floor, not an estimate.
+    need = max(batches) * image_bytes * 16 + sum(batches) * image_bytes
+    available = _available_memory()
+    if available is not None and need > available:
+        raise CvtDeployError(f"batch size {max(batches)} needs at least {need / 2**30:.1f} GiB of memory for inputs and "
+                             f"activations; {available / 2**30:.1f} GiB is available",
+                             "use smaller --batches")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] | None = None,
               precisions: Sequence[str] | None = None, batches: Sequence[int] | None = None, *,
               options: BenchOptions | None = None, progress: bool = True, **fields: Any) -> BenchResult:
@@ -213,6 +243,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
     precisions = list(options.precisions or sorted({a.precision for a in bundle.artifacts.values()},
                                                    key=PRECISIONS.index) or ["fp32"])
     batches = list(options.batches or default_batches(bundle.batch))
+    _check_batches(bundle, batches)
     threads = threads or default_threads()
     if importlib.util.find_spec("torch") is not None:
         import torch

@@ -75,10 +75,34 @@ def load_state_into(model: CvT, state: Mapping[str, Any], source: str) -> None:
     model.load_state_dict(state, strict=False)  # strictness was checked above, counters aside
 
 
+# First bytes of files people pass as --weights by mistake, and what they are.
+_NOT_CHECKPOINTS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                    (b"BM", "a BMP image"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+                    (b"RIFF", "a RIFF file (WebP image?)"), (b"{", "a JSON/text file"), (b"\x1f\x8b", "a gzip archive"),
+                    (b"\x93NUMPY", "a numpy .npy array"))
+
+
+def _check_torch_file(path: Path) -> None:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle): say what else a file is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CvtDeployError(f"cannot read {path}: {e.strerror}", "pass a readable checkpoint file") from None
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    what = next((name for magic, name in _NOT_CHECKPOINTS if head.startswith(magic)),
+                "empty" if not head else f"a file starting with {head[:4]!r}")
+    raise CvtDeployError(f"{path} is not a PyTorch checkpoint: it is {what}",
+                         "pass the weights: an official .pth, a Hugging Face folder, or a .safetensors file")
+
+
 def _read_torch_file(path: Path) -> dict[str, Any]:
     import pickle
 
     import torch  # noqa: F401
+
+    _check_torch_file(path)
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -118,6 +142,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         ) from None
 
 
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".tar")
+
+
 def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, *,
                     activation: str | None = None, img_size: int | None = None,
                     labels: Sequence[str] | None = None, heads: Sequence[int] | None = None,
@@ -140,7 +167,10 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
 
     path = Path(source)
     if not path.exists():
-        if HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+        # A path whose folder exists here, or with a checkpoint's suffix, is a missing local
+        # file, not a hub id to fetch (which would report a network error instead).
+        local = path.suffix.lower() in _CHECKPOINT_SUFFIXES or path.parent.is_dir() and str(path.parent) != "."
+        if HUB_ID.match(str(source)) and not str(source).startswith((".", "/")) and not local:
             path = resolve_hub(str(source))
         else:
             raise CvtDeployError(f"checkpoint {str(source)!r} does not exist",

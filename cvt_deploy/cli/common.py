@@ -2,30 +2,66 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import signal
 import sys
-from typing import Callable, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
 
 EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, raised like Ctrl-C so that every ``finally`` removes its temporary files."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _cleanup_on_signals() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, _terminate) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
-    """Run a command; a :class:`CvtDeployError` becomes one clear message and exit code 2."""
+    """Run a command; a :class:`CvtDeployError` becomes one clear message and exit code 2.
+
+    Ctrl-C, SIGTERM (docker stop, kill) and SIGHUP (a closed terminal) unwind the command
+    the same way, so temporary files are removed; the exit code is 128 + the signal number.
+    """
 
     @functools.wraps(fn)
     def wrapper(argv: Sequence[str] | None = None) -> int:
         try:
-            return fn(argv)
+            with _cleanup_on_signals():
+                return fn(argv)
         except CvtDeployError as e:
             print(f"error: {e.message}", file=sys.stderr)
             if e.hint:
                 print(f"  fix: {e.hint}", file=sys.stderr)
             return getattr(e, "exit_code", EXIT_ERROR)
-        except KeyboardInterrupt:
-            print("interrupted; nothing was left half-written", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+            print(f"{'interrupted' if signum == signal.SIGINT else signal.Signals(signum).name}; "
+                  "nothing was left half-written", file=sys.stderr)
+            return 128 + int(signum)
 
     return wrapper
 

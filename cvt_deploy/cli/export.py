@@ -138,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..trt.util import require_tensorrt
 
         require_tensorrt("--format trt")  # fail before minutes of export work, not after
-    from ..export.pipeline import export_bundle
+    from ..bundle import check_output
+    from ..export.pipeline import export_bundle, planned_files
 
+    if args.out is not None:  # a folder that must not be written to is refused before the model loads
+        check_output(args.out, planned_files(options))
     model, source = load_model_from_args(args)
     if ds is not None:
         from ..deepstream import labels_text

@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
+
+from ..data import CHUNK
+from ..errors import CvtDeployError
+from ..preprocess import preprocess
 from ..runtimes import BACKENDS
 from .common import cli_entry
+
+if TYPE_CHECKING:
+    from ..config import PreprocessConfig
 
 EPILOG = """\
 IMAGE may be a file or a folder (searched recursively). Without --backend the first of
@@ -21,7 +30,9 @@ examples:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     from ..preprocess import find_images
+    from ..progress import track
     from ..runtimes import load
+    from ..runtimes.base import Prediction, check_topk
 
     ap = argparse.ArgumentParser(prog="cvt-predict", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,17 +41,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backend", choices=list(BACKENDS), help="default: best available")
     ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="default: most precise in the bundle")
     ap.add_argument("--device", help="cpu or cuda (onnxruntime also: tensorrt provider)")
-    ap.add_argument("--topk", type=int, default=5, help="classes per image (default 5)")
+    ap.add_argument("--topk", type=int, default=5, help="classes per image, >= 1 (default 5; at most the class count)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip files that are not readable images (each named on stderr) instead of stopping")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
+    check_topk(args.topk)
     files: list[str] = []
     for item in args.images:
         files += [str(f) for f in find_images(item)] if Path(item).is_dir() else [item]
     runtime = load(args.bundle, backend=args.backend, device=args.device, precision=args.precision)
-    pred = runtime.predict(files, topk=args.topk)
+    # Chunk by chunk: a folder of any size runs in bounded memory (only the top-k are kept).
+    parts, kept = [], []
+    chunks = range(0, len(files), CHUNK)
+    for i in track(chunks, len(chunks), "predicting", len(chunks) > 1):
+        batch, names = _read(files[i:i + CHUNK], runtime.config.preprocess, args.skip_bad)
+        if names:
+            parts.append(runtime.predict(batch, topk=args.topk))
+            kept += names
+    if not kept:
+        raise CvtDeployError("none of the files is a readable image", "pass image files (JPEG, PNG, ...)")
+    pred, files = Prediction.concat(parts), kept
     if args.json:
         print(pred.to_json(files))
     else:
         print(f"{runtime.config.variant} on {runtime.describe()}")
         print(pred.table([Path(f).name for f in files]))
     return 0
+
+
+def _read(files: list[str], cfg: PreprocessConfig, skip_bad: bool) -> tuple[np.ndarray, list[str]]:
+    """Preprocessed images and their names; with ``skip_bad`` unreadable ones are named and left out."""
+    if not skip_bad:
+        return preprocess(files, cfg), files
+    batch, names = [], []
+    for f in files:
+        try:
+            batch.append(preprocess(f, cfg))
+            names.append(f)
+        except CvtDeployError as e:
+            print(f"skipped {f}: {e.message}", file=sys.stderr)
+    return (np.concatenate(batch) if batch else np.zeros((0,))), names

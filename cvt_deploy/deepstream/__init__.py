@@ -2,7 +2,8 @@
 
 ``write_deepstream`` reads a bundle and writes, beside its graphs and atomically:
 
-    nvinfer_config.txt   Gst-nvinfer config (GLib key file, group [property])
+    nvinfer_config.txt   Gst-nvinfer config (GLib key file, group [property]); in the manifest
+                         as the ``deepstream-<precision>`` artifact
     labels.txt           the class labels in nvinfer's classifier format: one line, ';' between
 
 What nvinfer does, per its plugin manual (Gst-nvinfer, "Gst-nvinfer File Configuration
@@ -30,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..bundle import Artifact, artifact_name
 from ..errors import CvtDeployError
 from ..util import atomic_write_text, check_choice
 
 if TYPE_CHECKING:
-    from ..bundle import Artifact, Bundle
+    from ..bundle import Bundle
     from ..config import CvtConfig
     from ..data import EvalData
     from ..parity import ParityReport
@@ -120,7 +122,17 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
     text = nvinfer_config(cfg, graph, engine, precision, batch, scale, offsets, options, approximation)
     config, labels = bundle.root / CONFIG_FILE, bundle.root / LABELS_FILE
     atomic_write_text(labels, labels_text(cfg))
-    atomic_write_text(config, text)  # last: a config only ever names a label file that is in place
+    atomic_write_text(config, text)  # after the labels: a config only ever names a label file that is in place
+    # The manifest (rewritten last) lists the config as the bundle's, so copies carry it and a
+    # re-export replaces it; one config per bundle, whatever precision it was written for.
+    for name in [n for n, a in bundle.artifacts.items() if a.kind == "deepstream"]:
+        del bundle.artifacts[name]
+    info: dict[str, Any] = {"labels": LABELS_FILE, "source": graph.name, "exact": approximation is None}
+    if engine is not None:
+        info["engine"] = engine.name
+    if approximation is not None:
+        info["parity"] = approximation.to_dict()
+    bundle.add(Artifact(artifact_name("deepstream", precision), CONFIG_FILE, "deepstream", precision, info=info))
     return DeepStreamResult(config, labels, approximation is None, approximation)
 
 
@@ -229,7 +241,7 @@ def check_resize(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     skipping resize-then-crop and the model's filter, not of one scaler against another.
     """
     from ..data import DEFAULT_LIMIT, EvalData, load_eval_data
-    from ..parity import Gates, compare, run_batches
+    from ..parity import Gates, compare, run_streamed
     from ..runtimes import load
 
     if data is not None and not isinstance(data, (str, Path)):
@@ -239,8 +251,7 @@ def check_resize(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     own: EvalData = load_eval_data(data, cfg, limit or DEFAULT_LIMIT, progress)
     direct: EvalData = load_eval_data(data, ds_cfg, limit or DEFAULT_LIMIT, False)
     runtime = load(bundle, backend=backend, device=device, precision=precision)
-    ref = run_batches(runtime, own.batch, progress=progress)
-    cand = run_batches(runtime, direct.batch, progress=progress)
+    (ref,), (cand,) = run_streamed([runtime], own, progress), run_streamed([runtime], direct, progress)
     return compare(ref, cand, own.labels, precision=runtime.precision, gates=Gates(),
                    candidate_name=f"{runtime.describe()}, DeepStream resize (direct, bilinear)",
                    reference_name=f"{runtime.describe()}, model preprocessing ({_describe(cfg)})",

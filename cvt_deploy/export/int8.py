@@ -2,12 +2,13 @@
 calibration by ONNX Runtime and a cache of the ranges (see :mod:`cvt_deploy.export.precision`)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +17,7 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..progress import track
-from ..util import atomic_output, encode_metadata, file_sha256
+from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .onnx import save_graph, set_metadata_props
 from .precision import _check_fp32_source, _input_dims, _load, _quiet, _verify
 
@@ -140,22 +141,58 @@ def _method_settings(method: str) -> dict[str, Any]:
     return settings
 
 
+def check_cache_location(cache: Path) -> Path:
+    """``cache`` if it is a folder, a path to create, or one of our cache files; a user's
+    other file is never overwritten with a cache."""
+    if cache.is_dir() or not cache.exists():
+        return cache
+    if cache.is_file() and cache.suffix.lower() == ".json":
+        with contextlib.suppress(OSError, ValueError):
+            raw = json.loads(cache.read_text())
+            if isinstance(raw, dict) and raw.get("format") == CACHE_FORMAT:
+                return cache
+    raise CvtDeployError(f"--calib-cache {cache} is an existing file that is not a cvt-deploy calibration cache; "
+                         "refusing to overwrite it",
+                         "pass a folder (one cache file per model and data is kept inside) or a new FILE.json")
+
+
 def _cache_file(cache: Path, key: str) -> Path:
     """``cache`` is a folder (one file per key inside) or a single ``.json`` file."""
+    check_cache_location(cache)
     if cache.is_dir() or (not cache.exists() and cache.suffix.lower() != ".json"):
         return cache / f"calib-{key[:24]}.json"
     return cache
 
 
+def _finite_number(v: Any) -> bool:
+    if isinstance(v, dict):  # ORT serialises numpy scalars as {"data": x, "dtype": ..., "CLS": "numpy.array"}
+        v = v.get("data")
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
+    """The cached ranges for ``key``; None (calibrate again, then rewrite it) when missing,
+    for other data, or damaged (said on stderr, naming the file: a cache never fails an export)."""
+    if not path.exists():
+        return None
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or damaged: calibrate again (and rewrite it)
-    if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT or raw.get("key") != key:
+        if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
+            raise ValueError("not a cvt-deploy calibration cache")
+        if raw.get("key") != key:
+            return None
+        ranges = raw.get("ranges")
+        data = ranges.get("data") if isinstance(ranges, dict) else None
+        if not isinstance(data, dict) or not data:
+            raise ValueError("it holds no ranges")
+        for name, r in data.items():
+            if not (isinstance(r, dict) and _finite_number(r.get("lowest")) and _finite_number(r.get("highest"))):
+                raise ValueError(f"the range of {name!r} is not two finite numbers")
+        return ranges
+    except (OSError, ValueError) as e:
+        print(f"  note: ignoring the damaged calibration cache {path} ({e}); calibrating again and rewriting it",
+              file=sys.stderr)
         return None
-    ranges = raw.get("ranges")
-    return ranges if isinstance(ranges, dict) else None
 
 
 def _ort_cache_supported() -> bool:
@@ -219,7 +256,8 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     cached = _read_cache(cache_path, key) if cache_path is not None and cache_supported else None
     reader = None if cached is not None else _Reader(input_name, _calib_batches(calib, fixed_batch), progress)
 
-    with tempfile.TemporaryDirectory(prefix=".cvt-int8.") as scratch, atomic_output(dst) as tmp:
+    # Scratch beside dst (in the bundle being assembled), so a killed run leaves nothing elsewhere.
+    with scratch_dir(dst.parent, "int8") as scratch, atomic_output(dst) as tmp:
         kwargs: dict[str, Any] = {}
         ranges_file = Path(scratch) / "ranges.json"
         if cache_path is not None and cache_supported:
@@ -237,6 +275,13 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         except CvtDeployError:
             raise
         except Exception as e:
+            written = write_failure(e, dst)
+            if written is not None:
+                raise written from None
+            if cached is not None:
+                raise CvtDeployError(f"int8 quantization with the cached calibration ranges in {cache_path} failed "
+                                     f"({type(e).__name__}: {str(e)[:200]})",
+                                     f"delete {cache_path}: the next export calibrates again and rewrites it") from None
             raise CvtDeployError(f"int8 quantization of {src} failed: {type(e).__name__}: {str(e)[:300]}",
                                  "report this with the fp32 graph; try another --calib-method meanwhile") from None
         finally:
@@ -322,8 +367,8 @@ def _write_cache(path: Path, key: str, method: str, samples: int, ranges: dict[s
     try:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(payload))
-    except CvtDeployError as e:  # an unwritable cache must not fail the export
-        print(f"  note: calibration cache not written: {e.message}", file=sys.stderr)
+    except (CvtDeployError, OSError) as e:  # an unwritable cache must not fail the export
+        print(f"  note: calibration cache not written: {getattr(e, 'message', e)}", file=sys.stderr)
 
 
 def _qdq_counts(model: Any) -> dict[str, Any]:

@@ -76,9 +76,7 @@ def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAUL
     import onnx
     import torch
 
-    if opset < MIN_OPSET:
-        raise CvtDeployError(f"opset {opset} is too old: LayerNormalization is a single node only from opset 17",
-                             f"use --opset {DEFAULT_OPSET} (TensorRT 8.6+) or newer")
+    check_opset(opset)
     path = Path(path)
     cfg = model.cfg
     net = fold_batchnorm(model).float()
@@ -109,6 +107,36 @@ def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAUL
             os.replace(scratch / data_name, path.parent / data_name)
         os.replace(candidate, path)
     return path
+
+
+def max_opset() -> int | None:
+    """The newest opset both torch's exporter and the installed onnx can write (None: unknown here)."""
+    try:
+        import onnx
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:
+        return None
+    return min(int(ONNX_MAX_OPSET), int(onnx.defs.onnx_opset_version()))
+
+
+def check_opset(opset: Any) -> int:
+    """``opset`` if this exporter can write it; else an error with the valid range."""
+    top = max_opset()
+    valid = f"{MIN_OPSET}..{top}" if top else f">= {MIN_OPSET}"
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET or (top and opset > top):
+        why = ("too old: LayerNormalization is a single node only from opset 17" if isinstance(opset, int)
+               and not isinstance(opset, bool) and opset < MIN_OPSET else "not one this exporter can write")
+        raise CvtDeployError(f"--opset {opset!r} is {why} (valid: {valid})",
+                             f"use --opset {DEFAULT_OPSET} (TensorRT 8.6+ parses it) or another in {valid}")
+    return opset
+
+
+def graph_opset(path: str | os.PathLike[str]) -> int:
+    """The default-domain opset a graph file declares (what was written, not what was asked)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def save_graph(model: Any, path: Path, external: bool | None = None) -> None:

@@ -19,7 +19,7 @@ from ..errors import CvtDeployError
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, check_choice, check_precision, file_sha256, tool_versions
-from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, simplify
+from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, graph_opset, simplify
 
 if TYPE_CHECKING:
     from ..model import CvT
@@ -61,13 +61,24 @@ class ExportOptions:
     output: str = "logits"
 
     def __post_init__(self) -> None:
+        from .int8 import check_cache_location
+        from .onnx import check_opset
+
         check_choice(self.input_format, INPUT_FORMATS, "--input-format")
         check_choice(self.output, OUTPUT_KINDS, "--output")
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
         for name, flag in (("check_limit", "--check-limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise CvtDeployError(f"{flag} {value!r} must be a whole number >= 1", f"omit {flag} for the default")
+        check_opset(self.opset)
+        if self.calib_cache is not None:
+            check_cache_location(Path(self.calib_cache))
+
+
+def planned_files(options: ExportOptions) -> list[str]:
+    """The files an export with ``options`` writes (checked against a user's files in --out first)."""
+    return ["model.safetensors", *(f for p, f in ONNX_FILES.items() if p in options.precisions or p == "fp32")]
 
 
 def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOptions | None = None, *,
@@ -94,26 +105,33 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
     src_hash = file_sha256(source) if source and Path(source).is_file() else ""
     extra: dict[str, Any] = {"source": {"checkpoint": source, "sha256": src_hash}, "created_by": tool_versions()}
     result: ExportResult
-    with Bundle.create(out, cfg, batch, extra) as bundle:
+    with Bundle.create(out, cfg, batch, extra, planned=planned_files(options)) as bundle:
+        for note in bundle.notes:
+            if progress:
+                print(f"  note: {note}", file=sys.stderr)
         save_checkpoint(model, bundle.root / "model.safetensors")
         bundle.add(Artifact("torch-fp32", "model.safetensors", "torch", "fp32"))
         fp32 = bundle.root / ONNX_FILES["fp32"]
         meta = {"source_sha256": src_hash, "versions": extra["created_by"], "batch": batch.to_dict()}
         with stage(f"exporting {cfg.variant} to ONNX (opset {opset})", progress):
             export_onnx(model, fp32, opset=opset, batch=batch, metadata=graph_metadata(cfg.to_json(), "fp32", meta))
+        written = graph_opset(fp32)  # the manifest records what the graph is, not what was asked
+        if written != opset:
+            raise CvtDeployError(f"asked for opset {opset}, but torch's exporter wrote opset {written}",
+                                 f"use --opset {written}, or another torch version")
         with stage("simplifying with onnxsim", progress):
             simp = simplify(fp32)
         if progress and not simp["simplified"]:
             print(f"  note: not simplified: {simp.get('reason')}", file=sys.stderr)
         bundle.add(Artifact(artifact_name("onnx", "fp32"), fp32.name, "onnx", "fp32",
-                            info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp}))
+                            info={"opset": written, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp}))
         for precision in [p for p in PRECISIONS if p in precisions and p != "fp32"]:
             # The stage writes the graph once, with what it is (config, batch, provenance) stamped in.
             graph_meta = graph_metadata(cfg.to_json(), precision, meta)
             info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta, progress)
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
-                                info={"opset": opset, "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
+                                info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
         if options.input_format != "float" or options.output != "logits":
             from .rawpixel import embed_bundle_io
 
@@ -122,6 +140,9 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
             record_parity(bundle, "onnx", result.reports, show=progress)
+    if bundle.kept and progress:
+        print(f"  note: kept {len(bundle.kept)} file(s) in {out} that are not part of the bundle: "
+              + ", ".join(bundle.kept[:5]) + (" ..." if len(bundle.kept) > 5 else ""), file=sys.stderr)
     return result
 
 

@@ -34,6 +34,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def check_topk(topk: object) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise CvtDeployError(f"--topk {topk!r} must be a whole number >= 1 (classes shown per image)",
+                             "use --topk 1 for the best class only; values above the class count show all classes")
+    return topk
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Logits of a batch and their top-k classes (softmax probabilities as scores)."""
@@ -45,11 +52,19 @@ class Prediction:
 
     @classmethod
     def from_logits(cls, logits: np.ndarray, config: CvtConfig, topk: int = 5) -> Prediction:
-        k = max(1, min(topk, logits.shape[1]))
+        """``topk`` >= 1 classes per image (all of them when the model has fewer)."""
+        check_topk(topk)
+        k = min(topk, logits.shape[1])
         probs = softmax(logits.astype(np.float64))
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return cls(logits, idx, np.take_along_axis(probs, idx, 1).astype(np.float32),
                    [[config.label(int(i)) for i in row] for row in idx])
+
+    @classmethod
+    def concat(cls, parts: list[Prediction]) -> Prediction:
+        """One prediction from the predictions of consecutive chunks of images."""
+        return cls(np.concatenate([p.logits for p in parts]), np.concatenate([p.indices for p in parts]),
+                   np.concatenate([p.scores for p in parts]), [lab for p in parts for lab in p.labels])
 
     @property
     def top1(self) -> np.ndarray:
@@ -149,17 +164,32 @@ class Runtime(ABC):
 
     def predict(self, images: Images | np.ndarray, topk: int = 5) -> Prediction:
         """Top-k classes for paths, PIL images, uint8 arrays or a preprocessed float32 batch."""
+        check_topk(topk)
         cfg = self.config.preprocess
-        if self.input_format != "float" and not (isinstance(images, np.ndarray) and images.dtype != np.uint8):
+        if self.input_format != "float" and not (isinstance(images, np.ndarray) and images.ndim == 4
+                                                 and images.dtype not in (np.uint8, np.uint16)):
             batch = preprocess_pixels(images, cfg)  # straight to pixels: no normalise-and-undo round trip
         else:
             batch = preprocess(images, cfg)
         logits = self.run(batch)
         if not np.isfinite(logits).all():
-            raise CvtDeployError(
-                f"the {self.backend} {self.precision} model produced NaN/inf logits for finite input",
-                "the precision overflowed on this input: check with cvt-check, or use a higher precision")
+            raise self._non_finite(batch)
         return Prediction.from_logits(logits, self.config, topk)
+
+    def _non_finite(self, batch: np.ndarray) -> CvtDeployError:
+        """Why logits came out NaN/inf: the input, the weights, or the precision -- said as it is."""
+        lo, hi = float(batch.min()), float(batch.max())
+        if max(abs(lo), abs(hi)) > 1e3:
+            return CvtDeployError(
+                f"the input batch holds values from {lo:.3g} to {hi:.3g}, far outside what normalised images hold "
+                f"(about -3..3), and the {self.backend} {self.precision} model produced NaN/inf logits for it",
+                "pass images and let preprocessing normalise them, or check how the batch was made")
+        if self.precision == "fp32":
+            return CvtDeployError(f"the {self.backend} fp32 model produced NaN/inf logits for normal input",
+                                  "the weights may be damaged: run cvt-check on the bundle, or re-export it")
+        return CvtDeployError(
+            f"the {self.backend} {self.precision} model produced NaN/inf logits for normal input",
+            "the precision overflowed on this input: check with cvt-check, or use a higher precision")
 
     def describe(self) -> str:
         return f"{self.backend} {self.precision} on {self.device}"

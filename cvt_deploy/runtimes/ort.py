@@ -54,17 +54,14 @@ class OrtRuntime(Runtime):
             raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props {PRECISION_KEY})",
                                  f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
         super().__init__(config, precision, device)
+        # The graph says what it takes (export/rawpixel.py stamps it); its input must agree.
+        self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
+        _check_io(self.session, config, path, self.input_format)
         shape = self.session.get_inputs()[0].shape
         if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
             self.batch_range = BatchRange(shape[0], shape[0], shape[0])
         self.input_name = self.session.get_inputs()[0].name
         self.path = str(path)
-        # The graph says what it takes (export/rawpixel.py stamps it); its input type must agree.
-        self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
-        in_type = self.session.get_inputs()[0].type
-        if (in_type == "tensor(uint8)") != self.input_format.startswith("uint8"):
-            raise CvtDeployError(f"{path} takes {in_type} but says its input format is {self.input_format!r}",
-                                 "the graph was edited after export: re-export it with cvt-export")
 
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
@@ -94,6 +91,27 @@ class OrtRuntime(Runtime):
         try:
             out: Any = self.session.run(None, {self.input_name: batch})[0]
         except Exception as e:
-            raise CvtDeployError(f"ONNX Runtime rejected a batch of shape {batch.shape}: {str(e).splitlines()[0][:300]}",
-                                 "check the batch size against the bundle's --batch range") from None
+            raise CvtDeployError(f"ONNX Runtime failed on a batch of shape {batch.shape} with {self.path}: "
+                                 f"{str(e).splitlines()[0][:300]}",
+                                 "run cvt-check on the bundle; if it fails too, re-export it with cvt-export") from None
         return np.asarray(out)
+
+
+def _check_io(session: Any, config: CvtConfig, path: str | os.PathLike[str], input_format: str) -> None:
+    """The graph must take the images and give the classes its config says: a graph swapped
+    into a bundle, or metadata of another model, would otherwise answer with wrong labels."""
+    from ..preprocess import graph_dims
+
+    in_type = session.get_inputs()[0].type
+    if (in_type == "tensor(uint8)") != input_format.startswith("uint8"):
+        raise CvtDeployError(f"{path} takes {in_type} but says its input format is {input_format!r}",
+                             "the graph was edited after export: re-export it with cvt-export")
+    inp, out = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    want_in = list(graph_dims(config.preprocess, input_format))
+    got_in = list(inp[1:]) if len(inp) == 4 else None
+    if got_in is None or any(isinstance(g, int) and g != w for g, w in zip(got_in, want_in)):
+        raise CvtDeployError(f"{path} takes input of shape {inp}, but its model config says (N, {', '.join(map(str, want_in))})",
+                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
+    if len(out) != 2 or (isinstance(out[1], int) and out[1] != config.num_classes):
+        raise CvtDeployError(f"{path} outputs shape {out}, but its model config has {config.num_classes} classes",
+                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
