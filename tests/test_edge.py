@@ -260,6 +260,21 @@ def test_export_deepstream_refuses_graphs_nvinfer_cannot_use_before_exporting(tm
     assert says in capsys.readouterr().err and not out.exists()
 
 
+def test_deepstream_keeps_a_users_files_and_rewrites_its_own(tmp_path, demo_float, capsys):
+    from cvt_deploy.cli import export as export_cli
+
+    root = _raw_copy(demo_float, tmp_path / "ds", "float-pixels", "probs")
+    (root / "labels.txt").write_text("mine\n")
+    argv = ["--format", "deepstream", "--bundle", str(root), "--precision", "fp32"]
+    assert export_cli.main(argv) == 2
+    assert "not part of its bundle" in capsys.readouterr().err
+    assert (root / "labels.txt").read_text() == "mine\n" and not (root / "nvinfer_config.txt").exists()
+    (root / "labels.txt").unlink()
+    assert export_cli.main(argv) == 0
+    assert export_cli.main(argv) == 0  # now the bundle's own: rewritten
+    assert "wrote" in capsys.readouterr().err
+
+
 def test_deepstream_refuses_labels_it_cannot_write(demo_model):
     from dataclasses import replace
 

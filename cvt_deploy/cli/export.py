@@ -144,11 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out is not None:  # a folder that must not be written to is refused before the model loads
         check_output(args.out, planned_files(options))
     model, source = load_model_from_args(args)
-    if ds is not None:
-        from ..deepstream import labels_text
-
-        labels_text(model.cfg)  # type: ignore[attr-defined]  # a label nvinfer cannot read fails before the export
     out = args.out or Path("build") / model.cfg.variant  # type: ignore[attr-defined]
+    if ds is not None:  # what would stop the DeepStream files fails before the export, not after
+        from ..deepstream import check_free, labels_text
+
+        labels_text(model.cfg)  # type: ignore[attr-defined]
+        if out.is_dir():
+            check_free(out)
     try:
         result = export_bundle(model, out, options, source=source, progress=progress)  # type: ignore[arg-type]
     except ParityFailure as e:

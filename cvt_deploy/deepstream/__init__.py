@@ -108,6 +108,7 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
         raise CvtDeployError("an int8 config needs the int8 engine in the bundle: nvinfer builds int8 with implicit "
                              "calibration (int8-calib-file), which explicit Q/DQ graphs do not use",
                              f"build it on the device first: cvt-export --format trt --bundle {bundle.root} --precision int8")
+    check_free(bundle.root)
     cfg = bundle.config
     approximation = None
     if fmt == "float-pixels":
@@ -134,6 +135,17 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
         info["parity"] = approximation.to_dict()
     bundle.add(Artifact(artifact_name("deepstream", precision), CONFIG_FILE, "deepstream", precision, info=info))
     return DeepStreamResult(config, labels, approximation is None, approximation)
+
+
+def check_free(root: Path) -> None:
+    """Refuse to overwrite a config or label file in ``root`` that is not its bundle's (a user's own)."""
+    from ..bundle import bundle_files
+
+    ours = bundle_files(root) or set()
+    taken = [name for name in (CONFIG_FILE, LABELS_FILE) if (root / name).exists() and name not in ours]
+    if taken:
+        raise CvtDeployError(f"{root} holds {' and '.join(taken)}, which are not part of its bundle; refusing to "
+                             "overwrite them", "move them elsewhere, or export to another --out")
 
 
 def check_graph_io(input_format: str, output_kind: str, what: str, precision: str = "fp16") -> None:
