@@ -27,7 +27,7 @@ from .config import CvtConfig
 from .errors import CvtDeployError
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
-from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, write_errors, write_failure
+from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, temp_files_in, write_errors, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
@@ -241,7 +241,10 @@ class Bundle:
         bundle = cls(tmp, config, batch, {}, dict(extra))
         bundle.notes = notes
         try:
-            with write_errors(out):
+            # Libraries' own temporary files (ONNX Runtime's quantizer, onnxsim...) go beside
+            # the bundle too, so what a SIGKILL leaves is found and removed by the next export.
+            with write_errors(out), scratch_dir(parent, "cvt-export" if existing else out.name) as scratch, \
+                    temp_files_in(scratch):
                 yield bundle
                 bundle.save()
             with write_errors(out, any_cause=True):

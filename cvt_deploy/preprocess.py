@@ -80,6 +80,9 @@ def load_image(item: ImageLike) -> Image.Image:
 
 
 def _array_to_uint8(item: np.ndarray) -> np.ndarray:
+    if item.ndim == 3 and item.shape[0] in (1, 3) and item.shape[2] not in (1, 3, 4) and item.dtype.kind == "f":
+        raise CvtDeployError(f"the float array of shape {item.shape} looks like one preprocessed CHW image, "
+                             "not an HWC image", "add the batch dimension (x[None]) to pass it as a preprocessed NCHW batch")
     if not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
         raise CvtDeployError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {item.shape}",
                              "pass one image per array, channels last")

@@ -253,6 +253,17 @@ def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def temp_files_in(folder: Path) -> Iterator[None]:
+    """Point Python's ``tempfile`` (what libraries use for their scratch files) at ``folder``."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text)

@@ -179,7 +179,7 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(tmp_path, case, st
     elif case == "is-a-file":
         out, message = blocker, "exists and is not a folder"
     else:
-        out, message = tmp_path / "photos", "is not empty and is not a bundle"
+        out, message = tmp_path / "photos", "is not empty and holds no cvt-deploy bundle"
         out.mkdir()
         (out / "cat.jpg").write_bytes(b"jpeg")
     rc = export_cli.main(["--out", str(out), "-q"])

@@ -350,7 +350,7 @@ def test_export_refuses_a_non_empty_folder_that_is_not_a_bundle(demo_model, tmp_
     (out / "thesis.txt").write_text("do not delete")
     with pytest.raises(CvtDeployError) as e:
         export_bundle(demo_model, out, progress=False)
-    assert "not empty" in e.value.message and "not a bundle" in e.value.message
+    assert "not empty" in e.value.message and "holds no cvt-deploy bundle" in e.value.message
     assert (out / "thesis.txt").read_text() == "do not delete"
     assert [p.name for p in out.iterdir()] == ["thesis.txt"]
     assert stub_export_onnx == []

@@ -283,8 +283,21 @@ def test_calibration_cache_hit_skips_calibration(fp32_graph: Path, calib: np.nda
 
 def test_calibration_cache_file_damaged_or_stale_is_recomputed(fp32_graph: Path, calib: np.ndarray,
                                                                tmp_path: Path) -> None:
+    # A damaged file of ours inside the cache folder is said and recomputed ...
+    folder = tmp_path / "cache"
+    info = quantize_int8(fp32_graph, tmp_path / "f.onnx", calib[:32], method="minmax", cache=folder, progress=False)
+    (entry,) = folder.iterdir()
+    entry.write_text("{ not json")
+    assert quantize_int8(fp32_graph, tmp_path / "g.onnx", calib[:32], method="minmax", cache=folder,
+                         progress=False)["cache"] == "miss"
+    assert json.loads(entry.read_text())["method"] == "minmax"
+    # ... but a single FILE.json that is not one of our caches may be the user's: never overwritten.
     cache = tmp_path / "ranges.json"
     cache.write_text("{ not json")
+    with pytest.raises(CvtDeployError, match="not a cvt-deploy calibration cache"):
+        quantize_int8(fp32_graph, tmp_path / "a.onnx", calib[:32], method="minmax", cache=cache, progress=False)
+    assert cache.read_text() == "{ not json"
+    cache.unlink()
     info = quantize_int8(fp32_graph, tmp_path / "a.onnx", calib[:32], method="minmax", cache=cache, progress=False)
     assert info["cache"] == "miss" and json.loads(cache.read_text())["method"] == "minmax"
     assert quantize_int8(fp32_graph, tmp_path / "b.onnx", calib[:32], method="minmax", cache=cache,

@@ -336,7 +336,7 @@ def ort_runtime(demo_bundle):
     pytest.param(np.zeros((2, 1, 64, 64), np.float32), "has shape (2, 1, 64, 64)", id="wrong-channels"),
     pytest.param(np.zeros((1, 3, 64, 64), np.int32), "dtype int32", id="int32-nchw"),
     pytest.param(np.zeros((64, 64, 3), np.int32), "must be uint8", id="int32-hwc"),
-    pytest.param(np.zeros((3, 64, 64), np.float32), "must be uint8", id="float-chw"),
+    pytest.param(np.zeros((3, 64, 64), np.float32), "looks like one preprocessed CHW image", id="float-chw"),
     pytest.param(np.zeros((0, 3, 64, 64), np.float32), "empty", id="zero-images"),
     pytest.param([], "no images were given", id="empty-list"),
     pytest.param(np.full((2, 3, 64, 64), np.nan, np.float32), "NaN or infinite values in 2 of 2", id="nan"),

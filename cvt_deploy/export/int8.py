@@ -153,7 +153,8 @@ def check_cache_location(cache: Path) -> Path:
                 return cache
     raise CvtDeployError(f"--calib-cache {cache} is an existing file that is not a cvt-deploy calibration cache; "
                          "refusing to overwrite it",
-                         "pass a folder (one cache file per model and data is kept inside) or a new FILE.json")
+                         "pass a folder (one cache file per model and data is kept inside) or a new FILE.json; "
+                         "if it is a damaged cache of ours, delete it")
 
 
 def _cache_file(cache: Path, key: str) -> Path:
@@ -165,8 +166,10 @@ def _cache_file(cache: Path, key: str) -> Path:
 
 
 def _finite_number(v: Any) -> bool:
-    if isinstance(v, dict):  # ORT serialises numpy scalars as {"data": x, "dtype": ..., "CLS": "numpy.array"}
+    if isinstance(v, dict):  # ORT serialises numpy values as {"data": x or [x], "dtype": ..., "CLS": "numpy.array"}
         v = v.get("data")
+        if isinstance(v, list) and len(v) == 1:
+            v = v[0]
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
