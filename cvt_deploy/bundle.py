@@ -26,13 +26,13 @@ from typing import Any, Iterator, Sequence
 from .config import CvtConfig
 from .errors import CvtDeployError
 # Re-exported: these lived here before the ground floor (util) existed.
-from .util import PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
+from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, temp_files_in, write_errors, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
-ARTIFACT_KINDS = ("onnx", "tensorrt", "torch")
+ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream")  # deepstream: an nvinfer config
 # What a graph is built for (its "target" in the manifest; absent = portable): "portable"
 # graphs use standard ONNX ops and are what TensorRT and every execution provider compile;
 # "onnxruntime-cpu" graphs (export/ort_cpu.py) use ONNX Runtime contrib ops and dynamic
@@ -77,13 +77,18 @@ def _check_info(art: Artifact) -> None:
     """Raise ValueError naming the entry when a recorded fact that code reads is malformed."""
     if art.info.get("target", "portable") not in TARGETS:
         raise ValueError(f"artifact {art.name!r} has target {art.info['target']!r}; known targets are {', '.join(TARGETS)}")
-    sidecar = art.info.get("sidecar")
-    if sidecar is not None and not _inside(sidecar):
-        raise ValueError(f"artifact {art.name!r} has sidecar {sidecar!r}, not a file name inside the bundle")
+    for key in ("sidecar", "labels"):  # files beside the artifact's own
+        value = art.info.get(key)
+        if value is not None and not _inside(value):
+            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a file name inside the bundle")
     for key in ("source", "input"):  # an artifact name, a graph input name
         value = art.info.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a name")
+    for key, known in (("input_format", INPUT_FORMATS), ("output_kind", OUTPUT_KINDS)):
+        value = art.info.get(key)
+        if value is not None and value not in known:
+            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not one of {', '.join(known)}")
     parity = art.info.get("parity")
     if parity is None:
         return
@@ -307,7 +312,7 @@ def bundle_files(root: Path) -> set[str] | None:
             arts = raw.get("artifacts")
             for art in (arts.values() if isinstance(arts, dict) else ()):
                 if isinstance(art, dict):
-                    files |= {str(f) for f in (art.get("file"), art.get("sidecar")) if _inside(f)}
+                    files |= {str(f) for f in (art.get("file"), art.get("sidecar"), art.get("labels")) if _inside(f)}
     return files if found else None
 
 

@@ -158,7 +158,8 @@ def check_runtime(candidate: Runtime, reference: Runtime | np.ndarray, batch: np
     """Run ``candidate`` (and ``reference``, unless its logits are given) and compare them."""
     ref = reference if isinstance(reference, np.ndarray) else run_batches(reference, batch, progress=progress)
     ref_name = reference_name or (reference.describe() if not isinstance(reference, np.ndarray) else "reference")
-    return compare(ref, run_batches(candidate, batch, progress=progress), labels, precision=candidate.precision,
+    ref, cand = comparable(ref, run_batches(candidate, batch, progress=progress), candidate)
+    return compare(ref, cand, labels, precision=candidate.precision,
                    candidate_name=candidate.describe(), reference_name=ref_name, data=data)
 
 
@@ -214,7 +215,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         ref_logits, *logits = run_streamed([reference, *runtimes], ev, progress)
     reports = []
     for (_, art), runtime, cand in zip(plan, runtimes, logits):
-        report = compare(ref_logits, cand, ev.labels, precision=runtime.precision, candidate_name=runtime.describe(),
+        report = compare(*comparable(ref_logits, cand, runtime), ev.labels, precision=runtime.precision, candidate_name=runtime.describe(),
                          reference_name=ref_name, data=ev.description)
         report.artifact = art.name
         reports.append(report)
@@ -232,6 +233,15 @@ def _runtime_for(bundle: Bundle, backend: str, art: Artifact, device: str | None
 
         runtime = OrtRuntime.from_bundle(bundle, device=device, artifact=art.name)
     return runtime
+
+
+def comparable(reference: np.ndarray, candidate: np.ndarray, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
+    """Reference logits and a candidate's output made comparable. A probabilities graph's
+    runtime gives log-probabilities: the logits less a per-image constant, so both are
+    compared with the row mean removed (which changes neither ranking nor softmax)."""
+    if runtime.output_kind != "probs":
+        return reference, candidate
+    return reference - reference.mean(axis=1, keepdims=True), candidate - candidate.mean(axis=1, keepdims=True)
 
 
 def run_streamed(runtimes: Sequence[Runtime], ev: EvalData, progress: bool = True) -> list[np.ndarray]:

@@ -144,8 +144,9 @@ def _to_rgb(im: Image.Image, what: str) -> Image.Image:
                              "save it as an 8-bit RGB or grayscale image") from None
 
 
-def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """One RGB image -> CHW float32, normalised (grayscale when the model takes one channel)."""
+def resize_crop(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One RGB image -> (size, size, channels) uint8 pixels: the model's resize and crop
+    (grayscale when the model takes one channel)."""
     resample = RESAMPLE[cfg.interpolation]
     size = cfg.size
     if cfg.resize == "squash":
@@ -160,9 +161,35 @@ def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
         im = im.crop((left, top, left + size, top + size))
     if cfg.channels == 1:  # a grayscale model
         im = im.convert("L")
-    x = np.asarray(im, dtype=np.float32).reshape(size, size, cfg.channels) / np.float32(255.0)
+    return np.asarray(im, dtype=np.uint8).reshape(size, size, cfg.channels)
+
+
+def normalize(pixels: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """(N, H, W, C) uint8 pixels -> (N, C, H, W) float32, scaled to 0..1 and normalised."""
+    x = pixels.astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(cfg.mean, np.float32)) / np.asarray(cfg.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def transform(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """One RGB image -> CHW float32, normalised (grayscale when the model takes one channel)."""
+    return normalize(resize_crop(im, cfg)[None], cfg)[0]
+
+
+def preprocess_pixels(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
+    """Paths, PIL images, image arrays (one, a list, or an NHWC uint8/uint16 batch) -> (N, size, size,
+    channels) uint8 pixels after the model's resize and crop: what a raw-pixel graph takes."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        if len(images) == 0:
+            raise CvtDeployError("the image batch is empty (0 images)", "pass at least one image")
+        if images.dtype not in (np.uint8, np.uint16):  # NHWC images, not a preprocessed batch
+            raise CvtDeployError(f"an image batch must be uint8 or uint16 NHWC, got dtype {images.dtype}",
+                                 "pass images, or a preprocessed float32 NCHW batch to preprocess()")
+        return np.stack([resize_crop(load_image(x), cfg) for x in images])
+    items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise CvtDeployError("no images were given", "pass at least one image path, PIL image or array")
+    return np.stack([resize_crop(load_image(x), cfg) for x in items])
 
 
 def preprocess(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
@@ -171,16 +198,56 @@ def preprocess(images: Images | Any, cfg: PreprocessConfig) -> np.ndarray:
     A float32 NCHW array is taken as already preprocessed and only validated. Images of
     different sizes and modes (grayscale, RGBA) can be mixed in one call.
     """
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        if len(images) == 0:
-            raise CvtDeployError("the image batch is empty (0 images)", "pass at least one image")
-        if images.dtype in (np.uint8, np.uint16):  # NHWC images, not a preprocessed batch
-            return np.stack([transform(load_image(x), cfg) for x in images])
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype not in (np.uint8, np.uint16) and len(images):
         return validate_batch(images, cfg)
-    items: Sequence[Any] = images if isinstance(images, (list, tuple)) else [images]
-    if not items:
-        raise CvtDeployError("no images were given", "pass at least one image path, PIL image or array")
-    return np.stack([transform(load_image(x), cfg) for x in items])
+    return normalize(preprocess_pixels(images, cfg), cfg)
+
+
+def pixels_from_batch(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Undo :func:`normalize`: a float NCHW batch made from 8-bit pixels -> those NHWC uint8 pixels.
+
+    Exact for batches :func:`preprocess` made; a batch that is not made of 8-bit pixels is
+    refused rather than silently rounded (a raw-pixel graph cannot take it).
+    """
+    batch = validate_batch(batch, cfg)
+    std, mean = np.asarray(cfg.std, np.float64), np.asarray(cfg.mean, np.float64)
+    p = (batch.transpose(0, 2, 3, 1).astype(np.float64) * std + mean) * 255.0
+    q = np.rint(p)
+    worst = float(np.abs(p - q).max())
+    if worst > 0.05 or q.min() < 0 or q.max() > 255:
+        raise CvtDeployError(f"this graph takes 8-bit pixels, but the float batch is not made of them (values up to "
+                             f"{worst:.2f} off a pixel level, range {p.min():.1f}..{p.max():.1f})",
+                             "pass images (paths, PIL, uint8 arrays) instead of a float batch, or use a float-input bundle")
+    return q.astype(np.uint8)
+
+
+def graph_dims(cfg: PreprocessConfig, input_format: str) -> tuple[int, int, int]:
+    """One image's input dimensions in a graph of ``input_format``: (H, W, C) for NHWC, else (C, H, W)."""
+    if input_format == "uint8-nhwc":
+        return cfg.size, cfg.size, cfg.channels
+    return cfg.channels, cfg.size, cfg.size
+
+
+def graph_input(batch: np.ndarray, cfg: PreprocessConfig, input_format: str) -> np.ndarray:
+    """What a graph of ``input_format`` takes (see ``util.INPUT_FORMATS``) from a preprocessed
+    float32 NCHW batch or from (N, size, size, channels) uint8 pixels at the model's size."""
+    if batch.dtype == np.uint8:
+        expected = (cfg.size, cfg.size, cfg.channels)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise CvtDeployError(f"a pixel batch has shape {tuple(batch.shape)}; the model takes (N, "
+                                 f"{', '.join(map(str, expected))}) uint8 pixels at its input size",
+                                 "use predict() with images of any size: it resizes and crops them")
+        pixels = batch
+    elif input_format == "float":
+        return batch
+    else:
+        pixels = pixels_from_batch(batch, cfg)
+    if input_format == "float":
+        return normalize(pixels, cfg)
+    if input_format == "uint8-nhwc":
+        return np.ascontiguousarray(pixels)
+    nchw = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    return nchw.astype(np.float32) if input_format == "float-pixels" else nchw
 
 
 def validate_batch(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:

@@ -25,6 +25,15 @@ PRECISIONS = ("fp32", "fp16", "int8")
 META_PREFIX = "cvt_deploy."
 CONFIG_KEY = META_PREFIX + "config"
 PRECISION_KEY = META_PREFIX + "precision"
+INPUT_FORMAT_KEY = META_PREFIX + "input_format"
+OUTPUT_KIND_KEY = META_PREFIX + "output_kind"
+
+# What a graph takes and gives. "float" is the normalised NCHW batch of preprocess.py; the
+# others are RGB pixels at the model's input size that the graph normalises itself
+# (export/rawpixel.py): float32 0..255 NCHW (what DeepStream's nvinfer hands an engine with
+# net-scale-factor=1, offsets=0) or uint8 in either layout. "probs" graphs end in a Softmax.
+INPUT_FORMATS = ("float", "float-pixels", "uint8-nchw", "uint8-nhwc")
+OUTPUT_KINDS = ("logits", "probs")
 
 
 def check_precision(precision: Any, what: str = "precision") -> str:
@@ -32,6 +41,13 @@ def check_precision(precision: Any, what: str = "precision") -> str:
     if precision not in PRECISIONS:
         raise CvtDeployError(f"unknown {what} {precision!r}", f"use one of {', '.join(PRECISIONS)}")
     return str(precision)
+
+
+def check_choice(value: Any, choices: Sequence[str], what: str) -> str:
+    """``value`` if it is one of ``choices``, else an error naming it and them."""
+    if value not in choices:
+        raise CvtDeployError(f"unknown {what} {value!r}", f"use one of {', '.join(choices)}")
+    return str(value)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 from .. import runtimes as rt
 from ..bundle import Bundle
 from ..errors import CvtDeployError
+from ..preprocess import normalize
 from ..progress import stage
 from ..runtimes.base import Runtime
 from ..util import PRECISIONS, tool_versions
@@ -299,10 +300,12 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             row.status, row.reason = "skipped", (f"batch {b} is outside the artifact's batch range "
                                                  f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with cvt-export --batch MIN:OPT:MAX)")
         else:
-            if b not in inputs:  # one input per batch size, shared by every backend
-                shape = (b, cfg.in_chans, cfg.img_size, cfg.img_size)
-                inputs[b] = np.random.default_rng(b).standard_normal(shape).astype(np.float32)
-            cases[len(rows)] = Case.for_runtime(f"{backend} {precision} b{b}", runtime, inputs[b])
+            if b not in inputs:  # one image batch per batch size, shared by every backend
+                shape = (b, cfg.img_size, cfg.img_size, cfg.in_chans)
+                inputs[b] = np.random.default_rng(b).integers(0, 256, shape, dtype=np.uint8)
+            # Float graphs get the batch normalised once, untimed; raw-pixel graphs take the pixels themselves.
+            x = normalize(inputs[b], cfg.preprocess) if runtime.input_format == "float" else inputs[b]
+            cases[len(rows)] = Case.for_runtime(f"{backend} {precision} b{b}", runtime, x)
         rows.append(row)
 
     all_cases = list(cases.values())

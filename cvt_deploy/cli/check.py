@@ -22,6 +22,7 @@ agreement; fp16 >= 99.5% top-1 agreement; int8 accuracy drop <= 1 point when lab
 examples:
   cvt-check --bundle build/demo
   cvt-check --bundle build/cvt13 --backend tensorrt --data imagenet-val-subset/
+  cvt-check --bundle build/ds --preprocess deepstream    what nvinfer's direct resize costs (not gated)
 """
 
 
@@ -40,10 +41,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", help="device for the checked backend (cpu, cuda)")
     ap.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
     ap.add_argument("--limit", type=int, metavar="N", help="check on at most N images (default 512)")
+    ap.add_argument("--preprocess", choices=("model", "deepstream"), default="model",
+                    help="model (default): the parity check; deepstream: the same artifact on the model's own "
+                         "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
+                         "accuracy of each and top-1 agreement, reported, not gated")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args(argv)
     bundle = Bundle.open(args.bundle)
+    if args.preprocess == "deepstream":
+        from ..deepstream import check_resize, format_resize
+
+        reports = [check_resize(bundle, data=args.data, limit=args.limit, backend=backend, precision=precision,
+                                device=args.device, progress=not args.quiet)
+                   for backend in args.backend or ["onnxruntime"] for precision in args.precision or [None]]
+        print(json.dumps([r.to_dict() for r in reports], indent=2) if args.json
+              else "\n\n".join(format_resize(r) for r in reports))
+        return 0
     reports = check_bundle(bundle, data=args.data, limit=args.limit, backends=args.backend or ["onnxruntime"],
                            precisions=args.precision, device=args.device, progress=not args.quiet)
     if args.json:

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..bundle import Bundle
 from ..errors import CvtDeployError
-from ..util import BatchRange
+from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
 from .common import add_model_args, cli_entry, load_model_from_args
 
 if TYPE_CHECKING:
+    from ..deepstream import DeepStreamOptions
     from ..export.pipeline import ExportOptions
     from ..trt.loader import BuildOptions
 
@@ -25,6 +26,9 @@ examples:
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
   cvt-export --format triton --bundle build/cvt13 --out build/triton-repo   a Triton model repository
+  cvt-export --input-format uint8-nhwc --output probs --out build/edge   graphs that take camera pixels
+  cvt-export --format deepstream --out build/ds          float-pixels + probs graphs and nvinfer_config.txt
+  cvt-export --format deepstream --bundle build/ds --precision fp32   (re)write the config of a bundle
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
@@ -41,16 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--format", choices=("onnx", "trt", "triton"), default="onnx",
+    ap.add_argument("--format", choices=("onnx", "trt", "deepstream", "triton"), default="onnx",
                     help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU); "
+                         "deepstream: the bundle plus an nvinfer classifier config and label file; "
                          "triton: a Triton model repository from --bundle, written to --out")
     ap.add_argument("--precision", default=None, metavar="P[,P]",
                     help="fp32, fp16, int8 or a comma list (default: fp32 for onnx, fp16 for trt). "
                          "The fp32 graph is always written: it is the reference")
     ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
     ap.add_argument("--bundle", "--onnx", dest="bundle", type=Path, metavar="BUNDLE",
-                    help="with --format trt: build engines for this existing bundle instead of exporting "
-                         "(--onnx is the older name)")
+                    help="with --format trt: build engines for this existing bundle instead of exporting; with "
+                         "--format deepstream: write its nvinfer config (--onnx is the older name)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.6 and newer parse it)")
     ap.add_argument("--batch", default="1:8:32", metavar="N|MIN:OPT:MAX",
                     help="batch sizes the graphs and engines accept: fixed N, or a dynamic range (default 1:8:32; "
@@ -78,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu", help="instances of the ONNX models (default cpu)")
     g.add_argument("--triton-instances", type=int, default=1, metavar="N", help="instances per model (default 1)")
     g.add_argument("--triton-ort-tensorrt", action="store_true", help="ONNX models run through ONNX Runtime's TensorRT accelerator")
+    g.add_argument("--dla-core", type=int, metavar="N",
+                   help="Jetson: run what the DLA can on DLA core N, the rest on the GPU (fp16 and a fixed --batch only)")
+    g = ap.add_argument_group("what the graphs take and give (for apps that hand the network pixels)")
+    g.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
+                   help="float (default): normalised float32 NCHW, as preprocess() makes; uint8-nhwc / uint8-nchw: "
+                        "RGB pixels at the model's input size, the graph casts and normalises them itself; "
+                        "float-pixels: float32 NCHW pixel values 0..255 (what DeepStream feeds; the default with "
+                        "--format deepstream)")
+    g.add_argument("--output", choices=OUTPUT_KINDS, default=None,
+                   help="logits (default) or probs: the graph ends in a softmax (the default with --format deepstream)")
+    g = ap.add_argument_group("DeepStream (--format deepstream)")
+    g.add_argument("--classifier-mode", choices=("primary", "secondary"), default="primary",
+                   help="primary: classify whole frames; secondary: classify a detector's objects")
+    g.add_argument("--operate-on-gie-id", type=int, default=1, metavar="ID",
+                   help="secondary mode: the gie-unique-id of the detector whose objects to classify (default 1)")
+    g.add_argument("--classifier-threshold", type=float, default=0.5, metavar="P",
+                   help="lowest probability nvinfer attaches as a label (default 0.5)")
     ap.add_argument("--json", action="store_true", help="print the parity reports as JSON on stdout")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return ap
@@ -91,21 +113,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..trt.loader import BuildOptions
 
     args = build_parser().parse_args(argv)
-    precisions = parse_precisions(args.precision or ("fp16" if args.format == "trt" else "fp32"))
+    deepstream = args.format == "deepstream"
+    precisions = parse_precisions(args.precision or ("fp32" if args.format == "onnx" else "fp16"))
     progress = not args.quiet
+    # DeepStream feeds float planar pixels and thresholds probabilities: its graphs default to both.
     options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch), data=args.data,
                             check=not args.no_check, check_limit=args.check_limit, calib=args.calib,
                             calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache,
-                            ort_cpu=not args.no_ort_cpu)
+                            ort_cpu=not args.no_ort_cpu,
+                            input_format=args.input_format or ("float-pixels" if deepstream else "float"),
+                            output=args.output or ("probs" if deepstream else "logits"))
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
-                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible)
+                         version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
+                         dla_core=args.dla_core)
     if args.format == "triton":
         return _triton(args)
-    if args.bundle is not None:
+    if args.dla_core is not None:
+        from ..trt.dla import check_dla_request
+
         if args.format != "trt":
-            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle", "add --format trt")
-        _build_engines(Bundle.open(args.bundle), options, build, progress)
+            raise CvtDeployError("--dla-core applies to TensorRT engines", "add --format trt")
+        for precision in precisions if args.bundle is None else []:  # a bundle's batch is checked when it is read
+            check_dla_request(args.dla_core, precision, options.batch)
+    ds = _deepstream_options(args, options) if deepstream else None
+    if args.bundle is not None:
+        if args.format == "onnx":
+            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt) "
+                                 "or writes its DeepStream config (--format deepstream)",
+                                 "add --format trt or --format deepstream")
+        if ds is not None:
+            _write_deepstream(Bundle.open(args.bundle), ds, progress)
+        else:
+            _build_engines(Bundle.open(args.bundle), options, build, progress)
         return 0
     if args.format == "trt":
         from ..trt.util import require_tensorrt
@@ -118,6 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_output(args.out, planned_files(options))
     model, source = load_model_from_args(args)
     out = args.out or Path("build") / model.cfg.variant  # type: ignore[attr-defined]
+    if ds is not None:  # what would stop the DeepStream files fails before the export, not after
+        from ..deepstream import check_free, labels_text
+
+        labels_text(model.cfg)  # type: ignore[attr-defined]
+        if out.is_dir():
+            check_free(out)
     try:
         result = export_bundle(model, out, options, source=source, progress=progress)  # type: ignore[arg-type]
     except ParityFailure as e:
@@ -131,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps([r.to_dict() for r in result.reports], indent=2))
     if args.format == "trt":
         _build_engines(result.bundle, options, build, progress)
+    if ds is not None:
+        _write_deepstream(result.bundle, ds, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
     return 0
 
@@ -154,3 +202,23 @@ def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, 
 
     build_engines(bundle, list(options.precisions), build, check=options.check, data=options.data,
                   check_limit=options.check_limit, progress=progress)
+
+
+def _deepstream_options(args: argparse.Namespace, options: ExportOptions) -> DeepStreamOptions:
+    from ..deepstream import DeepStreamOptions, check_graph_io
+
+    if args.bundle is None:  # refused before minutes of export, not after
+        check_graph_io(options.input_format, options.output, "the graph asked for")
+    # One config per bundle: fp16 when exported (Jetson's usual engine), else the first precision asked for.
+    precision = "fp16" if "fp16" in options.precisions else options.precisions[0]
+    return DeepStreamOptions(precision=precision if args.precision or args.bundle is None else None,
+                             mode=args.classifier_mode, operate_on_gie_id=args.operate_on_gie_id,
+                             threshold=args.classifier_threshold, data=args.data, limit=args.check_limit)
+
+
+def _write_deepstream(bundle: Bundle, options: DeepStreamOptions, progress: bool) -> None:
+    from ..deepstream import write_deepstream
+
+    result = write_deepstream(bundle, options, progress)
+    print(f"wrote {result.config} and {result.labels}" + ("" if result.exact else " (approximate input scaling, see above)"),
+          file=sys.stderr)

@@ -18,7 +18,7 @@ from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
-from ..util import PRECISIONS, BatchRange, check_precision, file_sha256, tool_versions
+from ..util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, check_choice, check_precision, file_sha256, tool_versions
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, graph_opset, simplify
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class ExportOptions:
     default the demo digits). ``calib*``: int8 calibration images, method, count and cache.
     ``ort_cpu``: also write ONNX Runtime CPU graphs (fp32, and int8 when asked) beside the
     portable ones (export/ort_cpu.py).
+    ``input_format``/``output``: what every graph takes and gives (export/rawpixel.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -59,11 +60,15 @@ class ExportOptions:
     calib_count: int | None = None
     calib_cache: Path | None = None
     ort_cpu: bool = True
+    input_format: str = "float"
+    output: str = "logits"
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
         from .onnx import check_opset
 
+        check_choice(self.input_format, INPUT_FORMATS, "--input-format")
+        check_choice(self.output, OUTPUT_KINDS, "--output")
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
         for name, flag in (("check_limit", "--check-limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
@@ -139,6 +144,10 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
 
             write_ort_cpu_graphs(bundle, precisions, {p: graph_metadata(cfg.to_json(), p, meta) for p in ("fp32", "int8")},
                                  progress)
+        if options.input_format != "float" or options.output != "logits":
+            from .rawpixel import embed_bundle_io
+
+            embed_bundle_io(bundle, options.input_format, options.output, progress)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)

@@ -1,8 +1,10 @@
 """The one runtime interface every backend implements.
 
 A runtime only runs: loaders (``from_bundle``) build it from a bundle, ``run`` maps a
-preprocessed NCHW float32 batch to logits, and ``predict`` adds preprocessing, input
-checks and top-k on top. Backends live one per file and never branch on each other.
+preprocessed NCHW float32 batch (or uint8 pixels at the model's size) to logits, and
+``predict`` adds preprocessing, input checks and top-k on top. Graphs that take raw pixels
+or give probabilities (``input_format``/``output_kind``, export/rawpixel.py) are fed and
+read here, so every caller sees the same contract whatever the graph takes. Backends live one per file and never branch on each other.
 
 Thread safety: ``predict`` keeps no per-call state on the runtime. Each backend documents
 how its ``run`` may be shared; all shipped backends allow calling one runtime from several
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..config import CvtConfig
 from ..errors import CvtDeployError
-from ..preprocess import Images, preprocess
+from ..preprocess import Images, graph_input, preprocess, preprocess_pixels
 
 if TYPE_CHECKING:
     from ..bundle import BatchRange, Bundle
@@ -106,6 +108,8 @@ class Runtime(ABC):
         self.precision = precision
         self.device = device
         self.batch_range = batch_range  # the batch sizes one call takes; None: any
+        self.input_format = "float"  # what the artifact takes (util.INPUT_FORMATS); loaders set it
+        self.output_kind = "logits"  # "probs": the artifact ends in a softmax
 
     @classmethod
     @abstractmethod
@@ -120,29 +124,53 @@ class Runtime(ABC):
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) float32 with N inside ``self.batch_range`` -> (N, num_classes) float32 logits."""
+        """The artifact's input (``self.input_format``) with N inside ``self.batch_range`` ->
+        (N, num_classes) float32 logits or probabilities (``self.output_kind``)."""
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a preprocessed batch of any size.
+        """Logits for a preprocessed float32 NCHW batch, or (N, size, size, C) uint8 pixels, of any size.
 
         Batches above the artifact's maximum are split; a chunk below its minimum (a static
-        batch, a TensorRT profile) is padded with zeros and the padding dropped again.
+        batch, a TensorRT profile) is padded with zeros and the padding dropped again. A
+        probabilities graph gives log-probabilities: the logits up to a per-image constant,
+        which changes neither the softmax nor the ranking.
         """
+        batch = graph_input(batch, self.config.preprocess, self.input_format)
         if self.batch_range is None or self.batch_range.min <= len(batch) <= self.batch_range.max:
-            return np.asarray(self._run(batch), dtype=np.float32)
-        outs = []
-        for i in range(0, len(batch), self.batch_range.max):
-            chunk = batch[i:i + self.batch_range.max]
-            n = len(chunk)
-            if n < self.batch_range.min:
-                chunk = np.concatenate([chunk, np.zeros((self.batch_range.min - n, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
-        return np.concatenate(outs)
+            out = np.asarray(self._run(batch), dtype=np.float32)
+        else:
+            outs = []
+            for i in range(0, len(batch), self.batch_range.max):
+                chunk = batch[i:i + self.batch_range.max]
+                n = len(chunk)
+                if n < self.batch_range.min:
+                    chunk = np.concatenate([chunk, np.zeros((self.batch_range.min - n, *chunk.shape[1:]), chunk.dtype)])
+                outs.append(np.asarray(self._run(chunk), dtype=np.float32)[:n])
+            out = np.concatenate(outs)
+        if self.output_kind == "probs":
+            out = np.log(np.maximum(out, np.finfo(np.float32).tiny))
+        return out
+
+    def set_io(self, input_format: str | None, output_kind: str | None, where: str) -> None:
+        """Record what the artifact takes and gives (None: "float" / "logits"), refusing unknown values."""
+        from ..util import INPUT_FORMATS, OUTPUT_KINDS
+
+        fmt, kind = input_format or "float", output_kind or "logits"
+        if fmt not in INPUT_FORMATS or kind not in OUTPUT_KINDS:
+            raise CvtDeployError(f"{where} says its input format is {fmt!r} and its output {kind!r}; this cvt-deploy "
+                                 f"knows inputs {', '.join(INPUT_FORMATS)} and outputs {', '.join(OUTPUT_KINDS)}",
+                                 "upgrade cvt-deploy, or re-export the bundle with this one")
+        self.input_format, self.output_kind = fmt, kind
 
     def predict(self, images: Images | np.ndarray, topk: int = 5) -> Prediction:
         """Top-k classes for paths, PIL images, uint8 arrays or a preprocessed float32 batch."""
         check_topk(topk)
-        batch = preprocess(images, self.config.preprocess)
+        cfg = self.config.preprocess
+        if self.input_format != "float" and not (isinstance(images, np.ndarray) and images.ndim == 4
+                                                 and images.dtype not in (np.uint8, np.uint16)):
+            batch = preprocess_pixels(images, cfg)  # straight to pixels: no normalise-and-undo round trip
+        else:
+            batch = preprocess(images, cfg)
         logits = self.run(batch)
         if not np.isfinite(logits).all():
             raise self._non_finite(batch)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..util import CONFIG_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
+from ..util import CONFIG_KEY, INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -54,7 +54,9 @@ class OrtRuntime(Runtime):
             raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props {PRECISION_KEY})",
                                  f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
         super().__init__(config, precision, device)
-        _check_io(self.session, config, path)
+        # The graph says what it takes (export/rawpixel.py stamps it); its input must agree.
+        self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
+        _check_io(self.session, config, path, self.input_format)
         shape = self.session.get_inputs()[0].shape
         if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
             self.batch_range = BatchRange(shape[0], shape[0], shape[0])
@@ -115,11 +117,17 @@ class OrtRuntime(Runtime):
         return np.asarray(out)
 
 
-def _check_io(session: Any, config: CvtConfig, path: str | os.PathLike[str]) -> None:
+def _check_io(session: Any, config: CvtConfig, path: str | os.PathLike[str], input_format: str) -> None:
     """The graph must take the images and give the classes its config says: a graph swapped
     into a bundle, or metadata of another model, would otherwise answer with wrong labels."""
+    from ..preprocess import graph_dims
+
+    in_type = session.get_inputs()[0].type
+    if (in_type == "tensor(uint8)") != input_format.startswith("uint8"):
+        raise CvtDeployError(f"{path} takes {in_type} but says its input format is {input_format!r}",
+                             "the graph was edited after export: re-export it with cvt-export")
     inp, out = session.get_inputs()[0].shape, session.get_outputs()[0].shape
-    want_in = [config.in_chans, config.img_size, config.img_size]
+    want_in = list(graph_dims(config.preprocess, input_format))
     got_in = list(inp[1:]) if len(inp) == 4 else None
     if got_in is None or any(isinstance(g, int) and g != w for g, w in zip(got_in, want_in)):
         raise CvtDeployError(f"{path} takes input of shape {inp}, but its model config says (N, {', '.join(map(str, want_in))})",

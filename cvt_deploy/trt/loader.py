@@ -53,38 +53,44 @@ def engine_file(precision: str) -> str:
 
 def build_engine(bundle: Bundle, precision: str = "fp16", *, workspace_mib: int | None = None,
                  timing_cache: str | os.PathLike[str] | None = None, version_compatible: bool = False,
-                 hardware_compatible: bool = False, progress: bool = True, device: str | None = None) -> Artifact:
+                 hardware_compatible: bool = False, progress: bool = True, device: str | None = None,
+                 dla_core: int | None = None) -> Artifact:
     """Build the ``precision`` engine of ``bundle`` on this machine's GPU and add it to the bundle.
 
     ``workspace_mib``: builder workspace pool limit (None: 1 GiB, clamped to half the free
     GPU memory). ``timing_cache``: file reused and updated across builds (kernel timings;
     makes rebuilds much faster). ``version_compatible``: the engine also runs on newer
     TensorRT of the same major version. ``hardware_compatible``: the engine runs on every
-    GPU of compute capability >= 8.0 (Ampere and newer), possibly a little slower.
-    Returns the ``tensorrt-<precision>`` artifact.
+    GPU of compute capability >= 8.0 (Ampere and newer), possibly a little slower. ``dla_core``:
+    that Jetson DLA core, GPU fallback (fp16 only; trt/dla.py). Returns the ``tensorrt-<precision>`` artifact.
     """
+    from ..preprocess import graph_dims
+    from .dla import check_dla_request, dla_strongly_typed
     check_precision(precision)
+    check_dla_request(dla_core, precision, bundle.batch)
     require_tensorrt("building a TensorRT engine")
     import tensorrt as trt
 
-    strongly_typed = version_tuple(trt.__version__)[0] >= 10
+    major = version_tuple(trt.__version__)[0]
+    strongly_typed = major >= 10 if dla_core is None else dla_strongly_typed(major)
     source = _source_graph(bundle, precision, strongly_typed, trt.__version__)
     cfg = bundle.config
+    io: dict[str, object] = {k: source.info[k] for k in ("input_format", "output_kind") if k in source.info}
     engine = bundle.root / engine_file(precision)
     meta = build_engine_file(
         bundle.verified_path(source), engine, precision, bundle.batch, source.info.get("input"),
-        (cfg.in_chans, cfg.img_size, cfg.img_size), workspace_mib=workspace_mib, timing_cache=timing_cache,
+        graph_dims(cfg.preprocess, str(io.get("input_format", "float"))), workspace_mib=workspace_mib, timing_cache=timing_cache,
         version_compatible=version_compatible, hardware_compatible=hardware_compatible,
         strongly_typed=strongly_typed, progress=progress, device=device,
-        onnx_sha256=source.sha256 or None, bundle_root=bundle.root)
+        onnx_sha256=source.sha256 or None, bundle_root=bundle.root, dla_core=dla_core)
+    io.update((k, v) for k, v in meta.extra.items() if k == "dla_core")
     info = {"sidecar": sidecar_path(engine).name, "source": source.name,
             "tensorrt_version": meta.tensorrt_version, "gpu": meta.gpu_name,
             "compute_capability": "{}.{}".format(*meta.compute_capability), "strongly_typed": meta.strongly_typed,
             "builder_flags": meta.builder_flags, "workspace_mib": meta.workspace_mib,
             "version_compatible": meta.version_compatible,
-            "hardware_compatibility_level": meta.hardware_compatibility_level}
+            "hardware_compatibility_level": meta.hardware_compatibility_level, **io}
     return bundle.add(Artifact(artifact_name("tensorrt", precision), engine.name, "tensorrt", precision, info=info))
-
 
 
 
@@ -97,8 +103,12 @@ class BuildOptions:
     timing_cache: str | os.PathLike[str] | None = None
     version_compatible: bool = False
     hardware_compatible: bool = False
+    dla_core: int | None = None
 
     def __post_init__(self) -> None:
+        from .dla import check_dla_core
+
+        check_dla_core(self.dla_core)
         if self.workspace_mib is not None and (not isinstance(self.workspace_mib, int) or self.workspace_mib < 1):
             raise CvtDeployError(f"--workspace {self.workspace_mib} MiB is not positive", "pass e.g. --workspace 1024")
 
@@ -117,7 +127,8 @@ def build_engines(bundle: Bundle, precisions: Sequence[str], options: BuildOptio
     for precision in precisions:
         art = build_engine(bundle, precision, workspace_mib=options.workspace_mib, timing_cache=options.timing_cache,
                            version_compatible=options.version_compatible,
-                           hardware_compatible=options.hardware_compatible, progress=progress)
+                           hardware_compatible=options.hardware_compatible, progress=progress,
+                           dla_core=options.dla_core)
         print(f"built {bundle.path(art)}", file=sys.stderr)
         built.append(art)
     if check:
@@ -125,6 +136,7 @@ def build_engines(bundle: Bundle, precisions: Sequence[str], options: BuildOptio
                                progress=progress)
         record_parity(bundle, "tensorrt", reports, show=True)
     return built
+
 
 def _source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version: str) -> Artifact:
     """The ONNX artifact an engine of ``precision`` is built from on this TensorRT."""
@@ -146,7 +158,8 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
                       workspace_mib: int | None = None, timing_cache: str | os.PathLike[str] | None = None,
                       version_compatible: bool = False, hardware_compatible: bool = False,
                       strongly_typed: bool | None = None, progress: bool = True, device: str | None = None,
-                      onnx_sha256: str | None = None, bundle_root: str | os.PathLike[str] | None = None) -> EngineMeta:
+                      onnx_sha256: str | None = None, bundle_root: str | os.PathLike[str] | None = None,
+                      dla_core: int | None = None) -> EngineMeta:
     """Build one plan from one ONNX file; write it and its sidecar atomically; return the sidecar record.
 
     ``input_name``: the graph's image input (None: its only input). ``strongly_typed``:
@@ -233,6 +246,11 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
         if kept:
             set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             extra["fp32_layers"] = len(kept)
+    if dla_core is not None:
+        from .dla import configure_dla
+
+        flags += configure_dla(builder, config, dla_core)
+        extra["dla_core"] = dla_core
     if version_compatible:
         set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     level = trt.HardwareCompatibilityLevel.AMPERE_PLUS if hardware_compatible else trt.HardwareCompatibilityLevel.NONE

@@ -78,6 +78,8 @@ class TensorRTRuntime(Runtime):
         rebuild = (f"rebuild it here: cvt-export --format trt --bundle {self.engine_path.parent} "
                    f"--precision {self.precision}")
         self._runtime = trt.Runtime(trt_logger())  # must outlive the engine
+        if "dla_core" in self.meta.extra:  # a DLA engine runs on the core it was built for
+            self._runtime.DLA_core = int(self.meta.extra["dla_core"])
         if self.meta.version_compatible:
             # A version-compatible plan carries TensorRT's lean runtime (host code); the
             # sidecar says we built it, so we trust it.
@@ -153,7 +155,9 @@ class TensorRTRuntime(Runtime):
         engine = bundle.verified_path(art)
         sidecar = bundle.root / art.info["sidecar"] if art.info.get("sidecar") else sidecar_path(engine)
         meta = EngineMeta.read(sidecar)
-        return cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
+        runtime = cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
+        runtime.set_io(art.info.get("input_format"), art.info.get("output_kind"), f"{bundle.root} ({art.name})")
+        return runtime
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, dtype=self._in_dtype)
@@ -166,7 +170,7 @@ class TensorRTRuntime(Runtime):
             if not context.set_input_shape(self._in_name, x.shape):
                 raise CvtDeployError(
                     f"input of shape {x.shape} does not fit {self.engine_path.name} (batch {self.batch_range.min}..{self.batch_range.max}"
-                    f" of {self.meta.chw})", "pass preprocessed (N, C, H, W) images of the model's size")
+                    f" of {self.meta.chw})", f"pass preprocessed images of the model's size ({self.input_format})")
             out = np.empty(dims(context.get_tensor_shape(self._out_name)), dtype=self._out_dtype)
             stream = self._stream
             cuda_call(cudart.cudaMemcpyAsync(self._d_in, x.ctypes.data, x.nbytes,
