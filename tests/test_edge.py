@@ -99,10 +99,19 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
     # batches); all pass for the demo model, int8 of random weights misses its cosine gate in both.
     reports = check_bundle(raw, limit=120, progress=False)
     float_reports = check_bundle(Bundle.open(float_root), limit=120, progress=False)
-    assert [r.precision for r in reports] == [r.precision for r in float_reports] == list(PRECISIONS)
+    # Every graph of the bundle, the ONNX Runtime CPU ones included, takes the raw pixels.
+    assert [r.artifact for r in reports] == [r.artifact for r in float_reports]
+    assert sorted({r.precision for r in reports}, key=PRECISIONS.index) == list(PRECISIONS)
     for rep, ref in zip(reports, float_reports):
+        if rep.artifact == "onnx-int8-onnxruntime-cpu":
+            # Dynamic int8 scales its activations per call, so the last-bit differences of
+            # in-graph normalisation move the scales: one image may flip on a random model.
+            assert abs(rep.top1_agreement - ref.top1_agreement) <= 1 / 120 and abs(rep.min_cosine - ref.min_cosine) < 2e-2
+            continue
         assert bool(rep) == bool(ref) and rep.top1_agreement == ref.top1_agreement, (str(rep), str(ref))
-        assert abs(rep.min_cosine - ref.min_cosine) < 1e-3
+        # int8: the last-bit differences of in-graph normalisation cross a few quantization
+        # steps of the first conv's input (min cosine of a random model moves ~1e-3).
+        assert abs(rep.min_cosine - ref.min_cosine) < (5e-3 if rep.precision == "int8" else 1e-3)
     assert all(reports) or which == "random", [str(r) for r in reports]
     # predict() takes images and answers as on the float bundle.
     images = list(demo_test_split.images[:40])
