@@ -22,7 +22,7 @@ from ..util import PRECISIONS, tool_versions
 from .cost import count_macs
 from .limits import SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, llc_bytes
 from .results import BenchResult, BenchRow
-from .timing import Case, measure_interleaved, summarize
+from .timing import Case, check_settings, measure_interleaved, summarize
 
 if TYPE_CHECKING:
     from ..util import BatchRange
@@ -189,14 +189,9 @@ class BenchOptions:
                                      "use whole numbers >= 1, e.g. --batches 1,8,32")
             object.__setattr__(self, "batches", batches)
         # Named as cvt-bench spells them: the CLI passes its flags straight through.
-        for name, low in (("threads", 1), ("iterations", 1), ("rounds", 1), ("warmup", 0), ("settle", 0),
-                          ("min_iterations", 1), ("matmul_size", 16)):
-            value = getattr(self, name)
-            flag = "--" + name.replace("_", "-")
-            if value is not None and value < low:
-                raise CvtDeployError(f"{flag} {value:g} is below {low}", f"pass {flag} {low} or more")
-        if not self.min_time > 0:
-            raise CvtDeployError(f"--min-time {self.min_time:g} must be positive", "use e.g. --min-time 2")
+        check_settings([("--" + name.replace("_", "-"), getattr(self, name), low) for name, low in (
+            ("threads", 1), ("iterations", 1), ("rounds", 1), ("warmup", 0), ("settle", 0), ("min_iterations", 1),
+            ("matmul_size", 16))], self.min_time)
 
 
 def _check_batches(bundle: Bundle, batches: Sequence[int]) -> None:

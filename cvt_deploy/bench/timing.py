@@ -30,6 +30,16 @@ class Stats:
     n: int
 
 
+def check_settings(lows: Sequence[tuple[str, float | None, int]], min_time: float) -> None:
+    """The timing flags of any benchmark, checked before anything runs: each ``(flag, value,
+    lowest allowed)`` (None: the default) and ``--min-time``."""
+    for flag, value, low in lows:
+        if value is not None and value < low:
+            raise CvtDeployError(f"{flag} {value:g} is below {low}", f"pass {flag} {low} or more")
+    if not min_time > 0:
+        raise CvtDeployError(f"--min-time {min_time:g} must be positive", "use e.g. --min-time 2")
+
+
 def summarize(seconds: Sequence[float]) -> Stats:
     """Statistics of per-iteration timings given in seconds."""
     if len(seconds) == 0:

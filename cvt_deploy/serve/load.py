@@ -98,12 +98,10 @@ class LoadOptions:
             raise CvtDeployError(f"--concurrency {list(self.concurrency)}: levels must be whole numbers >= 1",
                                  "e.g. --concurrency 1,2,4,8,16")
         object.__setattr__(self, "concurrency", levels)
-        for flag, value, low in (("--images-per-request", self.images_per_request, 1), ("--warmup", self.warmup, 0),
-                                 ("--rounds", self.rounds, 1)):
-            if value < low:
-                raise CvtDeployError(f"{flag} {value} is below {low}", f"pass {flag} {low} or more")
-        if not self.min_time > 0:
-            raise CvtDeployError(f"--min-time {self.min_time:g} must be positive", "use e.g. --min-time 2")
+        from ..bench.timing import check_settings
+
+        check_settings([("--images-per-request", self.images_per_request, 1), ("--warmup", self.warmup, 0),
+                        ("--rounds", self.rounds, 1)], self.min_time)
 
     @property
     def endpoint(self) -> str:
