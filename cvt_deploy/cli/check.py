@@ -1,7 +1,8 @@
-"""cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine.
+"""cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine, or
+(--tensorrt) check its portable graphs against the ONNX parser of each TensorRT release.
 
-Exit status: 0 when every checked artifact meets its precision's gates, 1 when one does
-not, 2 on bad input.
+Exit status: 0 when every checked artifact meets its precision's gates (or every graph is
+ready for the asked TensorRT), 1 when one does not, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import CvtDeployError
+from ..export.portable import TENSORRT_TARGETS
 from ..runtimes import BACKENDS
 from .common import cli_entry
 
@@ -23,6 +26,12 @@ examples:
   cvt-check --bundle build/demo
   cvt-check --bundle build/cvt13 --backend tensorrt --data imagenet-val-subset/
   cvt-check --bundle build/ds --preprocess deepstream    what nvinfer's direct resize costs (not gated)
+  cvt-check --bundle build/cvt13 --tensorrt 8.5 --tensorrt 8.6 --tensorrt 10   will each Jetson's TensorRT parse it?
+
+--tensorrt is a static check of the documented ONNX parser of that release (onnx-tensorrt's
+operator table and importer source per release branch), not TensorRT: it needs neither
+TensorRT nor a GPU, and lists every finding with the node, the rule and its source. A graph
+that passes can still fail in TensorRT's builder.
 """
 
 
@@ -45,9 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="model (default): the parity check; deepstream: the same artifact on the model's own "
                          "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
                          "accuracy of each and top-1 agreement, reported, not gated")
+    ap.add_argument("--tensorrt", action="append", choices=TENSORRT_TARGETS, metavar="VERSION",
+                    help="instead of the parity check: check every portable graph against the ONNX parser of "
+                         "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); repeatable")
     ap.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     args = ap.parse_args(argv)
+    if args.tensorrt:
+        return _tensorrt(args)
     bundle = Bundle.open(args.bundle)
     if args.preprocess == "deepstream":
         from ..deepstream import check_resize, format_resize
@@ -70,3 +84,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print("error: parity gates failed for " + ", ".join(r.candidate for r in reports if not r), file=sys.stderr)
     return 0 if ok else 1
+
+
+def _tensorrt(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..trt.readiness import check_bundle_readiness, summary
+
+    unused = [flag for flag, value in (("--backend", args.backend), ("--device", args.device), ("--data", args.data),
+                                       ("--limit", args.limit), ("--preprocess", args.preprocess != "model" or None))
+              if value]
+    if unused:
+        raise CvtDeployError(f"{', '.join(unused)} has no effect with --tensorrt (a static check of the graphs: no "
+                             "images, no backend)", f"drop {', '.join(unused)}, or run cvt-check without --tensorrt")
+    reports = check_bundle_readiness(Bundle.open(args.bundle), dict.fromkeys(args.tensorrt), args.precision)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for rep in reports:
+            if rep.findings:
+                print(rep, end="\n\n")
+        print(summary(reports))
+    failed = [r for r in reports if not r]
+    if failed:
+        oldest = min((r.version for r in failed), key=TENSORRT_TARGETS.index)
+        print("error: not ready: " + ", ".join(f"{r.graph} on TensorRT {r.version} ({len(r.errors)} finding(s))"
+                                             for r in failed), file=sys.stderr)
+        print(f"  fix: re-export the bundle for that TensorRT: cvt-export --tensorrt {oldest} --out {args.bundle} ... "
+              "(the findings above name each node, the rule and its source)", file=sys.stderr)
+    return 1 if failed else 0

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..bundle import Bundle
 from ..errors import CvtDeployError
+from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
 from .common import add_model_args, cli_entry, load_model_from_args
 
@@ -25,6 +26,7 @@ examples:
   cvt-export --weights my-finetuned-cvt/ --out build/mine    a Hugging Face folder: any architecture, any classes
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
+  cvt-export --model cvt-13 --tensorrt 8.5 --precision fp16 --out build/xavier   graphs JetPack 5.1 parses
   cvt-export --format triton --bundle build/cvt13 --out build/triton-repo   a Triton model repository
   cvt-export --input-format uint8-nhwc --output probs --out build/edge   graphs that take camera pixels
   cvt-export --format deepstream --out build/ds          float-pixels + probs graphs and nvinfer_config.txt
@@ -56,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bundle", "--onnx", dest="bundle", type=Path, metavar="BUNDLE",
                     help="with --format trt: build engines for this existing bundle instead of exporting; with "
                          "--format deepstream: write its nvinfer config (--onnx is the older name)")
-    ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.6 and newer parse it)")
+    ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.5 and newer parse it)")
+    ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, metavar="VERSION", choices=TENSORRT_TARGETS,
+                    help="oldest TensorRT the portable graphs must parse on: 8.5 (JetPack 5.1: LayerNorm written "
+                         "as elementwise ops), 8.6 (default: JetPack 6.0 and newer, single LayerNormalization nodes) "
+                         "or 10 (JetPack 6.1/6.2, x86); every graph is checked against each of those parsers "
+                         "(cvt-check --tensorrt)"),
     ap.add_argument("--batch", default="1:8:32", metavar="N|MIN:OPT:MAX",
                     help="batch sizes the graphs and engines accept: fixed N, or a dynamic range (default 1:8:32; "
                          "OPT is what TensorRT tunes for)")
@@ -76,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("TensorRT (--format trt)")
     g.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
-    g.add_argument("--version-compatible", action="store_true", help="engine runs on newer TensorRT 10.x too")
-    g.add_argument("--hardware-compatible", action="store_true", help="engine runs on all Ampere and newer GPUs")
+    g.add_argument("--version-compatible", action="store_true",
+                   help="engine runs on newer TensorRT of the same major version too (TensorRT >= 8.6)")
+    g.add_argument("--hardware-compatible", action="store_true",
+                   help="engine runs on all Ampere and newer GPUs (TensorRT >= 8.6; not supported on Jetson/JetPack)")
     g = ap.add_argument_group("Triton model repository (--format triton; needs the 'serve' extra)")
     g.add_argument("--triton-name", default="cvt", metavar="NAME", help="model name prefix: NAME-onnx-fp32, NAME-trt-fp16 (default cvt)")
     g.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu", help="instances of the ONNX models (default cpu)")
@@ -122,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache,
                             ort_cpu=not args.no_ort_cpu,
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
-                            output=args.output or ("probs" if deepstream else "logits"))
+                            output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt)
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,

@@ -19,11 +19,14 @@ from ..errors import CvtDeployError, require
 from ..progress import track
 from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .onnx import save_graph, set_metadata_props
+from .portable import flatten_weight_matmuls
 from .precision import _check_fp32_source, _input_dims, _load, _quiet, _verify
 
 #
 # What is quantized (TensorRT's explicit-quantization rules): Q/DQ on the inputs of Conv,
-# MatMul and Gemm only, symmetric int8 with zero point 0, weights per output channel.
+# MatMul and Gemm only, symmetric int8 with zero point 0, weights per output channel. The token
+# MatMuls are written as 2-D GEMMs first ([B*N, K] @ [K, M]): TensorRT 8.x's guide allows
+# per-channel weights on a MatMul only when both inputs are 2-D (export/portable.py).
 # Biases stay float: TensorRT rejects a DequantizeLinear of an int32 bias ("only activation
 # types allowed as input to this layer", onnx/onnx-tensorrt#850) and fuses a float bias
 # itself. Outputs of those ops stay float too (ORT's own advice for TensorRT). Everything
@@ -135,7 +138,7 @@ def calibration_key(src: str | os.PathLike[str], calib: np.ndarray, method: str)
 
 
 def _method_settings(method: str) -> dict[str, Any]:
-    settings: dict[str, Any] = {"method": method, "ops": list(QUANTIZED_OPS), "batch": CALIB_BATCH}
+    settings: dict[str, Any] = {"method": method, "ops": list(QUANTIZED_OPS), "batch": CALIB_BATCH, "matmuls_2d": True}
     if method == "percentile":
         settings["percentile"] = PERCENTILE
     return settings
@@ -232,7 +235,8 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     external = any(i.data_location == 1 for i in model.graph.initializer)
     # quantize_static ignores MatMulConstBOnly in QDQ mode: exclude those MatMuls by name.
     excluded = [] if attention_matmuls else _activation_matmuls(model)
-    del model
+    # TensorRT 8.x takes per-channel weight scales on a MatMul only when both inputs are 2-D.
+    flattened = flatten_weight_matmuls(model)
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -263,13 +267,16 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     with scratch_dir(dst.parent, "int8") as scratch, atomic_output(dst) as tmp:
         kwargs: dict[str, Any] = {}
         ranges_file = Path(scratch) / "ranges.json"
+        source = Path(scratch) / "fp32-2d.onnx"
+        save_graph(model, source, external)
+        del model
         if cache_path is not None and cache_supported:
             if cached is not None:
                 ranges_file.write_text(json.dumps(cached))
             kwargs["calibration_cache_path"] = str(ranges_file)
         try:
             with _quiet():
-                quantize_static(str(src), str(tmp), reader, quant_format=QuantFormat.QDQ,
+                quantize_static(str(source), str(tmp), reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                                 reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=ort_method, use_external_data_format=external,
@@ -306,6 +313,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
             "per_channel": bool(per_channel),
             "symmetric": True,
             "quantized_ops": list(QUANTIZED_OPS),
+            "matmuls_2d": flattened,
             "attention_matmuls": bool(attention_matmuls),
             "cache": ("hit" if cached is not None else "miss") if cache_path is not None and cache_supported
             else ("unsupported by this onnxruntime" if cache_path is not None else "off"),

@@ -18,8 +18,10 @@ from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
 from ..parity import ParityFailure, ParityReport, check_bundle, record_parity  # noqa: F401
 from ..progress import stage
+from ..trt.readiness import require_ready
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, check_choice, check_precision, file_sha256, tool_versions
 from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_metadata, graph_opset, simplify
+from .portable import DEFAULT_TENSORRT, check_tensorrt_target, portable_graph
 
 if TYPE_CHECKING:
     from ..model import CvT
@@ -47,6 +49,8 @@ class ExportOptions:
     ``ort_cpu``: also write ONNX Runtime CPU graphs (fp32, and int8 when asked) beside the
     portable ones (export/ort_cpu.py).
     ``input_format``/``output``: what every graph takes and gives (export/rawpixel.py).
+    ``tensorrt``: the oldest TensorRT the portable graphs are written for ("8.5", "8.6", "10";
+    export/portable.py); every portable graph passes the readiness check for it and each newer one.
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -62,6 +66,7 @@ class ExportOptions:
     ort_cpu: bool = True
     input_format: str = "float"
     output: str = "logits"
+    tensorrt: str = DEFAULT_TENSORRT
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
@@ -75,6 +80,7 @@ class ExportOptions:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise CvtDeployError(f"{flag} {value!r} must be a whole number >= 1", f"omit {flag} for the default")
         check_opset(self.opset)
+        object.__setattr__(self, "tensorrt", check_tensorrt_target(self.tensorrt))
         if self.calib_cache is not None:
             check_cache_location(Path(self.calib_cache))
 
@@ -130,15 +136,21 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             simp = simplify(fp32)
         if progress and not simp["simplified"]:
             print(f"  note: not simplified: {simp.get('reason')}", file=sys.stderr)
+        with stage(f"writing the graph for TensorRT {options.tensorrt} and newer", progress):
+            portable = portable_graph(fp32, options.tensorrt)
         bundle.add(Artifact(artifact_name("onnx", "fp32"), fp32.name, "onnx", "fp32",
-                            info={"opset": written, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp}))
+                            info={"opset": written, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp,
+                                  **portable}))
         for precision in [p for p in PRECISIONS if p in precisions and p != "fp32"]:
             # The stage writes the graph once, with what it is (config, batch, provenance) stamped in.
             graph_meta = graph_metadata(cfg.to_json(), precision, meta)
-            info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta, progress)
+            info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta,
+                                    progress, portable.get("fp32_nodes", []))
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
-                                info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME, **info}))
+                                info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME,
+                                      **{k: v for k, v in portable.items() if k in ("tensorrt", "layernorm", "fp32_nodes")},
+                                      **info}))
         if options.ort_cpu:
             from .ort_cpu import write_ort_cpu_graphs
 
@@ -148,6 +160,9 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             from .rawpixel import embed_bundle_io
 
             embed_bundle_io(bundle, options.input_format, options.output, progress)
+        with stage(f"checking the portable graphs against the ONNX parsers of TensorRT {', '.join(portable['tensorrt'])}",
+                   progress):
+            require_ready(bundle)
         result = ExportResult(bundle)
         if check:
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model)
@@ -160,13 +175,13 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
 
 def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_method: str | None,
                      calib_count: int | None, calib_cache: Path | None, metadata: dict[str, str],
-                     progress: bool) -> dict[str, Any]:
+                     progress: bool, fp32_nodes: Sequence[str] = ()) -> dict[str, Any]:
     src, dst = bundle.root / ONNX_FILES["fp32"], bundle.root / ONNX_FILES[precision]
     if precision == "fp16":
         from .fp16 import convert_fp16
 
         with stage("converting to fp16 (LayerNorm/Softmax kept fp32)", progress):
-            return convert_fp16(src, dst, metadata=metadata)
+            return convert_fp16(src, dst, metadata=metadata, keep_fp32_nodes=fp32_nodes)
     from ..calibration import DEFAULT_CALIB_COUNT, load_calibration
     from .int8 import quantize_int8
 

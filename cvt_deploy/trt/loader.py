@@ -6,9 +6,12 @@ docs/tensorrt.md):
 * TensorRT >= 10: a STRONGLY_TYPED network built from the ONNX graph *of that precision*
   (``onnx-fp16``: fp16 with LayerNorm/Softmax kept fp32; ``onnx-int8``: Q/DQ). TensorRT 11
   knows nothing else: its FP16/INT8 builder flags are gone.
-* TensorRT 8.6 (JetPack 5/6): the fp32 graph plus BuilderFlag.FP16, with LayerNorm and
-  Softmax layers pinned to fp32 (OBEY_PRECISION_CONSTRAINTS); int8 from the Q/DQ graph with
-  the INT8 (+FP16) flags. No implicit calibration: it is deprecated since TensorRT 10.1.
+* TensorRT 8.5 (JetPack 5.1) and 8.6 (JetPack 6.0): the fp32 graph plus BuilderFlag.FP16, with
+  LayerNorm and Softmax pinned to fp32 (OBEY_PRECISION_CONSTRAINTS): the Normalization and
+  SoftMax layers by layer type, and on 8.5, whose graph writes LayerNorm out as elementwise
+  ops (``cvt-export --tensorrt 8.5``), exactly the nodes the manifest names (``fp32_nodes``).
+  int8 from the Q/DQ graph with the INT8 (+FP16) flags. No implicit calibration: it is
+  deprecated since TensorRT 10.1.
 
 The plan is written as a plain plan (``model.<precision>.engine``, usable by trtexec and
 DeepStream) with the build record beside it (``model.<precision>.engine.json``).
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import threading
 import time
@@ -30,20 +32,17 @@ from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
 from ..util import BatchRange, atomic_output, check_precision, file_sha256
 from .sidecar import EngineMeta, profile_shapes, sidecar_path
-from .util import (MESSAGES, cuda_call, cuda_device_index, cuda_device_info, cuda_free_memory, default_workspace_mib, dims,
+from .util import (MESSAGES, check_hardware_compatible, cuda_call, cuda_device_index, cuda_device_info, cuda_free_memory, default_workspace_mib, dims,
                    format_errors, import_cudart, require_tensorrt, trt_logger, version_tuple)
 
 if TYPE_CHECKING:
     import tensorrt
 
-#: Oldest TensorRT that builds here: 8.6 parses opset-17 LayerNormalization and has the
-#: version/hardware compatibility options (JetPack 5's 8.5 has neither).
-MIN_TENSORRT = (8, 6)
-
-# Layers whose FP16 overflow or rounding hurts vision transformers, recognised by ONNX node
-# name when TensorRT did not fuse them into a Normalization/SoftMax layer (opset < 17 splits
-# LayerNorm into ReduceMean/Sub/Pow/Sqrt/Div under the module's name, e.g. ".../norm1/...").
-_KEEP_FP32_NAME = re.compile(r"layer_?norm|softmax|/norm\d*/", re.IGNORECASE)
+#: Oldest TensorRT that builds here: 8.5 (JetPack 5.1, every Xavier), from graphs exported with
+#: ``--tensorrt 8.5`` (it has no LayerNormalization importer); version and hardware
+#: compatibility need 8.6.
+MIN_TENSORRT = (8, 5)
+COMPATIBILITY_TENSORRT = (8, 6)
 
 
 def engine_file(precision: str) -> str:
@@ -82,7 +81,8 @@ def build_engine(bundle: Bundle, precision: str = "fp16", *, workspace_mib: int 
         graph_dims(cfg.preprocess, str(io.get("input_format", "float"))), workspace_mib=workspace_mib, timing_cache=timing_cache,
         version_compatible=version_compatible, hardware_compatible=hardware_compatible,
         strongly_typed=strongly_typed, progress=progress, device=device,
-        onnx_sha256=source.sha256 or None, bundle_root=bundle.root, dla_core=dla_core)
+        onnx_sha256=source.sha256 or None, bundle_root=bundle.root, dla_core=dla_core,
+        fp32_nodes=source.info.get("fp32_nodes") or ())
     io.update((k, v) for k, v in meta.extra.items() if k == "dla_core")
     info = {"sidecar": sidecar_path(engine).name, "source": source.name,
             "tensorrt_version": meta.tensorrt_version, "gpu": meta.gpu_name,
@@ -109,6 +109,7 @@ class BuildOptions:
         from .dla import check_dla_core
 
         check_dla_core(self.dla_core)
+        check_hardware_compatible(self.hardware_compatible)
         if self.workspace_mib is not None and (not isinstance(self.workspace_mib, int) or self.workspace_mib < 1):
             raise CvtDeployError(f"--workspace {self.workspace_mib} MiB is not positive", "pass e.g. --workspace 1024")
 
@@ -143,6 +144,12 @@ def _source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version:
     # Weakly typed (8.6) fp16 = the fp32 graph + FP16 flag; everything else needs its own typed graph.
     want = "fp32" if precision == "fp16" and not strongly_typed else precision
     art = bundle.find("onnx", want)
+    written_for = art.info.get("tensorrt") if art is not None else None
+    if art is not None and version_tuple(version)[:2] == (8, 5) and written_for and "8.5" not in written_for:
+        raise CvtDeployError(f"bundle {bundle.root}'s graphs are written for TensorRT {', '.join(written_for)} "
+                             f"(single LayerNormalization nodes), which TensorRT {version} cannot import",
+                             f"re-export the bundle for JetPack 5.1: cvt-export --tensorrt 8.5 --precision {want} "
+                             f"--out {bundle.root} (on the machine with PyTorch), then copy it here")
     if art is not None:
         return art
     have = ", ".join(sorted(bundle.artifacts)) or "nothing"
@@ -159,11 +166,13 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
                       version_compatible: bool = False, hardware_compatible: bool = False,
                       strongly_typed: bool | None = None, progress: bool = True, device: str | None = None,
                       onnx_sha256: str | None = None, bundle_root: str | os.PathLike[str] | None = None,
-                      dla_core: int | None = None) -> EngineMeta:
+                      dla_core: int | None = None, fp32_nodes: Sequence[str] = ()) -> EngineMeta:
     """Build one plan from one ONNX file; write it and its sidecar atomically; return the sidecar record.
 
     ``input_name``: the graph's image input (None: its only input). ``strongly_typed``:
-    None picks by TensorRT version (>= 10: strongly typed). The rest as in :func:`build_engine`.
+    None picks by TensorRT version (>= 10: strongly typed). ``fp32_nodes``: ONNX node names
+    pinned to fp32 in a weakly typed build (the decomposed LayerNorm of a graph for 8.5), besides
+    every Normalization and SoftMax layer. The rest as in :func:`build_engine`.
     """
     require_tensorrt("building a TensorRT engine")
     import tensorrt as trt
@@ -174,9 +183,13 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
     version = trt.__version__
     major = version_tuple(version)[0]
     if version_tuple(version) < MIN_TENSORRT:
-        raise CvtDeployError(f"TensorRT {version} is older than 8.6, the oldest that builds CvT engines here (it parses "
-                             "opset-17 LayerNormalization and has version/hardware compatibility)",
-                             "upgrade TensorRT: JetPack 6 ships 8.6 or 10.3; on x86 pip install 'cvt-deploy[gpu]'")
+        raise CvtDeployError(f"TensorRT {version} is older than 8.5, the oldest that builds CvT engines here",
+                             "upgrade TensorRT: JetPack 5.1 ships 8.5, JetPack 6 ships 8.6 or 10.3; on x86 "
+                             "pip install 'cvt-deploy[gpu]'")
+    if (version_compatible or hardware_compatible) and version_tuple(version) < COMPATIBILITY_TENSORRT:
+        raise CvtDeployError(f"TensorRT {version} has no version- or hardware-compatible engines (they start with 8.6)",
+                             "build without --version-compatible / --hardware-compatible, on the device that runs it")
+    check_hardware_compatible(hardware_compatible)
     if strongly_typed is None:
         strongly_typed = major >= 10
     if strongly_typed and major < 10:
@@ -205,15 +218,16 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
         net_flags = 0
     network = builder.create_network(net_flags)
     parser = trt.OnnxParser(network, logger)
+    static = _static_findings(onnx_path, version, progress)
     with MESSAGES.capture() as logged:
         parsed = parser.parse_from_file(str(onnx_path))
     if not parsed:
         errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or logged
         raise CvtDeployError(
             f"TensorRT {version} cannot parse {onnx_path.name} ({len(errors)} error{'s' * (len(errors) != 1)}): "
-            + format_errors(errors),
-            "an unsupported operator usually means an opset or op this TensorRT lacks: re-export with "
-            "cvt-export --opset 17 (TensorRT 8.6 and newer parse it), or upgrade TensorRT")
+            + format_errors(errors) + (f"; the static readiness check found: {'; '.join(static)}" if static else ""),
+            "an unsupported operator usually means an op this TensorRT lacks: export the bundle for it "
+            "(cvt-export --tensorrt 8.5|8.6|10), or upgrade TensorRT")
     image = _check_io(network, onnx_path, input_name, chw, batch)
 
     config = builder.create_builder_config()
@@ -242,7 +256,7 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
         set_flag(trt.BuilderFlag.FP16)
         if precision == "int8":
             set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the Q/DQ nodes set the scales
-        kept = _keep_fp32(network)
+        kept = _keep_fp32(network, fp32_nodes)
         if kept:
             set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             extra["fp32_layers"] = len(kept)
@@ -340,16 +354,19 @@ def _check_io(network: tensorrt.INetworkDefinition, onnx_path: Path, input_name:
     return tensor.name
 
 
-def _keep_fp32(network: tensorrt.INetworkDefinition) -> list[str]:
-    """Pin LayerNorm and Softmax (and their pieces) to fp32; returns the pinned layers' names."""
+def _keep_fp32(network: tensorrt.INetworkDefinition, names: Sequence[str] = ()) -> list[str]:
+    """Pin every Normalization and SoftMax layer, and the layers named ``names``, to fp32; returns
+    the pinned layers' names. By layer type, never by a name pattern: a pattern also catches the
+    Q/DQ layers named after a LayerNorm (``layer_norm_3_DequantizeLinear``), and a DQ pinned to
+    FLOAT may no longer fuse into its MatMul."""
     import tensorrt as trt
 
     floats = (trt.DataType.FLOAT, trt.DataType.HALF)
+    wanted = set(names)
     kept = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.type not in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX) \
-                and not _KEEP_FP32_NAME.search(layer.name):
+        if layer.type not in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX) and layer.name not in wanted:
             continue
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
         if layer.type in (trt.LayerType.CONSTANT, trt.LayerType.SHAPE) or not outputs \
@@ -360,6 +377,22 @@ def _keep_fp32(network: tensorrt.INetworkDefinition) -> list[str]:
             layer.set_output_type(j, trt.DataType.FLOAT)
         kept.append(layer.name)
     return kept
+
+
+def _static_findings(onnx_path: Path, version: str, progress: bool) -> list[str]:
+    """What the static readiness check says about this graph on this TensorRT (printed as
+    warnings before parsing; the real parser decides, and a failure repeats them)."""
+    from .readiness import check_readiness, release_of
+
+    key = release_of(version)
+    if key is None:
+        return []
+    report = check_readiness(onnx_path, key)
+    errors = [str(f) for f in report.errors]
+    if progress:
+        for line in errors:
+            print(f"warning: {line}", file=sys.stderr)
+    return errors
 
 
 def _attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path) -> None:

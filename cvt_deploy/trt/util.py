@@ -93,6 +93,27 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def is_jetson() -> bool:
+    """Whether this machine is an NVIDIA Jetson (an L4T/Tegra board)."""
+    if os.uname().machine != "aarch64":
+        return False
+    if os.path.exists("/etc/nv_tegra_release"):
+        return True
+    try:
+        with open("/proc/device-tree/compatible", "rb") as f:
+            return b"tegra" in f.read()
+    except OSError:
+        return False
+
+
+def check_hardware_compatible(requested: bool) -> None:
+    """Refuse --hardware-compatible where TensorRT does not support it: JetPack (and DRIVE OS)."""
+    if requested and is_jetson():
+        raise CvtDeployError("hardware-compatible engines are not supported on JetPack (TensorRT developer guide, "
+                             "'Hardware Compatibility'): this machine is a Jetson",
+                             "build without --hardware-compatible on each Jetson that runs the engine")
+
+
 # ----------------------------------------------------------------------------------------
 # CUDA through cuda-python (optional: only functions that ask the device import it)
 

@@ -1,0 +1,319 @@
+"""TensorRT readiness without TensorRT: the portable graphs each Jetson's parser imports, and the
+static check (trt/readiness.py) that proves it, caught violations included.
+
+Nothing here runs TensorRT: the check reads graphs against onnx-tensorrt's documented
+operator table and importer facts per release. Real graphs come from real exports; the
+planted violations are small hand-made graphs, each breaking one rule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from cvt_deploy.errors import CvtDeployError  # noqa: E402
+from cvt_deploy.export.portable import (decompose_layernorm, flatten_weight_matmuls, make_portable,  # noqa: E402
+                                        split_shape_ranges)
+from cvt_deploy.trt.readiness import check_readiness, parser_table, release_of, require_ready  # noqa: E402
+
+VERSIONS = ("8.5", "8.6", "10")
+
+
+def _export(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, **fields: Any) -> Path:
+    from cvt_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp(name) / "bundle"
+    export_bundle(model, out, progress=False, **fields)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
+    """Every precision, default target (TensorRT 8.6 and newer), parity gates on."""
+    return _export(tmp_path_factory, demo_model, "ready-default", precisions=("fp32", "fp16", "int8"),
+                   calib_count=64, ort_cpu=False)
+
+
+@pytest.fixture(scope="module")
+def jetpack5_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
+    """Every precision written for TensorRT 8.5 (decomposed LayerNorm), parity gates on."""
+    return _export(tmp_path_factory, demo_model, "ready-85", precisions=("fp32", "fp16", "int8"), calib_count=64,
+                   ort_cpu=False, tensorrt="8.5")
+
+
+def _graphs(bundle: Path) -> dict[str, Any]:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return {k: v for k, v in manifest["artifacts"].items() if v["kind"] == "onnx" and v.get("target", "portable") == "portable"}
+
+
+def _assert_ready(bundle: Path, versions: tuple[str, ...]) -> None:
+    graphs = _graphs(bundle)
+    assert {a["precision"] for a in graphs.values()} == {"fp32", "fp16", "int8"}
+    for art in graphs.values():
+        assert art["tensorrt_ready"] == list(versions), art["file"]
+        for version in versions:
+            report = check_readiness(bundle / art["file"], version)
+            assert report, str(report)
+
+
+def test_default_graphs_parse_on_8_6_and_10_not_8_5(default_bundle: Path) -> None:
+    _assert_ready(default_bundle, ("8.6", "10"))
+    for art in _graphs(default_bundle).values():
+        model = onnx.load(str(default_bundle / art["file"]))
+        assert not [n for n in model.graph.node if n.op_type == "Shape" and n.attribute], "Shape start/end left"
+        report = check_readiness(model, "8.5")
+        assert report.errors and {f.op for f in report.errors} == {"LayerNormalization"}
+        assert all(f.rule == "op" and "release/8.5-GA" in f.source for f in report.errors)
+    parity = {a["precision"]: a["parity"]["passed"] for a in _graphs(default_bundle).values()}
+    assert parity == {"fp32": True, "fp16": True, "int8": True}
+
+
+def test_jetpack5_graphs_parse_on_every_release_and_hold_the_gates(jetpack5_bundle: Path) -> None:
+    _assert_ready(jetpack5_bundle, VERSIONS)
+    graphs = _graphs(jetpack5_bundle)
+    for art in graphs.values():
+        assert art["layernorm"] == "decomposed" and art["tensorrt"] == list(VERSIONS)
+        ops = {n.op_type for n in onnx.load(str(jetpack5_bundle / art["file"])).graph.node}
+        assert "LayerNormalization" not in ops and "ReduceMean" in ops
+        assert art["parity"]["passed"], art["parity"]
+    # The fp16 stage keeps exactly the decomposed LayerNorm nodes in fp32; they are named for the 8.5 build too.
+    fp32_nodes = graphs["onnx-fp32"]["fp32_nodes"]
+    assert fp32_nodes and graphs["onnx-fp16"]["fp32_nodes"] == fp32_nodes == graphs["onnx-int8"]["fp32_nodes"]
+    fp16 = onnx.load(str(jetpack5_bundle / graphs["onnx-fp16"]["file"]))
+    inferred = onnx.shape_inference.infer_shapes(fp16)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    kept = [n for n in fp16.graph.node if n.name in set(fp32_nodes)]
+    assert len(kept) == len(fp32_nodes)
+    assert all(types.get(n.output[0]) == TensorProto.FLOAT for n in kept if n.output[0] in types)
+
+
+@pytest.mark.parametrize("input_format,output", [("uint8-nhwc", "probs"), ("float-pixels", "logits")])
+def test_raw_pixel_graphs_parse_everywhere(tmp_path_factory: pytest.TempPathFactory, demo_model: Any,
+                                           input_format: str, output: str) -> None:
+    bundle = _export(tmp_path_factory, demo_model, f"ready-{input_format}", precisions=("fp32", "fp16", "int8"),
+                     calib_count=32, ort_cpu=False, check=False, tensorrt="8.5", input_format=input_format,
+                     output=output)
+    _assert_ready(bundle, VERSIONS)
+
+
+def test_int8_weight_matmuls_are_2d_gemms_with_per_channel_scales(default_bundle: Path) -> None:
+    model = onnx.load(str(default_bundle / "model.int8.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
+    scales = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    per_channel = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        weight = producer.get(node.input[1])
+        if weight is None or weight.op_type != "DequantizeLinear" or scales[weight.input[1]].size == 1:
+            continue
+        per_channel += 1
+        assert ranks[node.input[0]] == 2, node.name
+    assert per_channel >= 20  # every token MatMul of the demo model (q/k/v, proj, MLP)
+    info = _graphs(default_bundle)["onnx-int8"]
+    assert info["matmuls_2d"] == per_channel
+
+
+# ----------------------------------------------------------------------------------------
+# The rewrites: model in, model out, same numbers.
+
+
+def _run(model: Any, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_rewrites_keep_the_numbers(demo_bundle: Path) -> None:
+    original = onnx.load(str(demo_bundle / "model.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, *[d.dim_value for d in original.graph.input[0].type.tensor_type.shape.dim[1:]])).astype(np.float32)
+    ref = _run(original, x)
+    model = onnx.load(str(demo_bundle / "model.onnx"))
+    # The session bundle is already portable: plant the exporter's Shape(start, end) back to test the split.
+    shape = next(n for n in model.graph.node if n.op_type == "Shape")
+    slice_node = next(n for n in model.graph.node if shape.output[0] in n.input and n.op_type == "Slice")
+    planted = helper.make_node("Shape", [shape.input[0]], list(slice_node.output), name="planted", start=0, end=1)
+    nodes = [planted if n is slice_node else n for n in model.graph.node if n is not shape]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    assert not check_readiness(model, "8.6")
+    assert split_shape_ranges(model) == 1 and check_readiness(model, "8.6")
+    np.testing.assert_array_equal(_run(model, x), ref)
+    kept = decompose_layernorm(model)
+    assert len(kept) == 9 * sum(1 for n in original.graph.node if n.op_type == "LayerNormalization")
+    np.testing.assert_allclose(_run(model, x), ref, atol=2e-5)
+    assert flatten_weight_matmuls(model) >= 20
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_allclose(_run(model, x), ref, atol=2e-5)
+    assert check_readiness(model, "8.5")
+
+
+def test_tensorrt_target_values() -> None:
+    from cvt_deploy.export.pipeline import ExportOptions
+
+    assert ExportOptions(tensorrt="10.3").tensorrt == "10"
+    with pytest.raises(CvtDeployError, match=r"--tensorrt '9' .*valid: 8\.5, 8\.6, 10"):
+        ExportOptions(tensorrt="9")
+    with pytest.raises(CvtDeployError, match="JetPack 5.1"):
+        make_portable(onnx.ModelProto(), "7.1")
+    assert (release_of("8.5.2.2"), release_of("8.6.1"), release_of("10.3.0.30"), release_of("8.4.3")) == \
+        ("8.5", "8.6", "10", None)
+
+
+# ----------------------------------------------------------------------------------------
+# Planted violations: each caught, naming the node, the rule and its source.
+
+
+def _graph(nodes: list[Any], inputs: list[Any], output: Any, inits: list[Any] = (), opset: int = 17) -> Any:  # type: ignore[assignment]
+    g = helper.make_graph(nodes, "planted", inputs, [output], initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _tensor(name: str, shape: list[Any], dtype: int = TensorProto.FLOAT) -> Any:
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _only(model: Any, version: str, rule: str) -> Any:
+    report = check_readiness(model, version)
+    errors = [f for f in report.errors if f.rule == rule]
+    assert errors, str(report)
+    assert not [f for f in report.errors if f.rule != rule], str(report)
+    return errors[0]
+
+
+def _qdq_matmul(zero_point: int = 0, per_channel: bool = True, rank: int = 3, zp_type: Any = np.int8) -> Any:
+    k, m = 8, 4
+    x_shape = ["batch", 5, k] if rank == 3 else ["batch", k]
+    w = numpy_helper.from_array(np.ones((k, m), np.int8), "w")
+    ws = numpy_helper.from_array(np.full(m if per_channel else (), 0.1, np.float32), "w_scale")
+    wz = numpy_helper.from_array(np.zeros(m if per_channel else (), np.int8), "w_zp")
+    xs = numpy_helper.from_array(np.array(0.05, np.float32), "x_scale")
+    xz = numpy_helper.from_array(np.array(zero_point, zp_type), "x_zp")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"], name="x_q"),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"], name="x_dq"),
+             helper.make_node("DequantizeLinear", ["w", "w_scale", "w_zp"], ["wd"], name="w_dq", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="token_matmul")]
+    return _graph(nodes, [_tensor("x", x_shape)], _tensor("y", [*x_shape[:-1], m]), [w, ws, wz, xs, xz])
+
+
+def test_planted_shape_start_end() -> None:
+    model = _graph([helper.make_node("Shape", ["x"], ["s"], name="batch_of", start=0, end=1)],
+                   [_tensor("x", ["batch", 3, 8, 8])], _tensor("s", [1], TensorProto.INT64))
+    for version in ("8.5", "8.6"):
+        f = _only(model, version, "attribute")
+        assert f.node == "node 'batch_of'" and f.op == "Shape" and "start=0, end=1" in f.message
+        assert f"release/{version}-GA" in f.source
+    assert check_readiness(model, "10")
+
+
+def test_planted_unsupported_ops() -> None:
+    ln = helper.make_node("LayerNormalization", ["x", "g"], ["y"], name="norm", axis=-1)
+    model = _graph([ln], [_tensor("x", ["batch", 4])], _tensor("y", ["batch", 4]),
+                   [numpy_helper.from_array(np.ones(4, np.float32), "g")])
+    f = _only(model, "8.5", "op")
+    assert f.node == "node 'norm'" and "no importer in TensorRT 8.5" in f.message and "operators.md" in f.source
+    assert check_readiness(model, "8.6") and check_readiness(model, "10")
+    custom = helper.make_node("MultiHeadAttention", ["x"], ["y"], name="mha", domain="com.microsoft")
+    model = _graph([custom], [_tensor("x", ["batch", 4])], _tensor("y", ["batch", 4]))
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    for version in VERSIONS:
+        assert "plugin" in _only(model, version, "op").message
+    absent = sorted(set().union(*(parser_table()["ops"][v] for v in VERSIONS)) - set(parser_table()["ops"]["8.5"]))
+    assert absent, "the 8.5 table lacks ops that later releases import"
+
+
+def test_planted_zero_point_3() -> None:
+    f = _only(_qdq_matmul(zero_point=3, rank=2), "8.6", "qdq-zero-point")
+    assert f.node in ("node 'x_q'", "node 'x_dq'") and "[3]" in f.message and "Explicit Quantization" in f.source
+
+
+def test_planted_uint8_quantization() -> None:
+    f = _only(_qdq_matmul(zero_point=0, rank=2, zp_type=np.uint8), "8.6", "qdq-type")
+    assert "UINT8" in f.message
+
+
+def test_planted_per_channel_on_3d_matmul() -> None:
+    model = _qdq_matmul(rank=3)
+    for version in ("8.5", "8.6"):
+        f = _only(model, version, "qdq-per-channel")
+        assert f.node == "node 'w_dq'" and "'token_matmul'" in f.message and "[3, 2]" in f.message
+    assert check_readiness(_qdq_matmul(rank=2), "8.6")  # the 2-D GEMM form passes
+    assert check_readiness(_qdq_matmul(rank=3, per_channel=False), "8.6")  # per-tensor passes
+
+
+def test_planted_dq_into_an_op_tensorrt_does_not_quantize() -> None:
+    s = numpy_helper.from_array(np.array(0.05, np.float32), "s")
+    z = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq"),
+             helper.make_node("Softmax", ["d"], ["y"], name="softmax", axis=-1)]
+    model = _graph(nodes, [_tensor("x", ["batch", 4])], _tensor("y", ["batch", 4]), [s, z])
+    f = _only(model, "10", "qdq-consumer")
+    assert f.node == "node 'dq'" and "Softmax" in f.message
+
+
+def test_planted_dynamic_image_size_and_uint8_input() -> None:
+    model = _graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], [_tensor("x", ["batch", 3, "h", 8])],
+                   _tensor("y", ["batch", 3, "h", 8]))
+    f = _only(model, "10", "dynamic-dim")
+    assert f.node == "input 'x'" and "dimension 2" in f.message
+    model = _graph([helper.make_node("Cast", ["x"], ["y"], name="to_int", to=TensorProto.INT32)],
+                   [_tensor("x", ["batch", 8], TensorProto.UINT8)], _tensor("y", ["batch", 8], TensorProto.INT32))
+    assert _only(model, "8.6", "uint8-input").node == "input 'x'"
+
+
+def test_require_ready_refuses_a_bundle_graph_that_would_not_parse(bundle_copy: Path) -> None:
+    from cvt_deploy.bundle import Bundle
+
+    bundle = Bundle.open(bundle_copy)
+    art = bundle.artifacts["onnx-fp32"]
+    model = onnx.load(str(bundle.path(art)))
+    model.graph.node.append(helper.make_node("Shape", [model.graph.input[0].name], ["planted_shape"],
+                                             name="planted_shape", start=0, end=1))
+    onnx.save(model, str(bundle.path(art)))
+    bundle.add(art)
+    with pytest.raises(CvtDeployError, match=r"TensorRT 8\.6: node 'planted_shape' \(Shape\): attribute: .*source: "
+                                             r"onnx-tensorrt release/8\.6-GA"):
+        require_ready(bundle)
+
+
+# ----------------------------------------------------------------------------------------
+# cvt-check --tensorrt, as a user runs it.
+
+
+def test_cvt_check_tensorrt(default_bundle: Path, jetpack5_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cvt_deploy.cli.check import main
+
+    assert main(["--bundle", str(jetpack5_bundle), "--tensorrt", "8.5", "--tensorrt", "8.6", "--tensorrt", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ready ") == 9 and "not TensorRT" in out
+    assert main(["--bundle", str(default_bundle), "--tensorrt", "8.5", "--json"]) == 1
+    captured = capsys.readouterr()
+    reports = json.loads(captured.out)
+    assert len(reports) == 3 and not any(r["ready"] for r in reports)
+    assert all(f["rule"] == "op" and f["op"] == "LayerNormalization" for r in reports for f in r["findings"]
+               if f["severity"] == "error")
+    assert "--tensorrt 8.5" in captured.err  # the fix
+    assert main(["--bundle", str(default_bundle), "--tensorrt", "10", "--data", "somewhere"]) == 2
+    assert "--data has no effect with --tensorrt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cvt13_graphs_are_ready_for_every_release(tmp_path_factory: pytest.TempPathFactory,
+                                                  randomize_weights: Any) -> None:
+    from cvt_deploy.model import create_model
+
+    model = create_model("cvt-13")
+    randomize_weights(model, seed=13)
+    for target, versions in (("8.6", ("8.6", "10")), ("8.5", VERSIONS)):
+        bundle = _export(tmp_path_factory, model.eval(), f"cvt13-{target}", precisions=("fp32", "fp16", "int8"),
+                         calib_count=8, check=False, ort_cpu=False, tensorrt=target)
+        _assert_ready(bundle, versions)
