@@ -36,8 +36,9 @@ ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream")  # deepstream: an n
 # What a graph is built for (its "target" in the manifest; absent = portable): "portable"
 # graphs use standard ONNX ops and are what TensorRT and every execution provider compile;
 # "onnxruntime-cpu" graphs (export/ort_cpu.py) use ONNX Runtime contrib ops and dynamic
-# quantization and only ever run on its CPU provider.
-TARGETS = ("portable", "onnxruntime-cpu")
+# quantization and only ever run on its CPU provider; "tensorrt-10" graphs (the int8+fp16 graph,
+# export/fp16.py) use opset-19 fp16 Q/DQ scales and are what strongly typed TensorRT >= 10 builds.
+TARGETS = ("portable", "onnxruntime-cpu", "tensorrt-10")
 
 
 @dataclass

@@ -123,6 +123,32 @@ def test_int8_weight_matmuls_are_2d_gemms_with_per_channel_scales(default_bundle
     assert info["matmuls_2d"] == per_channel
 
 
+def test_int8_fp16_graph_for_tensorrt_10(default_bundle: Path, jetpack5_bundle: Path) -> None:
+    manifest = json.loads((default_bundle / "manifest.json").read_text())["artifacts"]
+    art = manifest["onnx-int8-tensorrt-10"]
+    assert art["target"] == "tensorrt-10" and art["tensorrt"] == art["tensorrt_ready"] == ["10"]
+    assert art["parity"]["passed"] and art["fp16_scales"] > 0
+    model = onnx.load(str(default_bundle / art["file"]))
+    assert model.opset_import[0].version == 19
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    fed = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Conv", "Gemm"):  # the int8 GEMMs take fp16 straight from their DQ
+            dq = [producer[i] for i in node.input if i in producer and producer[i].op_type == "DequantizeLinear"]
+            fed += bool(dq)
+            assert all(types[d.output[0]] == TensorProto.FLOAT16 for d in dq), node.name
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert types[node.input[0]] == TensorProto.FLOAT, node.name
+    assert fed >= 20
+    assert [i.type.tensor_type.elem_type for i in model.graph.input] == [TensorProto.FLOAT]
+    assert check_readiness(model, "10")
+    # Written for 8.5, it keeps the decomposed LayerNorm in fp32 too.
+    art85 = json.loads((jetpack5_bundle / "manifest.json").read_text())["artifacts"]["onnx-int8-tensorrt-10"]
+    assert art85["fp32_nodes"] and art85["parity"]["passed"]
+
+
 # ----------------------------------------------------------------------------------------
 # The rewrites: model in, model out, same numbers.
 
@@ -294,7 +320,8 @@ def test_cvt_check_tensorrt(default_bundle: Path, jetpack5_bundle: Path, capsys:
 
     assert main(["--bundle", str(jetpack5_bundle), "--tensorrt", "8.5", "--tensorrt", "8.6", "--tensorrt", "10"]) == 0
     out = capsys.readouterr().out
-    assert out.count(" ready ") == 9 and "not TensorRT" in out
+    # three portable graphs on three releases, and the int8+fp16 graph on 10
+    assert out.count(" ready ") == 10 and "model.int8-fp16.onnx        10  ready" in out and "not TensorRT" in out
     assert main(["--bundle", str(default_bundle), "--tensorrt", "8.5", "--json"]) == 1
     captured = capsys.readouterr()
     reports = json.loads(captured.out)

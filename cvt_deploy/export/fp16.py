@@ -73,6 +73,26 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     fixed_batch, chw = _input_dims(model)
     present = Counter(n.op_type for n in model.graph.node)
 
+    model = _to_fp16(model, src, keep_fp32_ops, keep_fp32_nodes, keep_io_fp32)
+    info: dict[str, Any] = {
+        "precision": "fp16",
+        "converter": "onnxruntime.transformers.float16",
+        "fp32_ops": [op for op in keep_fp32_ops],
+        "fp32_ops_present": {op: present[op] for op in keep_fp32_ops if present[op]},
+        "fp32_nodes": list(keep_fp32_nodes),
+        "io": "fp32" if keep_io_fp32 else "fp16",
+    }
+    info.update(_node_precisions(model))
+    set_metadata_props(model, {**encode_metadata({"precision": "fp16", "conversion": info}), **(metadata or {})})
+    with atomic_output(dst) as tmp:
+        save_graph(model, tmp)
+        _verify(tmp, "fp16", chw, fixed_batch)
+    return info
+
+
+def _to_fp16(model: Any, src: Path, keep_fp32_ops: Sequence[str], keep_fp32_nodes: Sequence[str],
+             keep_io_fp32: bool = True) -> Any:
+    """ONNX Runtime's float16 converter with ``keep_fp32_ops`` / ``keep_fp32_nodes`` behind Casts."""
     from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -90,18 +110,106 @@ def convert_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     except Exception as e:
         raise CvtDeployError(f"fp16 conversion of {src} failed: {type(e).__name__}: {str(e)[:300]}",
                              "report this with the fp32 graph; meanwhile use the fp32 graph") from None
-    model = wrapped.model
-    info: dict[str, Any] = {
-        "precision": "fp16",
-        "converter": "onnxruntime.transformers.float16",
-        "fp32_ops": [op for op in keep_fp32_ops],
-        "fp32_ops_present": {op: present[op] for op in keep_fp32_ops if present[op]},
-        "fp32_nodes": list(keep_fp32_nodes),
-        "io": "fp32" if keep_io_fp32 else "fp16",
-    }
+    return wrapped.model
+
+
+#: Q/DQ with float16 scales (so DequantizeLinear writes fp16 and QuantizeLinear reads it) is opset 19.
+INT8_FP16_OPSET = 19
+
+
+def convert_int8_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                      keep_fp32_ops: Sequence[str] = DEFAULT_FP32_OPS, keep_fp32_nodes: Sequence[str] = (),
+                      metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Write the Q/DQ int8 graph ``src`` with everything outside Q/DQ in fp16 (``keep_fp32_ops`` and
+    ``keep_fp32_nodes`` in fp32) to ``dst``: the int8 graph for strongly typed TensorRT (>= 10).
+
+    A strongly typed network runs what lies outside the Q/DQ pairs in the graph's own type, so
+    the fp32 Q/DQ graph runs LayerNorm, Softmax, GELU, residuals and the attention MatMuls in fp32
+    there. Here the scales are fp16 (opset 19), so DequantizeLinear hands fp16 straight to the
+    int8 GEMMs and QuantizeLinear reads fp16, with no Casts between; inputs and outputs stay fp32.
+    """
+    require("onnx", "onnx", "the int8+fp16 graph")
+    require("onnxruntime", "onnx", "the int8+fp16 graph")
+    from onnx import version_converter
+
+    src, dst = Path(src), Path(dst)
+    model = _load(src)
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
+        raise CvtDeployError(f"{src} has no Q/DQ nodes", "pass the int8 graph (model.int8.onnx of the bundle)")
+    fixed_batch, chw = _input_dims(model)
+    try:
+        model = version_converter.convert_version(model, INT8_FP16_OPSET)
+    except Exception as e:
+        raise CvtDeployError(f"{src} cannot be converted to opset {INT8_FP16_OPSET}: {str(e)[:300]}",
+                             "report this with the int8 graph; the fp32 Q/DQ graph still builds on TensorRT") from None
+    model = _to_fp16(model, src, [*keep_fp32_ops, "QuantizeLinear", "DequantizeLinear"], keep_fp32_nodes)
+    moved = _fp16_scales(model)
+    info: dict[str, Any] = {"precision": "int8", "float": "fp16", "opset": INT8_FP16_OPSET,
+                            "converter": "onnxruntime.transformers.float16", "fp32_ops": list(keep_fp32_ops),
+                            "fp32_nodes": list(keep_fp32_nodes), "fp16_scales": moved, "io": "fp32"}
     info.update(_node_precisions(model))
-    set_metadata_props(model, {**encode_metadata({"precision": "fp16", "conversion": info}), **(metadata or {})})
+    set_metadata_props(model, {**encode_metadata({"precision": "int8", "conversion": info}), **(metadata or {})})
     with atomic_output(dst) as tmp:
         save_graph(model, tmp)
-        _verify(tmp, "fp16", chw, fixed_batch)
+        _verify(tmp, "int8+fp16", chw, fixed_batch)
     return info
+
+
+def _fp16_scales(model: Any) -> int:
+    """Give each Q/DQ that the converter wrapped in Casts fp16 scales and drop those Casts;
+    returns how many Q/DQ nodes now read or write fp16 directly."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+    half: dict[str, str] = {}
+
+    def to(node: Any) -> Any:
+        return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+
+    def fp16_scale(name: str) -> str:
+        if name not in half:  # a Q and its DQ share one scale: one fp16 copy for both
+            half[name] = f"{name}_fp16"
+            g.initializer.append(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16),
+                                                         half[name]))
+        return half[name]
+
+    moved = 0
+    for node in list(g.node):
+        if len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.op_type == "DequantizeLinear":
+            users = consumers.get(node.output[0], [])
+            if not users or any(u.op_type != "Cast" or to(u) != TensorProto.FLOAT16 for u in users):
+                continue
+            node.input[1] = fp16_scale(node.input[1])
+            for cast in users:
+                for user in consumers.get(cast.output[0], []):
+                    user.input[:] = [node.output[0] if i == cast.output[0] else i for i in user.input]
+            moved += 1
+        elif node.op_type == "QuantizeLinear":
+            cast = producer.get(node.input[0])
+            if cast is None or cast.op_type != "Cast" or to(cast) != TensorProto.FLOAT:
+                continue
+            node.input[0], node.input[1] = cast.input[0], fp16_scale(node.input[1])
+            moved += 1
+    while True:  # the Casts (and then scales) nobody reads any more
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        dead = [n for n in g.node if n.op_type == "Cast" and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            g.node.remove(n)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    del g.value_info[:]  # the converter's types of the removed Casts' tensors; re-inferred on load
+    OnnxModel(model).topological_sort()
+    return moved

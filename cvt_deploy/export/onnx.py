@@ -2,8 +2,8 @@
 
 Opset 17 by default: the first opset with a single LayerNormalization node (which TensorRT
 maps to its own normalisation layer and which must stay fp32 in reduced precision) and the
-newest one TensorRT 8.6, the JetPack 5/6 version, parses. torch's exporter writes opset 18
-and converts down.
+newest one TensorRT 8.5 and 8.6 (JetPack 5.1 and 6.0) parse. torch's exporter writes opset 18
+and converts down. What each TensorRT release imports is export/portable.py's concern.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def check_opset(opset: Any) -> int:
         why = ("too old: LayerNormalization is a single node only from opset 17" if isinstance(opset, int)
                and not isinstance(opset, bool) and opset < MIN_OPSET else "not one this exporter can write")
         raise CvtDeployError(f"--opset {opset!r} is {why} (valid: {valid})",
-                             f"use --opset {DEFAULT_OPSET} (TensorRT 8.6+ parses it) or another in {valid}")
+                             f"use --opset {DEFAULT_OPSET} (TensorRT 8.5+ parses it) or another in {valid}")
     return opset
 
 

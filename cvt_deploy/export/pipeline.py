@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from ..model import CvT
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+#: The int8 graph for strongly typed TensorRT >= 10: Q/DQ with fp16 outside it (export/fp16.py).
+INT8_FP16_FILE = "model.int8-fp16.onnx"
 
 
 @dataclass
@@ -91,6 +93,7 @@ def planned_files(options: ExportOptions) -> list[str]:
 
     wanted = {"fp32", *options.precisions}
     return ["model.safetensors", *(f for p, f in ONNX_FILES.items() if p in wanted),
+            *([INT8_FP16_FILE] if "int8" in wanted else []),
             *(f for p, f in ORT_CPU_FILES.items() if p in wanted and options.ort_cpu)]
 
 
@@ -151,6 +154,8 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
                                 info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME,
                                       **{k: v for k, v in portable.items() if k in ("tensorrt", "layernorm", "fp32_nodes")},
                                       **info}))
+            if precision == "int8":
+                _int8_fp16(bundle, graph_meta, portable.get("fp32_nodes", []), progress)
         if options.ort_cpu:
             from .ort_cpu import write_ort_cpu_graphs
 
@@ -193,3 +198,15 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
     with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):
         info = quantize_int8(src, dst, batch, **kwargs)
     return {**info, "calibration_data": description}
+
+
+def _int8_fp16(bundle: Bundle, metadata: dict[str, str], fp32_nodes: Sequence[str], progress: bool) -> None:
+    """The int8 graph strongly typed TensorRT builds: the Q/DQ graph with fp16 outside Q/DQ."""
+    from .fp16 import convert_int8_fp16
+
+    dst = bundle.root / INT8_FP16_FILE
+    with stage("writing the int8+fp16 graph for TensorRT 10 (LayerNorm/Softmax kept fp32)", progress):
+        info = convert_int8_fp16(bundle.root / ONNX_FILES["int8"], dst, keep_fp32_nodes=fp32_nodes, metadata=metadata)
+    bundle.add(Artifact(artifact_name("onnx", "int8", "tensorrt-10"), dst.name, "onnx", "int8",
+                        info={"target": "tensorrt-10", "input": INPUT_NAME, "output": OUTPUT_NAME, "tensorrt": ["10"],
+                              "portable": artifact_name("onnx", "int8"), **info}))

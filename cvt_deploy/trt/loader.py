@@ -19,18 +19,18 @@ TensorRT is imported inside the functions, so importing this module needs nothin
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..bundle import Artifact, Bundle, artifact_name
 from ..errors import CvtDeployError
 from ..util import BatchRange, atomic_output, check_precision, file_sha256
+from .progress import attach_progress, heartbeat
 from .sidecar import EngineMeta, profile_shapes, sidecar_path
 from .util import (MESSAGES, check_hardware_compatible, cuda_call, cuda_device_index, cuda_device_info, cuda_free_memory, default_workspace_mib, dims,
                    format_errors, import_cudart, require_tensorrt, trt_logger, version_tuple)
@@ -143,9 +143,13 @@ def _source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version:
     """The ONNX artifact an engine of ``precision`` is built from on this TensorRT."""
     # Weakly typed (8.6) fp16 = the fp32 graph + FP16 flag; everything else needs its own typed graph.
     want = "fp32" if precision == "fp16" and not strongly_typed else precision
-    art = bundle.find("onnx", want)
-    written_for = art.info.get("tensorrt") if art is not None else None
-    if art is not None and version_tuple(version)[:2] == (8, 5) and written_for and "8.5" not in written_for:
+    # Strongly typed int8: the int8+fp16 graph where the bundle has it (else what lies outside
+    # Q/DQ would run in fp32), the fp32 Q/DQ graph otherwise.
+    art = (bundle.find("onnx", want, "tensorrt-10") if strongly_typed and want == "int8" else None) \
+        or bundle.find("onnx", want)
+    # Bundles from before --tensorrt existed hold LayerNormalization nodes: written for 8.6 and newer.
+    written_for = (art.info.get("tensorrt") or ["8.6", "10"]) if art is not None else []
+    if art is not None and version_tuple(version)[:2] == (8, 5) and "8.5" not in written_for:
         raise CvtDeployError(f"bundle {bundle.root}'s graphs are written for TensorRT {', '.join(written_for)} "
                              f"(single LayerNormalization nodes), which TensorRT {version} cannot import",
                              f"re-export the bundle for JetPack 5.1: cvt-export --tensorrt 8.5 --precision {want} "
@@ -280,8 +284,8 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
               f"batch {batch.min}..{batch.max} opt {batch.opt}, workspace {workspace_mib} MiB) ...", file=sys.stderr)
     start = time.perf_counter()
     cancel = threading.Event()
-    monitored = progress and _attach_progress(config, cancel)
-    with MESSAGES.capture() as logged, _heartbeat(progress and not monitored):
+    monitored = progress and attach_progress(config, cancel)
+    with MESSAGES.capture() as logged, heartbeat(progress and not monitored):
         plan: tensorrt.IHostMemory | None = builder.build_serialized_network(network, config)
     if plan is None:
         if cancel.is_set():
@@ -406,76 +410,6 @@ def _attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path) -> None:
               file=sys.stderr)
     cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, False)
-
-
-def _attach_progress(config: tensorrt.IBuilderConfig, cancel: threading.Event) -> bool:
-    """Print TensorRT's build phases via its progress API (TensorRT >= 10); False where there is none.
-
-    Ctrl-C inside a callback sets ``cancel``, and the next step_complete asks TensorRT to stop.
-    """
-    import tensorrt as trt
-
-    if not hasattr(trt, "IProgressMonitor"):
-        return False
-
-    class Monitor(trt.IProgressMonitor):
-        """Prints the top two levels of build phases with the elapsed time."""
-
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)  # the pybind11 trampoline needs the explicit call
-            self.start = time.perf_counter()
-            self.depth: dict[str, int] = {}
-            self.lock = threading.Lock()  # TensorRT may call from several threads
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            try:
-                with self.lock:
-                    depth = 0 if parent_phase is None else self.depth.get(parent_phase, 0) + 1
-                    self.depth[phase_name] = depth
-                if depth <= 1:
-                    print(f"  {'  ' * depth}{phase_name} ({num_steps} step{'s' * (num_steps != 1)}) "
-                          f"[{time.perf_counter() - self.start:.0f}s]", file=sys.stderr, flush=True)
-            except KeyboardInterrupt:
-                cancel.set()
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            try:
-                return not cancel.is_set()
-            except KeyboardInterrupt:
-                cancel.set()
-                return False
-
-        def phase_finish(self, phase_name: str) -> None:
-            try:
-                with self.lock:
-                    self.depth.pop(phase_name, None)
-            except KeyboardInterrupt:
-                cancel.set()
-
-    config.progress_monitor = Monitor()  # TensorRT keeps it referenced for the config's lifetime
-    return True
-
-
-@contextlib.contextmanager
-def _heartbeat(show: bool, every: float = 15.0) -> Iterator[None]:
-    """Where TensorRT has no progress API (8.6): an elapsed-time line every ``every`` seconds."""
-    if not show:
-        yield
-        return
-    done = threading.Event()
-    start = time.perf_counter()
-
-    def beat() -> None:
-        while not done.wait(every):
-            print(f"  still building ... {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
-
-    thread = threading.Thread(target=beat, name="trt-build-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def _sha256(path: Path) -> str:

@@ -329,8 +329,9 @@ def _check_qdq(node: Any, g: _Graph, version: str, where: str, add: Any) -> None
 
 
 def portable_graphs(bundle: Bundle) -> list[Any]:
-    """The bundle's ONNX artifacts TensorRT builds from (target portable)."""
-    return [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.target == "portable"]
+    """The bundle's ONNX artifacts TensorRT builds from: the portable graphs and those written
+    for TensorRT 10 alone (the int8+fp16 graph)."""
+    return [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.target in ("portable", "tensorrt-10")]
 
 
 def check_bundle_readiness(bundle: Bundle, versions: Iterable[str] | None = None,
@@ -343,9 +344,11 @@ def check_bundle_readiness(bundle: Bundle, versions: Iterable[str] | None = None
     for art in portable_graphs(bundle):
         if precisions and art.precision not in precisions:
             continue
-        wanted = list(versions) if versions else art.info.get("tensorrt") or targets_from(DEFAULT_TENSORRT)
+        written_for = art.info.get("tensorrt") or targets_from(DEFAULT_TENSORRT)
+        # A graph written for TensorRT 10 alone is checked for the asked releases it serves.
+        wanted = [v for v in versions if art.target == "portable" or v in written_for] if versions else written_for
         path = bundle.verified_path(art)
-        for version in wanted:
+        for version in dict.fromkeys(wanted):
             reports.append(check_readiness(path, version, name=art.file))
     return reports
 
