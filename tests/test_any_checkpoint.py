@@ -216,7 +216,7 @@ def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchma
     bundle = Bundle.open(out)
     assert bundle.config.variant == "cvt-custom" and bundle.config.depths == (1, 2, 4)
     assert sorted(bundle.artifacts) == ["onnx-fp16", "onnx-fp32", "onnx-fp32-onnxruntime-cpu", "onnx-int8",
-                                        "onnx-int8-onnxruntime-cpu", "torch-fp32"]
+                                        "onnx-int8-onnxruntime-cpu", "onnx-int8-tensorrt-10", "torch-fp32"]
     for precision in ("fp32", "fp16", "int8"):
         parity = bundle.require("onnx", precision).info["parity"]
         assert parity["passed"] is True, (precision, parity)

@@ -154,7 +154,8 @@ def test_check_bundle_checks_every_graph(demo_int8_bundle: Path) -> None:
     from cvt_deploy.parity import check_bundle
 
     reports = check_bundle(Bundle.open(demo_int8_bundle), limit=64, progress=False)
-    assert sorted(r.artifact for r in reports) == sorted(["onnx-fp32", "onnx-int8", f"onnx-fp32-{TARGET}", f"onnx-int8-{TARGET}"])
+    assert sorted(r.artifact for r in reports) == sorted(["onnx-fp32", "onnx-int8", f"onnx-fp32-{TARGET}", f"onnx-int8-{TARGET}",
+                                                          "onnx-int8-tensorrt-10"])
     assert all(reports)
 
 

@@ -186,6 +186,9 @@ def test_tensorrt_target_values() -> None:
     from cvt_deploy.export.pipeline import ExportOptions
 
     assert ExportOptions(tensorrt="10.3").tensorrt == "10"
+    if ExportOptions(tensorrt="10", opset=18).opset == 18:  # where this exporter writes opset 18
+        with pytest.raises(CvtDeployError, match=r"--opset 18 is newer than TensorRT 8\.6 parses"):
+            ExportOptions(opset=18)
     with pytest.raises(CvtDeployError, match=r"--tensorrt '9' .*valid: 8\.5, 8\.6, 10"):
         ExportOptions(tensorrt="9")
     with pytest.raises(CvtDeployError, match="JetPack 5.1"):
@@ -261,6 +264,29 @@ def test_planted_zero_point_3() -> None:
     assert f.node in ("node 'x_q'", "node 'x_dq'") and "[3]" in f.message and "Explicit Quantization" in f.source
 
 
+def test_planted_reduce_axes_input_and_constant_ints_on_8x() -> None:
+    axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
+    reduce = helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="mean", keepdims=1)
+    model = _graph([reduce], [_tensor("x", ["batch", 4])], _tensor("y", ["batch", 1]), [axes], opset=18)
+    f = _only(model, "8.6", "attribute")
+    assert f.node == "node 'mean'" and "reduces over every axis" in f.message and "ReduceMean" in f.source
+    assert check_readiness(model, "10")
+    const = helper.make_node("Constant", [], ["c"], name="ints", value_ints=[1, 2])
+    model = _graph([const, helper.make_node("Identity", ["c"], ["y"], name="id")], [], _tensor("y", [2], TensorProto.INT64))
+    assert "reads them as floats" in _only(model, "8.5", "attribute").message
+
+
+def test_planted_qdq_without_zero_point_or_axis() -> None:
+    model = _qdq_matmul(rank=2)
+    for node in model.graph.node:
+        if node.name == "w_dq":
+            del node.attribute[:]  # per-channel scales, axis left to the default
+        if node.name == "x_dq":
+            del node.input[2]
+    assert {f.rule for f in check_readiness(model, "8.6").errors} == {"qdq-axis", "qdq-zero-point"}
+    assert {f.rule for f in check_readiness(model, "10").errors} == {"qdq-axis"}
+
+
 def test_planted_uint8_quantization() -> None:
     f = _only(_qdq_matmul(zero_point=0, rank=2, zp_type=np.uint8), "8.6", "qdq-type")
     assert "UINT8" in f.message
@@ -307,7 +333,7 @@ def test_require_ready_refuses_a_bundle_graph_that_would_not_parse(bundle_copy: 
     onnx.save(model, str(bundle.path(art)))
     bundle.add(art)
     with pytest.raises(CvtDeployError, match=r"TensorRT 8\.6: node 'planted_shape' \(Shape\): attribute: .*source: "
-                                             r"onnx-tensorrt release/8\.6-GA"):
+                                             r"onnx-tensorrt .*release/8\.6-GA .*L4434"):
         require_ready(bundle)
 
 

@@ -83,6 +83,10 @@ class ExportOptions:
                 raise CvtDeployError(f"{flag} {value!r} must be a whole number >= 1", f"omit {flag} for the default")
         check_opset(self.opset)
         object.__setattr__(self, "tensorrt", check_tensorrt_target(self.tensorrt))
+        if self.tensorrt != "10" and self.opset > 17:
+            # 8.x's importers predate opset 18: its ReduceMean ignores axes given as an input.
+            raise CvtDeployError(f"--opset {self.opset} is newer than TensorRT {self.tensorrt} parses (opset 17 at most)",
+                                 f"use --opset 17, or --tensorrt 10 if the graphs never meet TensorRT 8.x")
         if self.calib_cache is not None:
             check_cache_location(Path(self.calib_cache))
 

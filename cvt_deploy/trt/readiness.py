@@ -46,6 +46,11 @@ QUANTIZABLE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Aver
 PER_CHANNEL_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
 # Rank rules of the importers (operators.md restrictions), as (op, allowed ranks of input 0).
 RANKS = {"Conv": (3, 4, 5), "ConvTranspose": (3, 4, 5)}
+#: The newest opset each release's docs claim (its docs/operators.md header; the importer itself
+#: only warns, so a newer graph is a note, not an error).
+MAX_OPSET = {"8.5": 17, "8.6": 17, "10": 20}
+REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                        "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"})
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,13 @@ def _source(version: str, what: str = "docs/operators.md") -> str:
     return f"onnx-tensorrt {src['ref']} ({src['commit'][:10]}) {what}"
 
 
-def _note(version: str, op: str) -> str:
-    """The importer-source citation recorded for ``op`` in ``version`` (or the operator table)."""
+def _note(version: str, op: str, about: str = "") -> str:
+    """The importer-source citation recorded for ``op`` in ``version`` (or the operator table);
+    graph-wide facts are recorded under op "*" and found by a word of theirs (``about``)."""
     for note in parser_table().get("notes", []):
-        if note.get("op") == op and version in note.get("versions", []):
-            return str(note["source"])
+        if version in note.get("versions", []) and (note.get("op") == op if not about
+                                                     else note.get("op") == "*" and about in note.get("fact", "")):
+            return f"onnx-tensorrt {note['source']}"
     return _source(version)
 
 
@@ -189,10 +196,10 @@ def check_readiness(graph: str | os.PathLike[str] | Any, version: str, *, name: 
     g = _Graph(model)
     add = report.findings.append
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    top = int(parser_table().get("max_opset", {}).get(version, 0))
-    if top and opset > top:
-        add(Finding(version, "graph", "opset", "opset", f"the graph declares opset {opset}; this parser release "
-                    f"supports up to opset {top} and warns on newer models", _note(version, "opset"), "note"))
+    if opset > MAX_OPSET[version]:
+        add(Finding(version, "graph", "opset", "opset", f"the graph declares opset {opset}; this release's docs claim "
+                    f"opsets up to {MAX_OPSET[version]} (the importer does not check)", _note(version, "*", "opset"),
+                    "note"))
     _check_inputs(model, g, version, add)
     int64 = False
     for node in model.graph.node:
@@ -223,7 +230,8 @@ def check_readiness(graph: str | os.PathLike[str] | Any, version: str, *, name: 
             _check_qdq(node, g, version, where, add)
     if int64 and version != "10":
         add(Finding(version, "graph", "INT64", "dtype", "INT64 tensors (shapes, indices) are narrowed to INT32 by the "
-                    "8.x parser, with a warning (values outside INT32 are clamped)", _note(version, "INT64"), "note"))
+                    "8.x parser, with a warning (values outside INT32 are clamped)", _note(version, "*", "INT64"),
+                    "note"))
     return report
 
 
@@ -243,12 +251,12 @@ def _check_inputs(model: Any, g: _Graph, version: str, add: Any) -> None:
             ("FP32", "FP16", "BF16", "INT32", "INT64", "BOOL", "UINT8", "INT8")
         if t and t not in allowed:
             add(Finding(version, f"input {inp.name!r}", "input", "dtype", f"a {t} network input is not accepted",
-                        _note(version, "input")))
+                        _note(version, "*", "UINT8 graph input")))
         if t == "UINT8":
             users = g.consumers.get(inp.name, [])
             if not users or any(u.op_type != "Cast" or _attr(u, "to") not in (1, 10) for u in users):
                 add(Finding(version, f"input {inp.name!r}", "input", "uint8-input", "a UINT8 network input must go "
-                            "straight into Casts to FP32/FP16", _note(version, "input")))
+                            "straight into Casts to FP32/FP16", _note(version, "*", "UINT8 graph input")))
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -266,10 +274,20 @@ def _check_attributes(node: Any, g: _Graph, version: str, where: str, add: Any) 
         src, dst = g.type_name(node.input[0]), _TYPES.get(_attr(node, "to"))
         allowed = parser_table()["ops"][version]["Cast"]["types"]
         for t in (src, dst):
-            if t and allowed and t not in allowed and not (t == "INT64" and version != "10") \
-                    and not (t == "UINT8" and src == "UINT8" and node.input[0] in g.types and dst in ("FP32", "FP16")):
+            narrowed = t == "INT64" and version != "10"
+            pixels = t == src == "UINT8" and dst in ("FP32", "FP16")  # what 8.5 allows a UINT8 source
+            if t and allowed and t not in allowed and not narrowed and not pixels:
                 add(Finding(version, where, "Cast", "dtype", f"Cast {src} -> {dst}: {t} is not a type the {version} "
                             f"Cast importer takes ({', '.join(allowed)})", _note(version, "Cast")))
+    if version == "10":
+        return
+    if node.op_type in REDUCE_OPS and len(node.input) > 1 and node.input[1]:
+        add(Finding(version, where, node.op_type, "attribute", f"axes given as an input (opset 18): the {version} "
+                    "importer ignores it and reduces over every axis, silently; write axes as the attribute (opset "
+                    "<= 17)", _note(version, "ReduceMean")))
+    if node.op_type == "Constant" and {"value_int", "value_ints"} & {a.name for a in node.attribute}:
+        add(Finding(version, where, "Constant", "attribute", f"value_int/value_ints: the {version} importer reads them "
+                    "as floats (0 / empty, by reading the source); use a `value` tensor", _note(version, "Constant")))
 
 
 def _check_qdq(node: Any, g: _Graph, version: str, where: str, add: Any) -> None:
@@ -287,6 +305,9 @@ def _check_qdq(node: Any, g: _Graph, version: str, where: str, add: Any) -> None
     zp = g.consts.get(zp_name) if zp_name else None
     # Without a zero point, QuantizeLinear writes UINT8 (the ONNX default).
     int_type = g.type_name(zp_name) if zp_name else ("UINT8" if op == "QuantizeLinear" else g.type_name(node.input[0]))
+    if not zp_name and version != "10":
+        add(Finding(version, where, op, "qdq-zero-point", f"no zero point input: the {version} importer needs all "
+                    "three inputs (x, scale, zero point 0)", _note(version, "QuantizeLinear")))
     if zp_name and zp is None:
         add(Finding(version, where, op, "qdq-zero-point", f"zero point {zp_name!r} is not a constant", guide))
     elif zp is not None and np.any(zp != 0):
@@ -309,6 +330,9 @@ def _check_qdq(node: Any, g: _Graph, version: str, where: str, add: Any) -> None
                     + ", no op TensorRT runs quantized: the Q/DQ pair only costs time", guide))
     if not per_channel:
         return
+    if not any(a.name == "axis" for a in node.attribute):
+        add(Finding(version, where, op, "qdq-axis", "per-channel scales without an explicit axis: ONNX means axis 1, "
+                    "the importer takes axis 0", _note(version, "QuantizeLinear")))
     if not g.is_weight(node.output[0]):
         add(Finding(version, where, op, "qdq-per-channel", "per-channel scales on an activation; TensorRT takes them "
                     "for weights only", guide))
