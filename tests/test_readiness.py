@@ -301,6 +301,14 @@ def test_planted_per_channel_on_3d_matmul() -> None:
     assert check_readiness(_qdq_matmul(rank=3, per_channel=False), "8.6")  # per-tensor passes
 
 
+def test_external_data_graphs_are_read_from_their_folder(tmp_path: Path) -> None:
+    # Big models keep their weights (and scales) in a .data file beside the graph.
+    path = tmp_path / "big.onnx"
+    onnx.save_model(_qdq_matmul(zero_point=3, rank=3), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="big.onnx.data", size_threshold=0)
+    assert {f.rule for f in check_readiness(path, "8.6").errors} == {"qdq-zero-point", "qdq-per-channel"}
+
+
 def test_planted_dq_into_an_op_tensorrt_does_not_quantize() -> None:
     s = numpy_helper.from_array(np.array(0.05, np.float32), "s")
     z = numpy_helper.from_array(np.array(0, np.int8), "z")

@@ -135,9 +135,8 @@ _TYPES = {1: "FP32", 2: "UINT8", 3: "INT8", 5: "INT16", 6: "INT32", 7: "INT64", 
 class _Graph:
     """What the rules need to know about a graph: types, ranks, producers, consumers, constants."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, folder: str = "") -> None:
         import onnx
-        from onnx import numpy_helper
 
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
@@ -146,13 +145,16 @@ class _Graph:
         values = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
         self.types = {v.name: v.type.tensor_type.elem_type for v in values}
         self.ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values if v.type.tensor_type.HasField("shape")}
-        self.consts: dict[str, Any] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        # Constants by name, read only when a rule needs the values (scales, zero points): the
+        # weights themselves (external data for big models) are never loaded.
+        self.tensors: dict[str, Any] = {i.name: i for i in model.graph.initializer}
         for n in model.graph.node:
             if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-                self.consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-        for name, arr in self.consts.items():
-            self.types.setdefault(name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
-            self.ranks.setdefault(name, arr.ndim)
+                self.tensors[n.output[0]] = n.attribute[0].t
+        for name, t in self.tensors.items():
+            self.types.setdefault(name, t.data_type)
+            self.ranks.setdefault(name, len(t.dims))
+        self.folder = folder
         self.producer = {o: n for n in model.graph.node for o in n.output}
         self.consumers: dict[str, list[Any]] = {}
         for n in model.graph.node:
@@ -166,8 +168,15 @@ class _Graph:
     def is_weight(self, tensor: str) -> bool:
         """A constant, possibly behind a DequantizeLinear of a constant (ORT writes int8 weights + DQ)."""
         node = self.producer.get(tensor)
-        return tensor in self.consts or (node is not None and node.op_type == "DequantizeLinear"
-                                         and node.input[0] in self.consts)
+        return tensor in self.tensors or (node is not None and node.op_type == "DequantizeLinear"
+                                          and node.input[0] in self.tensors)
+
+    def value(self, name: str) -> Any:
+        """The constant ``name`` as a numpy array (external data read from the graph's folder); None if not constant."""
+        from onnx import numpy_helper
+
+        t = self.tensors.get(name)
+        return None if t is None else numpy_helper.to_array(t, self.folder)
 
 
 def _label(node: Any) -> str:
@@ -187,13 +196,13 @@ def check_readiness(graph: str | os.PathLike[str] | Any, version: str, *, name: 
             model = onnx.load(str(graph), load_external_data=False)
         except Exception as e:
             raise CvtDeployError(f"{graph} is not a readable ONNX file: {str(e)[:200]}", "re-export it with cvt-export") from None
-        name = name or Path(graph).name
+        name, folder = name or Path(graph).name, str(Path(graph).parent)
     else:
-        model = graph
+        model, folder = graph, ""
     report = ReadinessReport(name or model.graph.name or "graph", version,
                              dict(sorted(Counter(n.op_type for n in model.graph.node).items())))
     table = parser_table()["ops"][version]
-    g = _Graph(model)
+    g = _Graph(model, folder)
     add = report.findings.append
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > MAX_OPSET[version]:
@@ -295,14 +304,14 @@ def _check_qdq(node: Any, g: _Graph, version: str, where: str, add: Any) -> None
 
     guide = GUIDE_10 if version == "10" else GUIDE_8
     op = node.op_type
-    scale = g.consts.get(node.input[1]) if len(node.input) > 1 else None
+    scale = g.value(node.input[1]) if len(node.input) > 1 else None
     if scale is None:
         add(Finding(version, where, op, "qdq-scale", f"scale {node.input[1] if len(node.input) > 1 else ''!r} is not "
                     "a constant; TensorRT needs build-time scales", guide))
     elif not (np.isfinite(scale).all() and (scale > 0).all()):
         add(Finding(version, where, op, "qdq-scale", "scale has values that are not finite and positive", guide))
     zp_name = node.input[2] if len(node.input) > 2 else ""
-    zp = g.consts.get(zp_name) if zp_name else None
+    zp = g.value(zp_name) if zp_name else None
     # Without a zero point, QuantizeLinear writes UINT8 (the ONNX default).
     int_type = g.type_name(zp_name) if zp_name else ("UINT8" if op == "QuantizeLinear" else g.type_name(node.input[0]))
     if not zp_name and version != "10":
