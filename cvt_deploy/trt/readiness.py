@@ -406,7 +406,7 @@ def require_ready(bundle: Bundle) -> list[ReadinessReport]:
         raise CvtDeployError("the exported graphs would not parse on the TensorRT they were written for: "
                              + "; ".join(str(f) for r in failed for f in r.errors),
                              "export for a newer TensorRT (--tensorrt 10) meanwhile, and report this with the model")
-    for art in portable_graphs(bundle):
+    for art in portable_graphs(bundle):  # the files are unchanged: no re-hashing, one manifest write
         art.info["tensorrt_ready"] = [r.version for r in reports if r.graph == art.file]
-        bundle.add(art)
+    bundle.save()
     return reports
