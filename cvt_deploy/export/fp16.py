@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import CvtDeployError, require
 from ..util import atomic_output, encode_metadata
 from .onnx import save_graph, set_metadata_props
-from .precision import _check_fp32_source, _input_dims, _load, _node_precisions, _quiet, _verify
+from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _node_precisions, _quiet, _verify
 
 #
 # Block list chosen by measurement. fp16 vs fp32 logits (top-1 agreement / mean cosine /
@@ -200,16 +200,7 @@ def _fp16_scales(model: Any) -> int:
                 continue
             node.input[0], node.input[1] = cast.input[0], fp16_scale(node.input[1])
             moved += 1
-    while True:  # the Casts (and then scales) nobody reads any more
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if n.op_type == "Cast" and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    _drop_unread(model, ("Cast",))  # and then the fp32 scales
     del g.value_info[:]  # the converter's types of the removed Casts' tensors; re-inferred on load
     OnnxModel(model).topological_sort()
     return moved

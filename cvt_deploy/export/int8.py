@@ -20,7 +20,7 @@ from ..progress import track
 from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
-from .precision import _check_fp32_source, _input_dims, _load, _quiet, _verify
+from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _quiet, _verify
 
 #
 # What is quantized (TensorRT's explicit-quantization rules): Q/DQ on the inputs of Conv,
@@ -348,18 +348,7 @@ def _unquantize_other_consumers(model: Any) -> None:
             q = producer.get(dq.input[0])
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
-    while True:  # drop the Q/DQ nodes (and then their scales) nobody reads any more
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
-        if not dead:
-            break
-        for n in dead:
-            model.graph.node.remove(n)
-    used = {i for n in model.graph.node for i in n.input}
-    unused = [i for i in model.graph.initializer if i.name not in used]
-    for i in unused:
-        model.graph.initializer.remove(i)
+    _drop_unread(model, ("QuantizeLinear", "DequantizeLinear"))  # and then their scales
 
 
 def _activation_matmuls(model: Any) -> list[str]:

@@ -119,3 +119,19 @@ def _node_precisions(model: Any) -> dict[str, int]:
         t = types.get(node.output[0]) if node.output else None
         counts[names.get(t, "other") if t is not None else "other"] += 1
     return {f"nodes_{k}": counts.get(k, 0) for k in ("fp16", "fp32", "int8", "other", "cast")}
+
+
+def _drop_unread(model: Any, op_types: tuple[str, ...]) -> None:
+    """Remove the nodes of ``op_types`` whose output nobody reads (repeatedly), then the
+    initializers nobody reads: what a rewrite that rerouted their consumers leaves behind."""
+    graph = model.graph
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in op_types and n.output[0] not in used]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)

@@ -225,9 +225,8 @@ def check_readiness(graph: str | os.PathLike[str] | Any, version: str, *, name: 
         int64 |= any(g.types.get(t) == 7 for t in (*node.input, *node.output) if t)
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear", "Cast") and node.input and node.input[0]:
             t = g.type_name(node.input[0])
-            if t == "INT64" and version != "10" and "INT32" in entry["types"]:
-                pass  # narrowed; said once below
-            elif t and entry["types"] and t not in entry["types"]:
+            narrowed = t == "INT64" and version != "10" and "INT32" in entry["types"]  # said once below
+            if t and entry["types"] and t not in entry["types"] and not narrowed:
                 add(Finding(version, where, node.op_type, "dtype", f"input {node.input[0]!r} is {t}; TensorRT "
                             f"{version} imports {node.op_type} for {', '.join(entry['types'])}", _source(version)))
         _check_attributes(node, g, version, where, add)
