@@ -1,4 +1,6 @@
-# Developer entry points. `make demo` and `make test` each do their own set-up in .venv.
+# Developer entry points. `make demo`, `make test` and `make test-all` each do their own set-up in .venv.
+# `make test` is the everyday suite (big-model tests marked `slow` left out: a few minutes on
+# 2 cores); `make test-all` is everything, slow tests included, and is what CI runs.
 #
 # CONSTRAINTS pins the CPU build of torch so that set-up on a machine without a GPU never
 # downloads several GB of CUDA wheels. It binds this dev environment only; a user's
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test typecheck venv clean
+.PHONY: demo test test-all typecheck venv clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,10 @@ typecheck: $(STAMP)
 	$(PY) -m mypy
 
 test: $(STAMP)
+	$(PY) -m mypy
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 

@@ -283,6 +283,7 @@ def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True)
     """
     if out.exists() and not out.is_dir():
         raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
+    _require_writable(out)
     if not out.is_dir():
         return None
     owned = bundle_files(out)
@@ -294,6 +295,20 @@ def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True)
         raise CvtDeployError(f"output folder {out} already holds a bundle", "pass another --out or allow overwriting")
     _refuse_clashes(out, [n for n in planned if n in user])
     return owned
+
+
+def _require_writable(out: Path) -> None:
+    """A read-only, immutable or foreign folder is refused before minutes of work, not after them."""
+    where = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    if where is None:
+        return
+    try:
+        fd, name = tempfile.mkstemp(prefix=partial_name(out.name), suffix=PARTIAL_SUFFIX, dir=where)
+    except OSError as e:
+        raise write_failure(e, out) or CvtDeployError(
+            f"cannot write {out}: {e.strerror}", "choose an output location you can write to") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def bundle_files(root: Path) -> set[str] | None:

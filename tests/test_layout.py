@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cvt_deploy"
 MAX_LINES = 450
 
 
-def _modules() -> dict[str, Path]:
+def _modules(package: Path = PACKAGE) -> dict[str, Path]:
     out = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
@@ -19,29 +22,34 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """cvt_deploy modules that ``name`` imports at run time (lazy imports too; not TYPE_CHECKING)."""
+    """cvt_deploy modules that ``name`` imports anywhere: at the top, inside functions (lazy),
+    and under TYPE_CHECKING (a module that needs another's types depends on it as much)."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for node in ast.walk(tree)
-                   if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
-                   for n in ast.walk(node)}
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(tree):
-        if id(node) in typing_only or not isinstance(node, ast.ImportFrom) or not node.level:
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        else:
             continue
-        base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-        target = ".".join(base + ([node.module] if node.module else []))
-        for candidate in [target] + [f"{target}.{alias.name}" for alias in node.names]:
+        for candidate in candidates:
+            # `import a.b.c` and `from a.b import c` depend on the modules along the way too,
+            # but a package's __init__ is its own concept: only the named module counts.
             if candidate in modules and candidate != name:
                 out.add(candidate)
     return out
 
 
-def test_no_import_cycles() -> None:
-    modules = _modules()
-    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     state: dict[str, int] = {}  # 1 on the current path, 2 done
-    cycles = []
+    cycles: list[list[str]] = []
 
     def visit(node: str, path: list[str]) -> None:
         state[node] = 1
@@ -55,9 +63,37 @@ def test_no_import_cycles() -> None:
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+    return cycles
+
+
+def _graph(package: Path) -> dict[str, set[str]]:
+    modules = _modules(package)
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_no_import_cycles() -> None:
+    graph = _graph(PACKAGE)
+    cycles = _cycles(graph)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
     assert "cvt_deploy.util" in graph and not graph["cvt_deploy.util"] - {"cvt_deploy.errors"}, \
         "the ground floor imports nothing of cvt-deploy but errors"
+
+
+@pytest.mark.parametrize("how", ["lazy", "absolute", "type-checking"])
+def test_a_planted_cycle_is_found(tmp_path: Path, how: str) -> None:
+    """The check above sees every way one module can reach another."""
+    shutil.copytree(PACKAGE, tmp_path / "cvt_deploy", ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.npz",
+                                                                                    "*.safetensors", "*.png"))
+    # cvt_deploy.bench.results imports cvt_deploy.table: each plant makes table import it back.
+    plant = {"lazy": "\n\ndef _planted():\n    from .bench.results import BenchResult\n\n    return BenchResult\n",
+             "absolute": "\nimport cvt_deploy.bench.results  # noqa: E402\n",
+             "type-checking": "\nfrom typing import TYPE_CHECKING  # noqa: E402\n\nif TYPE_CHECKING:\n"
+                              "    from .bench.results import BenchResult  # noqa: F401\n"}[how]
+    table = tmp_path / "cvt_deploy" / "table.py"
+    assert not _cycles(_graph(tmp_path / "cvt_deploy")), "the copy has a cycle before any plant"
+    table.write_text(table.read_text() + plant)
+    cycles = _cycles(_graph(tmp_path / "cvt_deploy"))
+    assert any({"cvt_deploy.table", "cvt_deploy.bench.results"} <= set(c) for c in cycles), cycles
 
 
 def test_modules_stay_readable() -> None:

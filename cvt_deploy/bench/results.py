@@ -1,4 +1,4 @@
-"""Benchmark results: the row schema, rows, and their files (JSON, CSV)."""
+"""Benchmark results: the row schema, rows, their files (JSON, CSV), the terminal table and the plot."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CvtDeployError
+import numpy as np
+
+from ..errors import CvtDeployError, require
+from ..table import format_table
 from ..util import atomic_output
 
 SCHEMA = "cvt-deploy-bench"
@@ -148,18 +151,163 @@ class BenchResult:
         return Path(path)
 
     def header(self) -> str:
-        from .render import header
-
         return header(self)
 
     def table(self) -> str:
         """Terminal text: one line per combination, skipped/failed reasons as numbered notes."""
-        from .render import table
-
         return table(self)
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Latency (p50, whiskers min..p90) and throughput vs batch, one line per backend/precision."""
-        from .render import plot
-
         return plot(self, path)
+
+
+# --- rendering: the terminal table and the plot ------------------------------------------------
+
+NOISY = 1.5  # p90 / p50 above this: the table says the row's calls were held up (by other processes)
+
+
+def header(result: BenchResult) -> str:
+    m = result.meta
+    if "url" in m:  # a served run (cvt-bench --url)
+        return (f"model {m['model']!r} served at {m['url']} over {m['protocol']}, {m['send']} "
+                f"x{m['images_per_request']} per request" + (f"; in-process: {m['bundle']}" if m.get("bundle") else ""))
+    mm = m["matmul"]
+    if "ceilings" in mm:
+        peaks = "; ".join(f"{name} {c['gops']:.0f} GOP/s" if c.get("gops") else f"{name} not measured ({c.get('error')})"
+                          for name, c in mm["ceilings"].items())
+        peak = f"GEMM ceilings {mm['size']}^3: {peaks or 'none'} (fp32 rows use {mm.get('fp32')}, int8 rows {mm.get('int8')})"
+    else:  # a result written before the per-precision ceilings
+        peak = f"fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): " + (
+            f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})")
+    return (f"{m['model']} at {m['img_size']}px ({m['gmacs']:.3g} GMACs/image) on {m['device']}, "
+            f"{m['threads']} threads; {peak}")
+
+
+def _cache_note(result: BenchResult) -> str | None:
+    """Which rows' weights fit the last-level cache: warm timings of those that do flatter them."""
+    llc = result.meta.get("llc_bytes")
+    sizes = {f"{r.backend} {r.precision}": (r.weights_mb, r.weights_fit_llc) for r in result.measured if r.weights_mb}
+    if not sizes:
+        return None
+    what = ", ".join(f"{k} {mb:.3g} MiB ({fit})" for k, (mb, fit) in sizes.items())
+    where = f"the last-level cache ({llc / 2**20:.0f} MiB)" if llc else "the last-level cache (size unknown here)"
+    return (f"weights within {where}: {what}. Steady-state timings of weights that fit are warmer than a "
+            "first call or a busy machine will see; 'first ms' is the first call after load")
+
+
+def table(result: BenchResult) -> str:
+    """Terminal text: one line per combination, skipped/failed reasons as numbered notes."""
+    notes: list[str] = []
+    rows = []
+    served = any(r.concurrency is not None for r in result.rows)
+    for r in result.rows:
+        if r.status != "ok":
+            note = f"{r.backend}: {r.reason}"  # reasons name the precision where it matters
+            if note not in notes:
+                notes.append(note)
+            status = f"{r.status} [{notes.index(note) + 1}]"
+        else:
+            status = "ok" if r.role == "backend" else r.role
+        rows.append([r.backend, r.precision, str(r.batch), status, _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p99_ms),
+                     _ms(r.mean_ms), _ms(r.min_ms), _ms(r.max_ms), _num(r.throughput_ips, 1),
+                     "" if r.ratio_vs_torch is None else f"{r.ratio_vs_torch:.2f}x", _num(r.gflops, 1),
+                     "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
+                     _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else "",
+                     _ms(r.first_call_ms)])
+        if served:
+            rows[-1][3:3] = ["" if r.concurrency is None else str(r.concurrency), _num(r.server_batch, 2)]
+    head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
+            "img/s", "vs torch", "GFLOP/s", "% peak", "accuracy", "agree", "n", "first ms"]
+    if served:
+        head[3:3] = ["in flight", "srv batch"]
+    text = format_table(head, rows, title=header(result))
+    foot = [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    noisy = [f"{r.backend} {r.precision} b{r.batch}" for r in result.measured
+             if r.p90_ms is not None and r.p50_ms and r.p90_ms > NOISY * r.p50_ms]
+    if noisy:
+        foot.append(f"noisy (p90 > {NOISY:g} x p50, calls were held up): {', '.join(noisy)}")
+    load = (result.meta.get("loadavg_1min") or {}).get("after")
+    cpus = result.meta.get("host", {}).get("cpus_usable") or 1
+    if load is not None and load > cpus + 1:
+        foot.append(f"system load average {load:.1f} on {cpus} usable CPUs: other processes competed for the cores; "
+                    "re-run on a quieter machine (or with fewer --threads) before trusting small differences")
+    cache = _cache_note(result)
+    if cache:
+        foot.append(cache)
+    if not served:
+        foot.append("% peak = GFLOP/s / the fastest GEMM of the row's kind in this run (int8 rows: the integer GEMM)")
+    if "peak_rss_mb" in result.meta:
+        foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
+                    + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))
+    if served:
+        foot.append("served run: img/s = images completed / wall time (in-process rows too); 'in flight' = requests "
+                    "kept outstanding; srv batch = mean batch Triton formed (from its metrics)")
+    foot.append("vs torch = PyTorch-eager fp32 p50 / this p50 at the same batch (>1 is faster). "
+                "On a shared machine compare these ratios, not absolute milliseconds across runs.")
+    return text + "\n" + "\n".join(foot)
+
+def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
+    """Latency (p50, whiskers min..p90) and throughput vs batch, one line per backend/precision."""
+    require("matplotlib", "plot", "Plotting benchmark results")
+    # A Figure on the Agg canvas directly, not pyplot: no display needed, and the caller's
+    # pyplot backend and open figures are left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(11, 4.2))
+    canvas = FigureCanvasAgg(fig)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt not in canvas.get_supported_filetypes():
+        raise CvtDeployError(f"cannot plot to {path}: matplotlib does not write .{fmt} files", "use a .png, .svg or .pdf name")
+    series: dict[tuple[str, str], list[BenchRow]] = {}
+    for r in result.measured:
+        series.setdefault((r.backend, r.precision), []).append(r)
+    if not series:
+        raise CvtDeployError("no combination was measured, so there is nothing to plot", "see the table's skipped reasons")
+    ax_lat, ax_ips = fig.subplots(1, 2)
+    batches = sorted({r.concurrency or r.batch for r in result.measured})
+    served = any(r.concurrency is not None for r in result.measured)
+    for (backend, precision), rows in series.items():
+        rows = sorted(rows, key=lambda r: r.concurrency or r.batch)
+        xs = [r.concurrency or r.batch for r in rows]
+        p50 = np.array([r.p50_ms for r in rows], dtype=float)
+        low = [p - (r.min_ms or p) for p, r in zip(p50, rows)]
+        high = [(r.p90_ms or p) - p for p, r in zip(p50, rows)]
+        err = np.array([low, high])
+        label = f"{backend} {precision}"
+        ax_lat.errorbar(xs, p50, yerr=err, marker="o", capsize=3, label=label)
+        ax_ips.plot(xs, [r.throughput_ips for r in rows], marker="o", label=label)
+    for ax, ylabel in ((ax_lat, "latency per call, ms (p50; whiskers min..p90)"), (ax_ips, "throughput, images/s")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (in-process) / requests in flight (served)" if served else "batch size")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_xticks(batches, [str(b) for b in batches])
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax, values in ((ax_lat, [r.p50_ms for r in result.measured]), (ax_ips, [r.throughput_ips for r in result.measured])):
+        finite = [v for v in values if v]
+        if finite and max(finite) > 10 * min(finite):  # backends can differ by 10x and more
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 200, not 2 x 10^2
+            ax.yaxis.set_minor_formatter(NullFormatter())
+    ax_ips.legend(fontsize=8)
+    fig.suptitle(header(result), fontsize=9)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return path
+
+
+def _ms(v: float | None) -> str:
+    return "" if v is None else f"{v:.3f}" if v < 10 else f"{v:.2f}" if v < 100 else f"{v:.1f}"
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.2f}%"
