@@ -264,6 +264,13 @@ import sys  # noqa: E402
 from typing import ClassVar  # noqa: E402
 
 
+def rand_batch(n: int, seed: int, size: int = 64) -> Any:
+    """``n`` standard-normal NCHW float32 images (an already preprocessed batch), reproducible."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
 def script(name: str) -> str:
     """The installed console script ``name`` (cvt-export ...) beside this interpreter."""
     path = Path(sys.executable).parent / name
@@ -318,6 +325,28 @@ def run_cli(name: str, *args: str, cwd: Path | None = None,
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+# What every command does after its arguments and files are checked: a test that asserts a
+# refusal "before any work" replaces these with a failure (the no_work fixture).
+WORK = ("cvt_deploy.checkpoints.load_checkpoint", "cvt_deploy.model.create_model", "cvt_deploy.runtimes.load",
+        "cvt_deploy.export.pipeline.export_bundle", "cvt_deploy.parity.check_bundle", "cvt_deploy.bench.benchmark")
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command that must refuse before any work: loading a model or bundle, exporting,
+    checking or timing fails the test (a refusal that comes after the work is no refusal)."""
+    import importlib
+
+    for target in WORK:
+        module, name = target.rsplit(".", 1)
+        importlib.import_module(module)
+
+        def never(*args: Any, _target: str = target, **kwargs: Any) -> None:
+            raise AssertionError(f"{_target} ran before the refusal")
+
+        monkeypatch.setattr(target, never)
 
 
 from cvt_deploy.runtimes.base import Runtime  # noqa: E402

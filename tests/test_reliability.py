@@ -124,26 +124,6 @@ def test_a_folder_with_someone_elses_manifest_is_never_written_to(tmp_path, mani
     assert snapshot(out) == before and not partials(out, tmp_path)
 
 
-WORK = ("cvt_deploy.checkpoints.load_checkpoint", "cvt_deploy.model.create_model", "cvt_deploy.runtimes.load",
-        "cvt_deploy.export.pipeline.export_bundle", "cvt_deploy.parity.check_bundle", "cvt_deploy.bench.benchmark")
-
-
-@pytest.fixture
-def no_work(monkeypatch) -> None:
-    """A command that must refuse before any work: loading a model or bundle, exporting,
-    checking or timing fails the test (a refusal that comes after the work is no refusal)."""
-    import importlib
-
-    for target in WORK:
-        module, name = target.rsplit(".", 1)
-        importlib.import_module(module)
-
-        def never(*args, _target=target, **kwargs):
-            raise AssertionError(f"{_target} ran before the refusal")
-
-        monkeypatch.setattr(target, never)
-
-
 def test_a_users_file_where_the_new_bundle_writes_is_refused_before_any_work(bundle_copy, no_work):
     (bundle_copy / "model.int8.onnx").write_bytes(b"my own int8 experiment")
     before = snapshot(bundle_copy)
@@ -407,7 +387,7 @@ def test_a_folder_of_many_images_streams_in_chunks(demo_bundle, tmp_path, digit_
     assert sizes and max(sizes) <= CHUNK and sum(sizes) == 2 * CHUNK + 5
     sizes.clear()
     assert check_cli.main(["--bundle", str(demo_bundle), "--data", str(tmp_path / "many"), "--limit", "1000",
-                           "-q", "--json"]) in (0, 1)
+                           "-q", "--json"]) == 0
     assert max(sizes) <= CHUNK and sum(sizes) == 2 * CHUNK + 5
 
 

@@ -23,12 +23,9 @@ from cvt_deploy.preprocess import preprocess  # noqa: E402
 from cvt_deploy.runtimes import PREFERENCE, Prediction, available_backends, backend_class, load  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
 from cvt_deploy.runtimes.pytorch import TorchRuntime  # noqa: E402
+from conftest import rand_batch  # noqa: E402
 
 FP32_TOL = 1e-4
-
-
-def rand_batch(n: int, seed: int, size: int = 64) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
 
 
 def write_manifest(root: Path, text: str) -> None:
