@@ -302,13 +302,12 @@ def _require_writable(out: Path) -> None:
     where = next((p for p in (out, *out.parents) if p.is_dir()), None)
     if where is None:
         return
-    try:
-        fd, name = tempfile.mkstemp(prefix=partial_name(out.name), suffix=PARTIAL_SUFFIX, dir=where)
+    try:  # an unnamed file where the system has them (O_TMPFILE): nothing to see, nothing a kill leaves
+        with tempfile.TemporaryFile(prefix=partial_name(out.name), suffix=PARTIAL_SUFFIX, dir=where):
+            pass
     except OSError as e:
         raise write_failure(e, out) or CvtDeployError(
             f"cannot write {out}: {e.strerror}", "choose an output location you can write to") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def bundle_files(root: Path) -> set[str] | None:

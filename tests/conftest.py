@@ -158,6 +158,19 @@ def demo_bundle(demo_export: DemoExport) -> Path:
     return demo_export.root
 
 
+@pytest.fixture(scope="session")
+def demo_full_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
+    """The demo model with every precision (fp32, fp16, int8; ONNX Runtime CPU graphs beside
+    them; default TensorRT target), parity gates on: one export for every module that reads
+    such a bundle. Read only: copy it to change it."""
+    pytest.importorskip("onnxruntime")
+    from cvt_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp("demo-full") / "bundle"
+    export_bundle(demo_model, out, precisions=("fp32", "fp16", "int8"), calib_count=64, check_limit=128, progress=False)
+    return out
+
+
 @pytest.fixture
 def bundle_copy(demo_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the demo bundle that a test may damage."""
@@ -269,6 +282,19 @@ def rand_batch(n: int, seed: int, size: int = 64) -> Any:
     import numpy as np
 
     return np.random.default_rng(seed).standard_normal((n, 3, size, size)).astype(np.float32)
+
+
+def raw_pixel_copy(float_bundle: Path, dst: Path, input_format: str, output: str) -> Path:
+    """A copy of a float bundle at ``dst`` through the export's raw-pixel stage (what
+    --input-format runs after the precision stages), without exporting again."""
+    import shutil
+
+    from cvt_deploy.bundle import Bundle
+    from cvt_deploy.export.rawpixel import embed_bundle_io
+
+    shutil.copytree(float_bundle, dst)
+    embed_bundle_io(Bundle.open(dst), input_format, output, progress=False)
+    return dst
 
 
 def script(name: str) -> str:

@@ -22,15 +22,12 @@ import cvt_deploy  # noqa: E402
 from cvt_deploy.bench import count_macs  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.checkpoints import hf_to_official, load_checkpoint, save_checkpoint  # noqa: E402
-from cvt_deploy.cli import bench as bench_cli  # noqa: E402
-from cvt_deploy.cli import check as check_cli  # noqa: E402
-from cvt_deploy.cli import export as export_cli  # noqa: E402
-from cvt_deploy.cli import predict as predict_cli  # noqa: E402
 from cvt_deploy.config import CvtConfig, PreprocessConfig, get_config  # noqa: E402
 from cvt_deploy.demo import DEMO_SAMPLES  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.model import Attention, create_model  # noqa: E402
 from cvt_deploy.runtimes import load  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 TOL = 1e-4
 
@@ -65,11 +62,11 @@ def hf_logits(ck, x: torch.Tensor) -> np.ndarray:
     return ck.model(pixel_values=x).logits.numpy()
 
 
-def run_cli(main, args, capsys) -> tuple[int, str]:
-    rc = main([*args, "-q"] if main is export_cli.main else args)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return rc, err
+def run(name: str, args: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of a command run in-process (cvt-export quietly)."""
+    proc = run_cli(name, *args, *(["-q"] if name == "cvt-export" else []))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stderr
 
 
 # --- Hugging Face checkpoints of any architecture ------------------------------------
@@ -101,11 +98,11 @@ def test_hf_checkpoint_loads_as_what_it_is(hf_cvt_checkpoint, name):
 
 
 @pytest.mark.parametrize("name", PARAMS)
-def test_hf_checkpoint_through_cvt_export_and_onnxruntime(hf_cvt_checkpoint, tmp_path, capsys, name):
+def test_hf_checkpoint_through_cvt_export_and_onnxruntime(hf_cvt_checkpoint, tmp_path, name):
     ck, size, variant = make_case(hf_cvt_checkpoint, name)
     out = tmp_path / "bundle"
-    rc, err = run_cli(export_cli.main, ["--weights", str(ck.folder), "--img-size", str(size), "--out", str(out),
-                                        "--batch", "1:2:4", "--no-check"], capsys)
+    rc, err = run("cvt-export", ["--weights", str(ck.folder), "--img-size", str(size), "--out", str(out),
+                                        "--batch", "1:2:4", "--no-check"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == (variant or "cvt-custom")
@@ -128,19 +125,19 @@ def custom_official(tmp_path: Path, randomize_weights, **fields) -> tuple[Path, 
     return path, model
 
 
-def test_official_pth_of_unregistered_architecture_needs_heads(tmp_path, randomize_weights, capsys):
+def test_official_pth_of_unregistered_architecture_needs_heads(tmp_path, randomize_weights):
     pth, model = custom_official(tmp_path, randomize_weights)
-    rc, err = run_cli(export_cli.main, ["--weights", str(pth), "--out", str(tmp_path / "b"), "--no-check"], capsys)
+    rc, err = run("cvt-export", ["--weights", str(pth), "--out", str(tmp_path / "b"), "--no-check"])
     assert rc == 2
     assert "(24, 48, 96)" in err and "--heads" in err and "head counts are not stored" in err
     assert not (tmp_path / "b").exists()
-    rc, err = run_cli(export_cli.main, ["--weights", str(pth), "--heads", "5,4,6", "--img-size", "64",
-                                        "--out", str(tmp_path / "b")], capsys)
+    rc, err = run("cvt-export", ["--weights", str(pth), "--heads", "5,4,6", "--img-size", "64",
+                                        "--out", str(tmp_path / "b")])
     assert rc == 2 and "width 24 is not divisible by 5 heads" in err
 
     out = tmp_path / "bundle"
-    rc, err = run_cli(export_cli.main, ["--weights", str(pth), "--heads", "2,4,6", "--img-size", "64",
-                                        "--out", str(out), "--batch", "1:2:4", "--no-check"], capsys)
+    rc, err = run("cvt-export", ["--weights", str(pth), "--heads", "2,4,6", "--img-size", "64",
+                                        "--out", str(out), "--batch", "1:2:4", "--no-check"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == "cvt-custom"
@@ -155,7 +152,7 @@ def test_official_pth_of_unregistered_architecture_needs_heads(tmp_path, randomi
         assert np.abs(other(x).numpy() - ref).max() > 10 * TOL
 
 
-def test_official_avg_and_linear_projections_need_saying(tmp_path, randomize_weights, capsys):
+def test_official_avg_and_linear_projections_need_saying(tmp_path, randomize_weights):
     """The official code's 'avg' (pooled k/v) and 'linear' (none) projections leave no tensors."""
     pth, model = custom_official(tmp_path, randomize_weights, qkv_projections=("avg", "linear", "dw_bn"),
                                  cls_token=(False, True, False))
@@ -172,8 +169,7 @@ def test_official_avg_and_linear_projections_need_saying(tmp_path, randomize_wei
     # A config that contradicts the tensors is refused, naming both.
     config.write_text(json.dumps({"num_heads": [2, 4, 6], "qkv_projections": ["avg", "linear", "dw_bn"],
                                   "depths": [1, 2, 2]}))
-    rc, err = run_cli(export_cli.main, ["--weights", str(pth), "--config", str(config), "--out", str(tmp_path / "b")],
-                      capsys)
+    rc, err = run("cvt-export", ["--weights", str(pth), "--config", str(config), "--out", str(tmp_path / "b")])
     assert rc == 2 and "depths: config [1, 2, 2], weights [1, 1, 2]" in err and str(config) in err
 
 
@@ -205,13 +201,13 @@ def deeper_demo_model():
     return demo, model
 
 
-def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchmarks(tmp_path, capsys):
+def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchmarks(tmp_path):
     demo, model = deeper_demo_model()
     pth = tmp_path / "deeper.pth"
     torch.save(model.state_dict(), pth)  # official keys: architecture from the tensors, heads from the registry
     out = tmp_path / "bundle"
-    rc, err = run_cli(export_cli.main, ["--weights", str(pth), "--img-size", "64", "--precision", "fp16,int8",
-                                        "--out", str(out), "--batch", "1:4:8", "--check-limit", "128"], capsys)
+    rc, err = run("cvt-export", ["--weights", str(pth), "--img-size", "64", "--precision", "fp16,int8",
+                                        "--out", str(out), "--batch", "1:4:8", "--check-limit", "128"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == "cvt-custom" and bundle.config.depths == (1, 2, 4)
@@ -221,21 +217,20 @@ def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchma
         parity = bundle.require("onnx", precision).info["parity"]
         assert parity["passed"] is True, (precision, parity)
 
-    rc, err = run_cli(check_cli.main, ["--bundle", str(out), "--limit", "32", "-q"], capsys)
+    rc, err = run("cvt-check", ["--bundle", str(out), "--limit", "32", "-q"])
     assert rc == 0, err
 
     samples = sorted(DEMO_SAMPLES.glob("digit-*.png"))
-    rc = predict_cli.main(["--bundle", str(out), "--precision", "int8", "--json", *map(str, samples)])
-    captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    got = [item["top"][0]["class"] for item in json.loads(captured.out)]
+    proc = run_cli("cvt-predict", "--bundle", str(out), "--precision", "int8", "--json", *map(str, samples))
+    assert proc.returncode == 0, proc.stderr
+    got = [item["top"][0]["class"] for item in json.loads(proc.stdout)]
     with torch.no_grad():
         want = demo(torch.from_numpy(cvt_deploy.preprocess(list(map(str, samples)), demo.cfg.preprocess))).argmax(1)
     assert got == want.tolist()  # the trained demo model's answers, through the int8 graph
 
     result = tmp_path / "bench.json"
-    rc, err = run_cli(bench_cli.main, ["--bundle", str(out), "--quick", "--batch", "1", "--backends", "onnxruntime",
-                                       "--json", str(result), "--no-progress"], capsys)
+    rc, err = run("cvt-bench", ["--bundle", str(out), "--quick", "--batch", "1", "--backends", "onnxruntime",
+                                       "--json", str(result), "--no-progress"])
     assert rc == 0, err
     rows = json.loads(result.read_text())["rows"]
     ran = {(r["backend"], r["precision"]) for r in rows if r.get("p50_ms")}
@@ -378,10 +373,10 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
-def test_damaged_hf_config_is_a_clean_error(hf_cvt_checkpoint, tmp_path, capsys, case):
+def test_damaged_hf_config_is_a_clean_error(hf_cvt_checkpoint, tmp_path, case):
     edit, expected = DAMAGE[case]
     folder = damaged_folder(tmp_path, hf_cvt_checkpoint("tiny", num_labels=10), edit)
-    rc, err = run_cli(export_cli.main, ["--weights", str(folder), "--out", str(tmp_path / "b"), "--no-check"], capsys)
+    rc, err = run("cvt-export", ["--weights", str(folder), "--out", str(tmp_path / "b"), "--no-check"])
     assert rc == 2, err
     assert "error: " in err and "fix: " in err
     assert expected in err
@@ -469,7 +464,7 @@ def test_preprocessor_config_is_read(hf_cvt_checkpoint, tmp_path):
     ({"kv_strides": [2, 0, 2]}, "'kv_strides' is (2, 0, 2): every entry must be an integer from 1"),
     ({"embed_dims": None}, "'embed_dims' is None"),
 ])
-def test_damaged_manifest_model_is_a_clean_error(bundle_copy, capsys, change, expected):
+def test_damaged_manifest_model_is_a_clean_error(bundle_copy, change, expected):
     manifest = bundle_copy / "manifest.json"
     raw = json.loads(manifest.read_text())
     for key, value in change.items():
@@ -478,7 +473,7 @@ def test_damaged_manifest_model_is_a_clean_error(bundle_copy, capsys, change, ex
         else:
             raw["model"][key] = value
     manifest.write_text(json.dumps(raw))
-    rc, err = run_cli(predict_cli.main, ["--bundle", str(bundle_copy), str(DEMO_SAMPLES / "digit-1.png")], capsys)
+    rc, err = run("cvt-predict", ["--bundle", str(bundle_copy), str(DEMO_SAMPLES / "digit-1.png")])
     assert rc == 2
     assert f"{manifest} is damaged" in err and expected in err
 
@@ -491,12 +486,12 @@ def test_damaged_manifest_model_is_a_clean_error(bundle_copy, capsys, change, ex
     ({"parity": [1]}, "parity [1], not an object"),
     ({"sidecar": "../../etc/passwd"}, "sidecar '../../etc/passwd', not a file name inside the bundle"),
 ])
-def test_damaged_manifest_artifact_is_a_clean_error(bundle_copy, capsys, change, expected):
+def test_damaged_manifest_artifact_is_a_clean_error(bundle_copy, change, expected):
     manifest = bundle_copy / "manifest.json"
     raw = json.loads(manifest.read_text())
     raw["artifacts"]["onnx-fp32"].update(change)
     manifest.write_text(json.dumps(raw))
-    rc, err = run_cli(bench_cli.main, ["--bundle", str(bundle_copy), "--quick", "--no-progress"], capsys)
+    rc, err = run("cvt-bench", ["--bundle", str(bundle_copy), "--quick", "--no-progress"])
     assert rc == 2
     assert f"{manifest} is damaged" in err and expected in err
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import raw_pixel_copy
 from cvt_deploy.errors import CvtDeployError
 
 pytest.importorskip("onnxruntime")
@@ -29,19 +30,9 @@ def _float_export(tmp_path_factory: pytest.TempPathFactory, model: Any, name: st
     return out
 
 
-def _raw_copy(float_bundle: Path, dst: Path, input_format: str, output: str) -> Path:
-    """The float bundle's graphs through the export's raw-pixel stage (what --input-format runs)."""
-    from cvt_deploy.bundle import Bundle
-    from cvt_deploy.export.rawpixel import embed_bundle_io
-
-    shutil.copytree(float_bundle, dst)
-    embed_bundle_io(Bundle.open(dst), input_format, output, progress=False)
-    return dst
-
-
 @pytest.fixture(scope="module")
-def demo_float(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
-    return _float_export(tmp_path_factory, demo_model, "edge-demo")
+def demo_float(demo_full_bundle: Path) -> Path:
+    return demo_full_bundle
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +43,9 @@ def random_tiny(tmp_path_factory: pytest.TempPathFactory, randomize_weights: Any
     model = create_model("cvt-tiny", img_size=64, num_classes=10)
     randomize_weights(model, seed=3)
     return _float_export(tmp_path_factory, model.eval(), "edge-random")
+
+
+_FLOAT_REPORTS: dict[Path, Any] = {}
 
 
 def _graph_top1(path: Path, x: np.ndarray) -> np.ndarray:
@@ -74,7 +68,7 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
     from cvt_deploy.runtimes import load
 
     float_root = request.getfixturevalue("demo_float" if which == "demo" else "random_tiny")
-    raw = Bundle.open(_raw_copy(float_root, tmp_path / "raw", input_format, output))
+    raw = Bundle.open(raw_pixel_copy(float_root, tmp_path / "raw", input_format, output))
     cfg = raw.config
     pixels = preprocess_pixels(list(demo_test_split.images[:120]), cfg.preprocess)
     size, c = cfg.img_size, cfg.in_chans
@@ -98,7 +92,9 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
     # The same gate verdicts as the float graphs (the runtimes feed the raw graphs from float
     # batches); all pass for the demo model, int8 of random weights misses its cosine gate in both.
     reports = check_bundle(raw, limit=120, progress=False)
-    float_reports = check_bundle(Bundle.open(float_root), limit=120, progress=False)
+    if float_root not in _FLOAT_REPORTS:  # the float bundle's own verdicts, the same for every raw format
+        _FLOAT_REPORTS[float_root] = check_bundle(Bundle.open(float_root), limit=120, progress=False)
+    float_reports = _FLOAT_REPORTS[float_root]
     # Every graph of the bundle, the ONNX Runtime CPU ones included, takes the raw pixels.
     assert [r.artifact for r in reports] == [r.artifact for r in float_reports]
     assert sorted({r.precision for r in reports}, key=PRECISIONS.index) == list(PRECISIONS)
@@ -127,7 +123,7 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
 def test_a_raw_pixel_graph_refuses_a_float_batch_not_made_of_pixels(tmp_path, demo_float):
     from cvt_deploy.runtimes import load
 
-    runtime = load(_raw_copy(demo_float, tmp_path / "raw", "uint8-nchw", "logits"), backend="onnxruntime")
+    runtime = load(raw_pixel_copy(demo_float, tmp_path / "raw", "uint8-nchw", "logits"), backend="onnxruntime")
     batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     with pytest.raises(CvtDeployError, match="not made of them"):
         runtime.run(batch)
@@ -234,7 +230,7 @@ def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
     from cvt_deploy.cli import export as export_cli
 
     # uint8 graphs: nvinfer hands engines float data, so refused with the fix.
-    u8 = _raw_copy(demo_float, tmp_path / "u8", "uint8-nhwc", "probs")
+    u8 = raw_pixel_copy(demo_float, tmp_path / "u8", "uint8-nhwc", "probs")
     assert export_cli.main(["--format", "deepstream", "--bundle", str(u8)]) == 2
     err = capsys.readouterr().err
     assert "float data" in err and "--input-format float-pixels" in err
@@ -243,7 +239,7 @@ def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
     assert export_cli.main(["--format", "deepstream", "--bundle", str(demo_float), "--precision", "fp32"]) == 2
     assert "--output probs" in capsys.readouterr().err
     # Normalised float input: the averaged-std approximation, with its measured agreement.
-    approx = _raw_copy(demo_float, tmp_path / "approx", "float", "probs")
+    approx = raw_pixel_copy(demo_float, tmp_path / "approx", "float", "probs")
     assert export_cli.main(["--format", "deepstream", "--bundle", str(approx), "--precision", "fp32",
                             "--check-limit", "120", "--classifier-mode", "secondary", "--operate-on-gie-id", "3"]) == 0
     err = capsys.readouterr().err
@@ -272,7 +268,7 @@ def test_export_deepstream_refuses_graphs_nvinfer_cannot_use_before_exporting(tm
 def test_deepstream_keeps_a_users_files_and_rewrites_its_own(tmp_path, demo_float, capsys):
     from cvt_deploy.cli import export as export_cli
 
-    root = _raw_copy(demo_float, tmp_path / "ds", "float-pixels", "probs")
+    root = raw_pixel_copy(demo_float, tmp_path / "ds", "float-pixels", "probs")
     (root / "labels.txt").write_text("mine\n")
     argv = ["--format", "deepstream", "--bundle", str(root), "--precision", "fp32"]
     assert export_cli.main(argv) == 2

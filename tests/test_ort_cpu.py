@@ -35,13 +35,9 @@ def _rand(b: int, size: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def demo_int8_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
-    """The demo model exported with fp32 and int8, parity checked (the default export path)."""
-    from cvt_deploy.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp("ort-cpu") / "bundle"
-    export_bundle(demo_model, out, precisions=("fp32", "int8"), check_limit=128, progress=False)
-    return out
+def demo_int8_bundle(demo_full_bundle: Path) -> Path:
+    """The demo model exported with every precision, parity checked (the default export path)."""
+    return demo_full_bundle
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +150,8 @@ def test_check_bundle_checks_every_graph(demo_int8_bundle: Path) -> None:
     from cvt_deploy.parity import check_bundle
 
     reports = check_bundle(Bundle.open(demo_int8_bundle), limit=64, progress=False)
-    assert sorted(r.artifact for r in reports) == sorted(["onnx-fp32", "onnx-int8", f"onnx-fp32-{TARGET}", f"onnx-int8-{TARGET}",
-                                                          "onnx-int8-tensorrt-10"])
+    assert sorted(r.artifact for r in reports) == sorted(["onnx-fp32", "onnx-fp16", "onnx-int8", f"onnx-fp32-{TARGET}",
+                                                          f"onnx-int8-{TARGET}", "onnx-int8-tensorrt-10"])
     assert all(reports)
 
 
