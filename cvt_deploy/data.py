@@ -72,7 +72,7 @@ def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit:
     """``source`` None: the demo model's held-out digits (labelled only for the demo model)."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise CvtDeployError(f"the image limit {limit!r} must be a whole number >= 1",
-                             f"omit --limit/--check-limit for the default ({DEFAULT_LIMIT})")
+                             f"omit --limit for the default ({DEFAULT_LIMIT})")
     if source is None:
         split = demo_split("test")
         if limit:

@@ -158,7 +158,7 @@ def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
     sizes = sorted({batch.min, batch.max, *(n for n in (1, 3, 8) if batch.min <= n <= batch.max)})
     trial_run(path, "exported", (chans, size, size), [n for n in sizes if n <= 16] or [batch.min],
               "the exporter fixed a dimension it should have left dynamic: report this; meanwhile export a "
-              "fixed batch with --batch N")
+              "fixed batch with --batch-range N")
 
 
 def trial_run(path: Path, what: str, chw: tuple[int, ...], sizes: Sequence[int], hint: str) -> None:
