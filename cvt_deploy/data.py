@@ -67,12 +67,17 @@ def is_demo_model(cfg: CvtConfig) -> bool:
     return cfg.labels is not None and tuple(cfg.labels) == demo_split("test").names
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse an image limit that is not a whole number >= 1 (None: the default)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CvtDeployError(f"the image limit {limit!r} must be a whole number >= 1",
+                             f"omit --limit for the default ({DEFAULT_LIMIT})")
+
+
 def load_eval_data(source: str | os.PathLike[str] | None, cfg: CvtConfig, limit: int | None = DEFAULT_LIMIT,
                    progress: bool = True) -> EvalData:
     """``source`` None: the demo model's held-out digits (labelled only for the demo model)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CvtDeployError(f"the image limit {limit!r} must be a whole number >= 1",
-                             f"omit --limit/--check-limit for the default ({DEFAULT_LIMIT})")
+    check_limit(limit)
     if source is None:
         split = demo_split("test")
         if limit:

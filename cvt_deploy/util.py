@@ -61,7 +61,7 @@ class BatchRange:
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.opt <= self.max:
             raise CvtDeployError(f"batch range min={self.min} opt={self.opt} max={self.max} is not 1 <= min <= opt <= max",
-                                 "pass --batch N for a fixed batch or --batch MIN:OPT:MAX")
+                                 "pass --batch-range N for a fixed batch or --batch-range MIN:OPT:MAX")
 
     @property
     def dynamic(self) -> bool:
@@ -73,14 +73,14 @@ class BatchRange:
         try:
             parts = [int(p) for p in str(text).split(":")]
         except ValueError:
-            raise CvtDeployError(f"--batch {text!r} is not a number or range", "use e.g. 8, 1:32 or 1:8:32") from None
+            raise CvtDeployError(f"--batch-range {text!r} is not a number or range", "use e.g. 8, 1:32 or 1:8:32") from None
         if len(parts) == 1:
             return cls(parts[0], parts[0], parts[0])
         if len(parts) == 2:
             return cls(parts[0], min(max(8, parts[0]), parts[1]), parts[1])
         if len(parts) == 3:
             return cls(*parts)
-        raise CvtDeployError(f"--batch {text!r} has too many parts", "use e.g. 8, 1:32 or 1:8:32")
+        raise CvtDeployError(f"--batch-range {text!r} has too many parts", "use e.g. 8, 1:32 or 1:8:32")
 
     def to_dict(self) -> dict[str, int]:
         return {"min": self.min, "opt": self.opt, "max": self.max}

@@ -102,7 +102,7 @@ def test_hf_checkpoint_through_cvt_export_and_onnxruntime(hf_cvt_checkpoint, tmp
     ck, size, variant = make_case(hf_cvt_checkpoint, name)
     out = tmp_path / "bundle"
     rc, err = run("cvt-export", ["--weights", str(ck.folder), "--img-size", str(size), "--out", str(out),
-                                        "--batch", "1:2:4", "--no-check"])
+                                        "--batch-range", "1:2:4", "--no-check"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == (variant or "cvt-custom")
@@ -137,7 +137,7 @@ def test_official_pth_of_unregistered_architecture_needs_heads(tmp_path, randomi
 
     out = tmp_path / "bundle"
     rc, err = run("cvt-export", ["--weights", str(pth), "--heads", "2,4,6", "--img-size", "64",
-                                        "--out", str(out), "--batch", "1:2:4", "--no-check"])
+                                        "--out", str(out), "--batch-range", "1:2:4", "--no-check"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == "cvt-custom"
@@ -207,7 +207,7 @@ def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchma
     torch.save(model.state_dict(), pth)  # official keys: architecture from the tensors, heads from the registry
     out = tmp_path / "bundle"
     rc, err = run("cvt-export", ["--weights", str(pth), "--img-size", "64", "--precision", "fp16,int8",
-                                        "--out", str(out), "--batch", "1:4:8", "--check-limit", "128"])
+                                        "--out", str(out), "--batch-range", "1:4:8", "--limit", "128"])
     assert rc == 0, err
     bundle = Bundle.open(out)
     assert bundle.config.variant == "cvt-custom" and bundle.config.depths == (1, 2, 4)
@@ -229,8 +229,8 @@ def test_unregistered_architecture_exports_fp16_int8_checks_predicts_and_benchma
     assert got == want.tolist()  # the trained demo model's answers, through the int8 graph
 
     result = tmp_path / "bench.json"
-    rc, err = run("cvt-bench", ["--bundle", str(out), "--quick", "--batch", "1", "--backends", "onnxruntime",
-                                       "--json", str(result), "--no-progress"])
+    rc, err = run("cvt-bench", ["--bundle", str(out), "--quick", "--batch", "1", "--backend", "onnxruntime",
+                                       "--save", str(result), "--quiet"])
     assert rc == 0, err
     rows = json.loads(result.read_text())["rows"]
     ran = {(r["backend"], r["precision"]) for r in rows if r.get("p50_ms")}
@@ -491,7 +491,7 @@ def test_damaged_manifest_artifact_is_a_clean_error(bundle_copy, change, expecte
     raw = json.loads(manifest.read_text())
     raw["artifacts"]["onnx-fp32"].update(change)
     manifest.write_text(json.dumps(raw))
-    rc, err = run("cvt-bench", ["--bundle", str(bundle_copy), "--quick", "--no-progress"])
+    rc, err = run("cvt-bench", ["--bundle", str(bundle_copy), "--quick", "--quiet"])
     assert rc == 2
     assert f"{manifest} is damaged" in err and expected in err
 

@@ -289,7 +289,7 @@ def test_cli_quick_json(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captur
 
     out = tmp_path / "bench.json"
     rc = main(["--bundle", str(tiny_bundle), "--quick", "--batch", "1", "--threads", "1", "--iterations", "3",
-               "--backends", "onnxruntime,tensorrt", "--no-hf", "--json", str(out), "--no-progress"])
+               "--backend", "onnxruntime,tensorrt", "--no-hf", "--save", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "baseline" in text and "onnxruntime" in text and "skipped [1]" in text
@@ -301,14 +301,27 @@ def test_cli_quick_json(tiny_bundle: Path, tmp_path: Path, capsys: pytest.Captur
     assert data["meta"]["threads"] == 1
 
 
+def test_cli_json_prints_the_measured_result(tiny_bundle: Path, capsys: pytest.CaptureFixture[str],
+                                              keep_torch_threads: None) -> None:
+    from cvt_deploy.cli.bench import main
+
+    rc = main(["--bundle", str(tiny_bundle), "--quick", "--batch", "1", "--threads", "1", "--iterations", "3",
+               "--backend", "onnxruntime", "--precision", "fp32", "--no-hf", "--no-reference", "--json", "-q"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)  # stdout holds the JSON only: no table
+    assert [(r["backend"], r["status"], r["iterations"]) for r in data["rows"]] == [("onnxruntime", "ok", 3)]
+    assert data["meta"]["threads"] == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bundle", "/nonexistent/bundle"], "not a folder"),
-    (["--batch", "0"], "batch size 0"),  # the older name
-    (["--batches", "2,0"], "batch size 0 is below 1"),
+    (["--batch", "0"], "batch size 0"),
+    (["--batch", "2,0"], "batch size 0 is below 1"),
     (["--batch", "x"], "'x' is not a whole number"),
     (["--batch", "1,,8"], "is not a whole number"),
-    (["--backends", "onnx"], "unknown backend 'onnx'"),
-    (["--precisions", "fp64"], "unknown precision 'fp64'"),
+    (["--backend", "onnx"], "unknown backend 'onnx'"),
+    (["--precision", "fp64"], "unknown precision 'fp64'"),
+    (["--save", "bench.txt"], "unknown file type .txt"),
     (["--threads", "0"], "--threads 0"),
     (["--plot", "out.gif"], "unsupported image type"),
 ])
@@ -317,7 +330,7 @@ def test_cli_bad_input_is_a_clear_error(tiny_bundle: Path, args: list[str], mess
     from cvt_deploy.cli.bench import main
 
     argv = args if args[0] == "--bundle" else ["--bundle", str(tiny_bundle), *args]
-    assert main([*argv, "--no-progress"]) == 2
+    assert main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert message in err and "fix:" in err and "Traceback" not in err
 

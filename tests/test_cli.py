@@ -69,7 +69,7 @@ def test_export_default_is_the_demo_model(tmp_path, demo_model, stub_export_onnx
     exported for real by the session's demo bundle); the parity check against the model the CLI
     loaded runs for real, so a different model would fail it."""
     out = tmp_path / "demo"
-    rc = export_cli.main(["--format", "onnx", "--out", str(out), "--check-limit", "64", "--json"])
+    rc = export_cli.main(["--format", "onnx", "--out", str(out), "--limit", "64", "--json"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "random weights" not in captured.err
@@ -104,7 +104,7 @@ def test_export_official_pth_reads_the_architecture_from_the_checkpoint(tmp_path
     pth = tmp_path / "official.pth"
     torch.save(model.state_dict(), pth)  # official microsoft/CvT key names
     out = tmp_path / "bundle"
-    rc = export_cli.main(["--model", "cvt-tiny", "--weights", str(pth), "--out", str(out), "--no-check", "--batch", "2",
+    rc = export_cli.main(["--model", "cvt-tiny", "--weights", str(pth), "--out", str(out), "--no-check", "--batch-range", "2",
                           "-q"])
     assert rc == 0, capsys.readouterr().err
     bundle = Bundle.open(out)
@@ -128,7 +128,7 @@ def test_export_hugging_face_folder(tmp_path, capsys):
     folder = tmp_path / "hf"
     hf.save_pretrained(folder)
     out = tmp_path / "bundle"
-    rc = export_cli.main(["--weights", str(folder), "--out", str(out), "--check-limit", "32", "--json", "-q"])
+    rc = export_cli.main(["--weights", str(folder), "--out", str(out), "--limit", "32", "--json", "-q"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     report, cpu_graph = json.loads(captured.out)
@@ -152,7 +152,7 @@ def test_export_hugging_face_folder(tmp_path, capsys):
 def test_export_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, stub_export_onnx, capsys, leftovers):
     monkeypatch.setitem(cvt_deploy.parity.GATES, "fp32", Gates(max_abs=0.0))
     out = tmp_path / "bundle"
-    rc = export_cli.main(["--out", str(out), "--check-limit", "16", "--json", "-q"])
+    rc = export_cli.main(["--out", str(out), "--limit", "16", "--json", "-q"])
     captured = capsys.readouterr()
     assert rc == 1
     assert stub_export_onnx, "the export ran; the check failed it"
@@ -196,14 +196,13 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(tmp_path, case, st
 
 @pytest.mark.parametrize("args, message", [
     (["--opset", "16"], "opset 16 is too old"),
-    (["--batch", "0"], "is not 1 <= min"),
-    (["--batch", "eight"], "is not a number or range"),
+    (["--batch-range", "0"], "is not 1 <= min"),
+    (["--batch-range", "eight"], "--batch-range 'eight' is not a number or range"),
     (["--precision", "fp8"], "unknown precision 'fp8'"),
     (["--weights", "/nonexistent/CvT-13.pth"], "does not exist"),
-    (["--onnx", "/nonexistent"], "builds TensorRT engines from an existing bundle"),  # the older name
     (["--bundle", "/nonexistent"], "--bundle BUNDLE builds TensorRT engines from an existing bundle"),
     # Validated by ExportOptions / BuildOptions before any work is done.
-    (["--check-limit", "-5"], "--check-limit -5 must be a whole number >= 1"),
+    (["--limit", "-5"], "--limit -5 must be a whole number >= 1"),
     (["--precision", "int8", "--calib-count", "0"], "--calib-count 0 must be a whole number >= 1"),
     (["--format", "trt", "--workspace", "0"], "--workspace 0 MiB is not positive"),
 ])
@@ -271,7 +270,7 @@ def test_export_trt_from_an_existing_bundle_without_tensorrt(demo_bundle, capsys
     if trt_util.tensorrt_unavailable_reason() is None:
         pytest.skip("TensorRT is installed here")
     before = sorted(p.name for p in demo_bundle.iterdir())
-    rc = export_cli.main(["--format", "trt", "--onnx", str(demo_bundle), "-q"])
+    rc = export_cli.main(["--format", "trt", "--bundle", str(demo_bundle), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "--format trt needs TensorRT" in err
     assert sorted(p.name for p in demo_bundle.iterdir()) == before
@@ -385,10 +384,7 @@ def test_predict_bad_input(bundle_copy, tmp_path, case, capsys):
         (tmp_path / "x.png").write_bytes(b"")
         args, message = [str(tmp_path / "x.png")], "does not match the bundle's manifest"
     else:
-        with pytest.raises(SystemExit) as e:
-            predict_cli.main(["--bundle", bundle, "--backend", "tensorflow", "x.png"])
-        assert e.value.code == 2 and "invalid choice: 'tensorflow'" in capsys.readouterr().err
-        return
+        args, message = ["--backend", "tensorflow", "x.png"], "unknown backend 'tensorflow'"
     rc = predict_cli.main(["--bundle", bundle, *args])
     err = capsys.readouterr().err
     assert rc == 2

@@ -205,7 +205,7 @@ def test_export_deepstream_writes_an_exact_config_that_names_bundle_files(tmp_pa
     from cvt_deploy.deepstream import NETWORK_MODE
 
     out = tmp_path / "ds"
-    assert export_cli.main(["--format", "deepstream", "--out", str(out), "--check-limit", "64", "-q"]) == 0
+    assert export_cli.main(["--format", "deepstream", "--out", str(out), "--limit", "64", "-q"]) == 0
     props = _read_config(out / "nvinfer_config.txt")
     manifest = json.loads((out / "manifest.json").read_text())
     graph = manifest["artifacts"]["onnx-fp16"]
@@ -241,7 +241,7 @@ def test_deepstream_on_existing_bundles(tmp_path, demo_float, capsys):
     # Normalised float input: the averaged-std approximation, with its measured agreement.
     approx = raw_pixel_copy(demo_float, tmp_path / "approx", "float", "probs")
     assert export_cli.main(["--format", "deepstream", "--bundle", str(approx), "--precision", "fp32",
-                            "--check-limit", "120", "--classifier-mode", "secondary", "--operate-on-gie-id", "3"]) == 0
+                            "--limit", "120", "--classifier-mode", "secondary", "--operate-on-gie-id", "3"]) == 0
     err = capsys.readouterr().err
     assert "averaged-std approximation" in err and "top-1 agreement with exact normalisation" in err
     props = _read_config(approx / "nvinfer_config.txt")
@@ -326,7 +326,7 @@ def test_export_cli_refuses_int8_dla_before_any_work(tmp_path, capsys):
     from cvt_deploy.cli import export as export_cli
 
     out = tmp_path / "never"
-    assert export_cli.main(["--format", "trt", "--precision", "int8", "--dla-core", "0", "--batch", "1",
+    assert export_cli.main(["--format", "trt", "--precision", "int8", "--dla-core", "0", "--batch-range", "1",
                             "--out", str(out)]) == 2
     assert "Q/DQ" in capsys.readouterr().err and not out.exists()
 

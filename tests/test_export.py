@@ -444,3 +444,20 @@ def test_export_onnx_leaves_no_graph_when_verification_fails(demo_model, static_
         export_onnx(demo_model, target)
     assert leftovers(tmp_path) == []
     assert not target.exists(), "a graph that failed verification was left at the output path"
+
+
+def test_ctrl_c_inside_the_exporter_stops_as_interrupted_not_as_an_export_failure(demo_model, tmp_path, monkeypatch):
+    """torch.onnx wraps a KeyboardInterrupt raised in its tracing in its own error type; the
+    export must still stop as interrupted (exit 128+signal), not blame the exporter."""
+    import torch
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Failed to export the model with torch.export") from e
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(demo_model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -281,7 +281,7 @@ def test_a_replacement_killed_half_way_is_reported_not_read(bundle_copy):
 
 def test_signals_stop_other_commands_cleanly(demo_bundle, tmp_path):
     proc = subprocess.Popen([script("cvt-bench"), "--bundle", str(demo_bundle), "--min-time", "30",
-                             "--json", str(tmp_path / "b.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--save", str(tmp_path / "b.json")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         time.sleep(6)
         proc.terminate()
@@ -399,17 +399,17 @@ def test_a_folder_of_many_images_streams_in_chunks(demo_bundle, tmp_path, digit_
     ("cvt-export", ["--opset", "0"], ["--opset 0"]),
     ("cvt-export", ["--calib-count", "0", "--precision", "int8"], ["--calib-count 0", ">= 1"]),
     ("cvt-export", ["--calib-count", "-3", "--precision", "int8"], ["--calib-count -3"]),
-    ("cvt-export", ["--check-limit", "-5"], ["--check-limit -5", ">= 1"]),
-    ("cvt-export", ["--check-limit", "0"], ["--check-limit 0"]),
-    ("cvt-export", ["--batch", "0"], ["0"]),
-    ("cvt-export", ["--batch", "8:4:2"], ["min=8 opt=4 max=2"]),
+    ("cvt-export", ["--limit", "-5"], ["--limit -5", ">= 1"]),
+    ("cvt-export", ["--limit", "0"], ["--limit 0"]),
+    ("cvt-export", ["--batch-range", "0"], ["0"]),
+    ("cvt-export", ["--batch-range", "8:4:2"], ["min=8 opt=4 max=2"]),
     ("cvt-export", ["--precision", "int4"], ["int4"]),
     ("cvt-predict", ["--topk", "0"], ["--topk 0", ">= 1"]),
     ("cvt-predict", ["--topk", "-2"], ["--topk -2"]),
     ("cvt-check", ["--limit", "0"], ["limit 0", ">= 1"]),
     ("cvt-check", ["--limit", "-5"], ["-5"]),
-    ("cvt-bench", ["--batches", "0"], ["batch size 0"]),
-    ("cvt-bench", ["--batches", "100000"], ["100000", "batch range"]),
+    ("cvt-bench", ["--batch", "0"], ["batch size 0"]),
+    ("cvt-bench", ["--batch", "100000"], ["100000", "batch range"]),
     ("cvt-bench", ["--threads", "0"], ["--threads 0"]),
     ("cvt-bench", ["--rounds", "0"], ["--rounds 0"]),
     ("cvt-bench", ["--iterations", "0"], ["--iterations 0"]),

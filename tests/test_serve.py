@@ -253,8 +253,8 @@ def test_served_benchmark_sweeps_concurrency_with_the_bench_files(served, demo_b
 
     out = tmp_path / "served.json"
     code = main(["--url", f"http://{served.http}", "--metrics-url", served.metrics, "--concurrency", "1,4",
-                 "--bundle", str(demo_bundle), "--batches", "1,4", "--threads", "1", "--quick", "--no-progress",
-                 "--json", str(out), "--csv", str(tmp_path / "served.csv")])
+                 "--bundle", str(demo_bundle), "--batch", "1,4", "--threads", "1", "--quick", "--quiet",
+                 "--save", str(out), "--save", str(tmp_path / "served.csv")])
     text = capsys.readouterr().out
     assert code == 0, text
     result = BenchResult.from_json(out)
@@ -269,7 +269,7 @@ def test_served_benchmark_sweeps_concurrency_with_the_bench_files(served, demo_b
 def test_served_benchmark_of_a_model_not_served_is_a_clear_error(served, capsys):
     from cvt_deploy.cli.bench import main
 
-    assert main(["--url", f"http://{served.http}", "--model", "nope", "--quick", "--no-progress"]) == 2
+    assert main(["--url", f"http://{served.http}", "--model-name", "nope", "--quick", "--quiet"]) == 2
     assert "does not serve model 'nope'" in capsys.readouterr().err
 
 

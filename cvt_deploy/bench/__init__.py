@@ -35,9 +35,9 @@ from __future__ import annotations
 from ..runtimes.hf import HFReferenceRuntime
 from .cost import count_macs, mac_breakdown
 from .results import COLUMN_NAMES, COLUMNS, SCHEMA, SCHEMA_VERSION, BenchResult, BenchRow
-from .run import BenchOptions, benchmark, default_batches, default_threads
+from .run import BenchOptions, benchmark, check_batches, default_batches, default_threads
 from .timing import Case, Stats, measure_interleaved, summarize
 
-__all__ = ["COLUMNS", "COLUMN_NAMES", "SCHEMA", "SCHEMA_VERSION", "BenchOptions", "BenchResult", "BenchRow", "Case",
+__all__ = ["COLUMNS", "COLUMN_NAMES", "SCHEMA", "SCHEMA_VERSION", "BenchOptions", "BenchResult", "BenchRow", "Case", "check_batches",
            "HFReferenceRuntime", "Stats", "benchmark", "count_macs", "default_batches", "default_threads",
            "mac_breakdown", "measure_interleaved", "summarize"]

@@ -131,10 +131,10 @@ class BenchResult:
             known = set(COLUMN_NAMES)
             return cls([BenchRow(**{k: v for k, v in r.items() if k in known}) for r in data["rows"]], data["meta"])
         except OSError as e:
-            raise CvtDeployError(f"cannot read {path}: {e.strerror}", "pass a file written by cvt-bench --json") from None
+            raise CvtDeployError(f"cannot read {path}: {e.strerror}", "pass a file written by cvt-bench --save FILE.json") from None
         except (ValueError, KeyError, TypeError) as e:
             raise CvtDeployError(f"{path} is not a cvt-bench result ({type(e).__name__}: {e})",
-                                 "pass a file written by cvt-bench --json") from None
+                                 "pass a file written by cvt-bench --save FILE.json") from None
 
     def to_json(self, path: str | os.PathLike[str]) -> Path:
         with atomic_output(path) as tmp:

@@ -186,7 +186,7 @@ class BenchOptions:
             bad = [b for b in batches if not isinstance(b, (int, np.integer)) or b < 1]
             if not batches or bad:
                 raise CvtDeployError(f"batch size {bad[0] if bad else 'list'} is {'below 1' if bad else 'empty'}",
-                                     "use whole numbers >= 1, e.g. --batches 1,8,32")
+                                     "use whole numbers >= 1, e.g. --batch 1,8,32")
             object.__setattr__(self, "batches", batches)
         # Named as cvt-bench spells them: the CLI passes its flags straight through.
         check_settings([("--" + name.replace("_", "-"), getattr(self, name), low) for name, low in (
@@ -194,14 +194,14 @@ class BenchOptions:
             ("matmul_size", 16))], self.min_time)
 
 
-def _check_batches(bundle: Bundle, batches: Sequence[int]) -> None:
+def check_batches(bundle: Bundle, batches: Sequence[int]) -> None:
     """Refuse, before anything is loaded, batches the bundle was not exported for or that
     cannot fit in memory (inputs are made up front, one per batch size)."""
     rng = bundle.batch
     outside = [b for b in batches if not rng.min <= b <= rng.max]
     if outside:
         raise CvtDeployError(f"batch size {outside[0]} is outside the bundle's batch range {rng.min}..{rng.max}",
-                             f"pick --batches within {rng.min}..{rng.max}, or re-export with cvt-export --batch MIN:OPT:MAX")
+                             f"pick --batch within {rng.min}..{rng.max}, or re-export with cvt-export --batch-range MIN:OPT:MAX")
     cfg = bundle.config
     image_bytes = 4 * cfg.in_chans * cfg.img_size ** 2
     # Activations of one call are many times its input; 16x is a floor, not an estimate.
@@ -210,7 +210,7 @@ def _check_batches(bundle: Bundle, batches: Sequence[int]) -> None:
     if available is not None and need > available:
         raise CvtDeployError(f"batch size {max(batches)} needs at least {need / 2**30:.1f} GiB of memory for inputs and "
                              f"activations; {available / 2**30:.1f} GiB is available",
-                             "use smaller --batches")
+                             "use smaller --batch sizes")
 
 
 def _available_memory() -> int | None:
@@ -246,7 +246,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
     precisions = list(options.precisions or sorted({a.precision for a in bundle.artifacts.values()},
                                                    key=PRECISIONS.index) or ["fp32"])
     batches = list(options.batches or default_batches(bundle.batch))
-    _check_batches(bundle, batches)
+    check_batches(bundle, batches)
     threads = threads or default_threads()
     if importlib.util.find_spec("torch") is not None:
         import torch
@@ -293,7 +293,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         elif runtime.batch_range is not None and not runtime.batch_range.min <= b <= runtime.batch_range.max:
             # run() would split or pad it: that times a different batch than the row claims
             row.status, row.reason = "skipped", (f"batch {b} is outside the artifact's batch range "
-                                                 f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with cvt-export --batch MIN:OPT:MAX)")
+                                                 f"{runtime.batch_range.min}..{runtime.batch_range.max} (re-export with cvt-export --batch-range MIN:OPT:MAX)")
         else:
             if b not in inputs:  # one image batch per batch size, shared by every backend
                 shape = (b, cfg.img_size, cfg.img_size, cfg.in_chans)

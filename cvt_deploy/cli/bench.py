@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CvtDeployError
-from .common import cli_entry
+from .common import (ListOption, add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, aliases_note,
+                     cli_entry, deprecated_alias, warn_deprecated)
+
+if TYPE_CHECKING:
+    from ..bench import BenchResult
 
 # --quick: a few seconds for the demo model (the demo's own smoke run), still interleaved.
 QUICK: dict[str, float] = {"min_time": 0.1, "warmup": 1, "rounds": 3, "min_iterations": 5, "matmul_size": 1024}
@@ -42,53 +47,78 @@ reading the table:
   On a noisy or shared machine absolute milliseconds move from run to run by 10-50%:
   compare the ratios within one run; re-run before trusting a small difference.
 
-CSV/JSON columns (--csv, --json; JSON adds a 'meta' object: threads, matmul GFLOP/s, versions):
+columns of --json and --save FILE.json / FILE.csv (JSON adds a 'meta' object: threads,
+matmul GFLOP/s, versions; BenchResult.from_json reads a saved file back):
 {cols}
 
 examples:
   cvt-bench --bundle build/demo --quick
-  cvt-bench --bundle build/cvt13 --backends torch,onnxruntime --batches 1,8 --threads 2 --csv bench.csv
-  cvt-bench --bundle build/cvt13 --device cuda --precisions fp32,fp16 --batches 1,8,32 --plot bench.png
+  cvt-bench --bundle build/cvt13 --backend torch,onnxruntime --batch 1,8 --threads 2 --save bench.csv
+  cvt-bench --bundle build/cvt13 --device cuda --precision fp32,fp16 --batch 1,8,32 --plot bench.png
+  cvt-bench --bundle build/demo --quick --json > bench.json     the result for a script
 
 a served model (cvt-serve, or any Triton serving it):
-  cvt-bench --url http://localhost:8000 --model cvt --concurrency 1,2,4,8,16
+  cvt-bench --url http://localhost:8000 --model-name cvt --concurrency 1,2,4,8,16
   cvt-bench --url http://localhost:8000 --bundle build/cvt13 --threads 2   also times the bundle in this
-      process (ONNX Runtime fp32 at --batches) in the same interleaved rounds, and prints the ratios
+      process (ONNX Runtime fp32 at --batch) in the same interleaved rounds, and prints the ratios
 """
 
 
-def split_list(text: str | None) -> list[str] | None:
-    """'a,b' -> ['a', 'b'] (None stays None: the library's default)."""
-    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+SAVE_FORMATS = (".json", ".csv")
 
 
-def parse_batches(text: str) -> list[int]:
-    """'1,8,32' -> [1, 8, 32] (the library checks that each is >= 1)."""
-    out = []
-    for item in text.split(","):
-        try:
-            out.append(int(item.strip()))
-        except ValueError:
-            raise CvtDeployError(f"--batches {text!r}: {item.strip()!r} is not a whole number",
-                                 "use comma-separated batch sizes, e.g. --batches 1,8,32") from None
-    return out
+class _Save(argparse.Action):
+    """--save FILE (repeatable): the suffix picks the format, checked before anything is measured."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        # The older --json FILE / --csv FILE arrive as (path, format): their format was the flag's, not the suffix's.
+        path, fmt = values if isinstance(values, tuple) else (Path(values), Path(values).suffix.lower()[1:])
+        if f".{fmt}" not in SAVE_FORMATS:
+            raise CvtDeployError(f"--save {path}: unknown file type {path.suffix or '(none)'}",
+                                 "name it FILE.json (rows and run details) or FILE.csv (one row per combination); "
+                                 "a plot is --plot FILE.png")
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest, None) or []), (path, fmt)])
 
 
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> int:
-    from ..bench import BenchOptions, benchmark, default_threads
-    from ..bundle import PRECISIONS, Bundle
+class _JsonFlag(argparse.Action):
+    """--json alone: JSON on stdout; the older --json FILE: --save FILE as JSON, with a warning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if values is None:
+            setattr(namespace, self.dest, True)
+            return
+        warn_deprecated("--json FILE", "--save FILE", "--json alone prints the result on stdout")
+        parser._option_string_actions["--save"](parser, namespace, (Path(values), "json"), option_string)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows --json as the flag it is; its optional FILE is the older spelling."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        return "" if isinstance(action, _JsonFlag) else super()._format_args(action, default_metavar)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        return super()._format_action_invocation(action).rstrip()
+
+
+def _as(fmt: str) -> Any:
+    return lambda text: (Path(text), fmt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..bench import default_threads
     from ..runtimes import BACKENDS
+    from ..serve.protocol import DEFAULT_MODEL_NAME
 
-    ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, epilog=epilog(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, formatter_class=_Formatter)
     ap.add_argument("--bundle", type=Path, help="bundle folder written by cvt-export")
-    ap.add_argument("--backends", metavar="LIST",
-                    help=f"comma-separated, of {','.join(BACKENDS)} (default: all; unavailable ones are skipped rows)")
-    ap.add_argument("--precisions", metavar="LIST",
-                    help=f"comma-separated, of {','.join(PRECISIONS)} (default: those the bundle holds)")
-    ap.add_argument("--batches", "--batch", dest="batches", metavar="LIST",
-                    help="batch sizes, comma-separated (default: 1,8,32 inside the bundle's range; --batch is the older name)")
+    add_backend_arg(ap, list(BACKENDS), many=True, default="all; those that cannot run here are 'skipped' rows")
+    add_precision_arg(ap, many=True, default="those the bundle holds")
+    ap.add_argument("--batch", action=ListOption, what="batch size", metavar="N[,N]",
+                    help="batch sizes to time, a comma list or repeated: --batch 1,8 (default: 1,8,32 inside the "
+                         "bundle's batch range, which cvt-export --batch-range sets)")
     ap.add_argument("--threads", type=int, metavar="N",
                     help=f"CPU threads for every backend (default: the CPUs this process may use, here {default_threads()})")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
@@ -97,44 +127,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, metavar="S", help=f"seconds of timed calls per row (default {NORMAL['min_time']:g})")
     ap.add_argument("--warmup", type=int, metavar="N", help=f"untimed calls per row first (default {NORMAL['warmup']})")
     ap.add_argument("--rounds", type=int, metavar="N", help=f"interleaved rounds (default {NORMAL['rounds']})")
-    ap.add_argument("--json", type=Path, metavar="FILE", help="write rows and run details as JSON")
-    ap.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per combination")
+    add_json_arg(ap, "the result (rows and run details, as --save FILE.json writes)", action=_JsonFlag, nargs="?",
+                 default=False)
+    ap.add_argument("--save", action=_Save, metavar="FILE",
+                    help="also write the result to FILE: .json (rows and run details) or .csv (one row per "
+                         "combination); repeatable")
     ap.add_argument("--plot", type=Path, metavar="FILE.png", help="latency and throughput vs batch (needs the 'plot' extra)")
     ap.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers reference row")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
     ap.add_argument("--quick", action="store_true",
                     help="a few seconds in all: ~0.1 s per row, 1 warm-up call, 3 rounds (figures are rough)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress output on stderr")
+    add_quiet_arg(ap)
     g = ap.add_argument_group("a served model (cvt-serve)")
     g.add_argument("--url", help="a running Triton server, e.g. http://localhost:8000 (gRPC: localhost:8001 with --protocol grpc)")
-    g.add_argument("--model", default="cvt", help="served model name (default cvt)")
-    g.add_argument("--concurrency", default="1,2,4,8,16", metavar="LIST", help="requests in flight per level (default 1,2,4,8,16)")
+    g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, metavar="NAME",
+                   help=f"served model name, as cvt-serve --model-name (default {DEFAULT_MODEL_NAME})")
+    g.add_argument("--concurrency", action=ListOption, what="concurrency level", default=[1, 2, 4, 8, 16],
+                   metavar="N[,N]", help="requests in flight per level, a comma list or repeated (default 1,2,4,8,16)")
     g.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
     g.add_argument("--send", choices=("pixels", "images"), default="pixels",
                    help="pixels: preprocessed float32 (default); images: an encoded PNG, preprocessed by the server")
     g.add_argument("--images-per-request", type=int, default=1, metavar="N", help="batch of one request (default 1)")
     g.add_argument("--metrics-url", help="Triton's metrics (default: the --url host, port 8002)")
-    args = ap.parse_args(argv)
+    deprecated_alias(ap, "--backends", "--backend")
+    deprecated_alias(ap, "--precisions", "--precision")
+    deprecated_alias(ap, "--batches", "--batch")
+    deprecated_alias(ap, "--no-progress", "--quiet")
+    deprecated_alias(ap, "--csv", "--save", type=_as("csv"), old_usage="--csv FILE", new_usage="--save FILE.csv")
+    deprecated_alias(ap, "--model", "--model-name", note="--model is the architecture variant in the other commands")
+    ap.epilog = epilog() + aliases_note(ap, "--json FILE (--save FILE.json)")
+    return ap
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..bench import BenchOptions, benchmark, check_batches, default_threads
+    from ..bundle import Bundle
+
+    args = build_parser().parse_args(argv)
     if args.url is not None:
         return _served(args)
     if args.bundle is None:
         raise CvtDeployError("nothing to benchmark", "pass --bundle DIR, or --url URL for a served model")
 
-    settings = dict(QUICK if args.quick else NORMAL)
-    for key in ("min_time", "warmup", "rounds"):  # explicit flags win over --quick
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    settings = _settings(args)
     # Validated by BenchOptions, before the bundle is read or anything is measured.
-    options = BenchOptions(backends=split_list(args.backends), precisions=split_list(args.precisions),
-                           batches=parse_batches(args.batches) if args.batches else None, threads=args.threads,
+    options = BenchOptions(backends=args.backend, precisions=args.precision, batches=args.batch, threads=args.threads,
                            device=args.device, iterations=args.iterations, min_time=float(settings["min_time"]),
                            warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
                            min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),
                            reference=not args.no_reference, hf_reference=not args.no_hf)
     bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
+    if options.batches:  # sizes the bundle was not exported for, before the banner and the model loads
+        check_batches(bundle, options.batches)
     threads = args.threads or default_threads()
-    show = not args.no_progress
+    show = not args.quiet
     if show:
         print(f"threads: {threads} (torch.set_num_threads and ONNX Runtime intra_op_num_threads"
               f"{'' if args.threads else '; default = CPUs available to this process'})", file=sys.stderr)
@@ -148,11 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         require("matplotlib", "plot", "--plot")
 
     result = benchmark(bundle, options=options, progress=show)
-    print(result.table())
-    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv), (args.plot, result.plot)):
-        if path is not None:
-            write(path)
-            print(f"wrote {path}", file=sys.stderr)
+    _report(result, args)
     if not result.measured:
         raise CvtDeployError("no combination could run here (see the reasons under the table)",
                              "install a backend (pip install 'cvt-deploy[onnx]') or export the missing artifacts")
@@ -160,29 +204,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(r.status == "failed" for r in result.rows) else 0
 
 
+def _settings(args: argparse.Namespace) -> dict[str, float]:
+    settings = dict(QUICK if args.quick else NORMAL)
+    for key in ("min_time", "warmup", "rounds"):  # explicit flags win over --quick
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    return settings
+
+
+def _report(result: BenchResult, args: argparse.Namespace, extra: str | None = None) -> None:
+    """The table (or --json) on stdout, then the --save and --plot files."""
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    if extra and not args.json:
+        print(extra)
+    outputs = [(path, result.to_json if fmt == "json" else result.to_csv) for path, fmt in args.save or []]
+    for path, write in [*outputs, *([(args.plot, result.plot)] if args.plot is not None else [])]:
+        write(path)
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def _served(args: argparse.Namespace) -> int:
     from ..serve.load import LoadOptions, comparison, sweep
 
-    settings = dict(QUICK if args.quick else NORMAL)
-    for key in ("min_time", "warmup", "rounds"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    options = LoadOptions(url=args.url, model=args.model, concurrency=parse_batches(args.concurrency),
+    settings = _settings(args)
+    options = LoadOptions(url=args.url, model=args.model_name, concurrency=args.concurrency,
                           protocol=args.protocol, metrics_url=args.metrics_url, send=args.send,
                           images_per_request=args.images_per_request, min_time=float(settings["min_time"]),
                           warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
                           bundle=str(args.bundle) if args.bundle else None,
-                          batches=parse_batches(args.batches) if args.batches else (1, 8, 32), threads=args.threads)
-    result = sweep(options, progress=not args.no_progress)
-    print(result.table())
+                          batches=args.batch or (1, 8, 32), threads=args.threads)
+    result = sweep(options, progress=not args.quiet)
     ratios = comparison(result)
     if ratios:
-        result.meta["comparison"] = ratios
-        print("served / in-process: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()))
-    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv), (args.plot, result.plot)):
-        if path is not None:
-            write(path)
-            print(f"wrote {path}", file=sys.stderr)
+        result.meta["comparison"] = ratios  # in --json and --save FILE.json too
+    _report(result, args, "served / in-process: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
+            if ratios else None)
     return 1 if any(r.status == "failed" for r in result.rows) else 0
 
 

@@ -15,7 +15,8 @@ from typing import Sequence
 from ..errors import CvtDeployError
 from ..export.portable import TENSORRT_TARGETS
 from ..runtimes import BACKENDS
-from .common import cli_entry
+from .common import (ListOption, add_backend_arg, add_json_arg, add_limit_arg, add_precision_arg, add_quiet_arg,
+                     cli_entry)
 
 EPILOG = """\
 The reference is PyTorch fp32 from the bundle's weights (or the fp32 ONNX graph on ONNX
@@ -26,7 +27,7 @@ examples:
   cvt-check --bundle build/demo
   cvt-check --bundle build/cvt13 --backend tensorrt --data imagenet-val-subset/
   cvt-check --bundle build/ds --preprocess deepstream    what nvinfer's direct resize costs (not gated)
-  cvt-check --bundle build/cvt13 --tensorrt 8.5 --tensorrt 8.6 --tensorrt 10   will each Jetson's TensorRT parse it?
+  cvt-check --bundle build/cvt13 --tensorrt 8.5,8.6,10   will each Jetson's TensorRT parse it?
 
 --tensorrt is a static check of the documented ONNX parser of that release (onnx-tensorrt's
 operator table and importer source per release branch), not TensorRT: it needs neither
@@ -35,33 +36,39 @@ that passes can still fail in TensorRT's builder.
 """
 
 
-@cli_entry
-def main(argv: Sequence[str] | None = None) -> int:
-    from ..bundle import Bundle
-    from ..parity import check_bundle, summary_table
-
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-check", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
-    ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b != "torch"],
-                    help="backend(s) to check (repeatable; default onnxruntime)")
-    ap.add_argument("--precision", action="append", choices=("fp32", "fp16", "int8"),
-                    help="only these precisions (repeatable; default all in the bundle)")
+    add_backend_arg(ap, [b for b in BACKENDS if b != "torch"], many=True, default="onnxruntime")
+    add_precision_arg(ap, many=True, default="every precision in the bundle")
     ap.add_argument("--device", help="device for the checked backend (cpu, cuda)")
     ap.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
-    ap.add_argument("--limit", type=int, metavar="N", help="check on at most N images (default 512)")
+    add_limit_arg(ap, "the check")
     ap.add_argument("--preprocess", choices=("model", "deepstream"), default="model",
                     help="model (default): the parity check; deepstream: the same artifact on the model's own "
                          "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
                          "accuracy of each and top-1 agreement, reported, not gated")
-    ap.add_argument("--tensorrt", action="append", choices=TENSORRT_TARGETS, metavar="VERSION",
+    ap.add_argument("--tensorrt", action=ListOption, what="TensorRT version", valid=TENSORRT_TARGETS,
+                    metavar="VERSION[,VERSION]", example="8.5,10",
                     help="instead of the parity check: check every portable graph against the ONNX parser of "
-                         "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); repeatable")
-    ap.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    args = ap.parse_args(argv)
+                         "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); several as a "
+                         "comma list or repeated")
+    add_json_arg(ap, "the reports")
+    add_quiet_arg(ap)
+    return ap
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..bundle import Bundle
+    from ..data import check_limit
+    from ..parity import check_bundle, summary_table
+
+    args = build_parser().parse_args(argv)
     if args.tensorrt:
         return _tensorrt(args)
+    check_limit(args.limit)  # before the bundle, PyTorch and the model load
     bundle = Bundle.open(args.bundle)
     if args.preprocess == "deepstream":
         from ..deepstream import check_resize, format_resize

@@ -1,4 +1,6 @@
-"""What every command shares: error reporting, the model/weights options, progress."""
+"""What every command shares: error reporting, the model/weights options, and the one
+spelling of each idea that several commands take (--precision, --backend, --batch, --limit,
+-q/--quiet, --json), with the older spellings still accepted."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +9,10 @@ import functools
 import signal
 import sys
 import threading
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
+from ..util import PRECISIONS
 
 EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
 
@@ -120,3 +123,142 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[object, str]:
               file=sys.stderr)
         return model, f"{args.model} (random weights)"
     return load_checkpoint(DEMO_WEIGHTS), str(DEMO_WEIGHTS)
+
+
+# --- one spelling per idea -------------------------------------------------------------------
+
+class ListOption(argparse.Action):
+    """``--flag a,b --flag c`` is ``[a, b, c]``: a comma list and repetition mean the same.
+
+    ``valid``: the allowed words (else whole numbers, whose range the library checks). With
+    ``many=False`` the option takes one value (given twice, the last wins) and a comma list is
+    refused. Bad values are a :class:`CvtDeployError` naming the value and the valid ones, so
+    they print as ``error:``/``fix:`` with exit code 2, as every other bad input does.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, what: str, valid: Sequence[str] | None = None,
+                 many: bool = True, example: str = "", **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.what, self.valid, self.many = what, tuple(valid) if valid is not None else None, many
+        self.example = example or (",".join(self.valid[:2]) if self.valid and many else
+                                   self.valid[0] if self.valid else "1,8,32")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        flag, text = option_string or self.dest, str(values)
+        items = [self._item(flag, text, part.strip()) for part in text.split(",")]
+        if not self.many:
+            if len(items) > 1:
+                raise CvtDeployError(f"{flag} {text!r}: takes one {self.what}", self._fix(flag))
+            setattr(namespace, self.dest, items[0])
+            return
+        # The default (also a list, e.g. cvt-demo's precisions) is replaced, not extended.
+        before = getattr(namespace, self.dest, None)
+        kept = [] if before is None or before is self.default else list(before)
+        setattr(namespace, self.dest, list(dict.fromkeys([*kept, *items])))
+
+    def _item(self, flag: str, text: str, part: str) -> Any:
+        if self.valid is not None:
+            if part not in self.valid:
+                raise CvtDeployError(f"{flag} {text!r}: unknown {self.what} {part!r}", self._fix(flag))
+            return part
+        try:
+            return int(part)
+        except ValueError:
+            raise CvtDeployError(f"{flag} {text!r}: {part!r} is not a whole number", self._fix(flag)) from None
+
+    def _fix(self, typed: str) -> str:
+        flag = next((o for o in self.option_strings if o.startswith("--")), typed)  # the current spelling
+        what = (f"{'one or more' if self.many else 'one'} of {', '.join(self.valid)}" if self.valid
+                else "whole numbers" if self.many else "a whole number")
+        if not self.many:
+            return f"pass {what}, e.g. {flag} {self.example}"
+        return f"pass {what}, as a comma list or repeated, e.g. {flag} {self.example}"
+
+
+_warned: set[str] = set()  # old spellings already warned about in this process
+
+
+def warn_deprecated(old: str, new: str, note: str | None = None) -> None:
+    """``warning: OLD is deprecated; use NEW`` on stderr, once per process per old spelling
+    (a script that repeats a flag, or cvt-demo calling other commands, is told once)."""
+    if old in _warned:
+        return
+    _warned.add(old)
+    print(f"warning: {old} is deprecated; use {new}" + (f" ({note})" if note else ""), file=sys.stderr)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An older spelling of another option: warns once, then does exactly what that option does."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, target: argparse.Action, new: str,
+                 old_usage: str | None = None, new_usage: str | None = None, note: str | None = None,
+                 **kw: Any) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.target, self.new = target, new
+        self.old_usage, self.new_usage, self.note = old_usage, new_usage, note
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        old = option_string or self.option_strings[0]
+        warn_deprecated(self.old_usage or old, self.new_usage or self.new, self.note)
+        self.target(parser, namespace, values, option_string)
+
+
+def deprecated_alias(ap: argparse.ArgumentParser, old: str, new: str, *, type: Callable[[str], Any] | None = None,
+                     old_usage: str | None = None, new_usage: str | None = None, note: str | None = None) -> None:
+    """Accept ``old`` as a hidden spelling of the existing option ``new`` (same values, same
+    destination). ``type`` converts the old form's value where it meant more than the new
+    one's (cvt-bench --csv FILE: CSV whatever the suffix); ``*_usage`` and ``note`` word the
+    warning where the flag alone would not say enough."""
+    target = ap._option_string_actions[new]
+    kw: dict[str, Any] = {"type": type or target.type} if (type or target.type) is not None else {}
+    ap.add_argument(old, action=DeprecatedAlias, target=target, new=new, old_usage=old_usage, new_usage=new_usage,
+                    note=note, dest=target.dest, nargs=target.nargs, const=target.const, choices=target.choices,
+                    metavar=target.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def aliases_note(ap: argparse.ArgumentParser, *extra: str) -> str:
+    """One line for --help's epilog: the older spellings this command still accepts."""
+    pairs = [*extra, *(f"{a.old_usage or a.option_strings[0]} ({a.new_usage or a.new})"
+                       for a in ap._actions if isinstance(a, DeprecatedAlias))]
+    return f"\nolder spellings, still accepted with a warning: {', '.join(pairs)}\n" if pairs else ""
+
+
+def add_precision_arg(ap: argparse._ActionsContainer, *, many: bool, default: str,
+                      extra: str = "", value: Sequence[str] | None = None) -> None:
+    """--precision: several (a comma list or repeated) or, for commands that run one, one.
+    ``default`` words the default for --help; ``value`` is it, where the command has a fixed one."""
+    how = (f"one or more of {', '.join(PRECISIONS)} (a comma list or repeated: --precision fp16,int8)" if many
+           else f"one of {', '.join(PRECISIONS)}")
+    ap.add_argument("--precision", action=ListOption, what="precision", valid=PRECISIONS, many=many,
+                    example="fp16,int8" if many else "fp16",
+                    default=list(value) if value is not None else None, metavar="P[,P]" if many else "P",
+                    help=f"{how}; default: {default}{extra}")
+
+
+def add_backend_arg(ap: argparse._ActionsContainer, valid: Sequence[str], *, many: bool,
+                    default: str) -> None:
+    """--backend: several (a comma list or repeated) or one."""
+    how = f"one or more of {', '.join(valid)} (a comma list or repeated)" if many else f"one of {', '.join(valid)}"
+    ap.add_argument("--backend", action=ListOption, what="backend", valid=valid, many=many,
+                    metavar="B[,B]" if many else "B", help=f"{how}; default: {default}")
+
+
+def add_limit_arg(ap: argparse._ActionsContainer, what: str) -> None:
+    from ..data import DEFAULT_LIMIT
+
+    ap.add_argument("--limit", type=int, metavar="N",
+                    help=f"use at most N images of --data for {what} (default {DEFAULT_LIMIT})")
+
+
+def add_quiet_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress on stderr (results, warnings and errors still print)")
+
+
+def add_json_arg(ap: argparse.ArgumentParser, what: str, instead: str = "the table", **overrides: Any) -> None:
+    """--json: the result as JSON on stdout, for scripts (progress and messages stay on stderr)."""
+    kw: dict[str, Any] = {"action": "store_true", **overrides}
+    ap.add_argument("--json", help=f"print {what} as JSON on stdout" + (f" instead of {instead}" if instead else ""),
+                    **kw)

@@ -9,8 +9,23 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from .common import cli_entry
+from .common import add_precision_arg, add_quiet_arg, aliases_note, cli_entry, deprecated_alias
 
+DEFAULT_PRECISIONS = ["fp32", "fp16", "int8"]  # every graph: the demo shows them all
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cvt-demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("build/demo"), help="bundle folder (default build/demo)")
+    ap.add_argument("--images", nargs="*", help="images to classify (default: the demo's ten held-out sample digits)")
+    add_precision_arg(ap, many=True, default=",".join(DEFAULT_PRECISIONS), value=DEFAULT_PRECISIONS,
+                      extra=" (the graphs to export)")
+    ap.add_argument("--no-bench", action="store_true", help="skip the short latency table")
+    add_quiet_arg(ap)
+    deprecated_alias(ap, "--precisions", "--precision")
+    ap.epilog = aliases_note(ap)
+    return ap
 
 
 @cli_entry
@@ -20,17 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..export.pipeline import export_bundle
     from ..runtimes import available_backends, load
 
-    ap = argparse.ArgumentParser(prog="cvt-demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("build/demo"), help="bundle folder (default build/demo)")
-    ap.add_argument("--images", nargs="*", help="images to classify (default: the demo's ten held-out sample digits)")
-    ap.add_argument("--precisions", default="fp32,fp16,int8", help="graphs to export (default fp32,fp16,int8)")
-    ap.add_argument("--no-bench", action="store_true", help="skip the short latency table")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     print("== 1. export the demo model (CvT-tiny trained on handwritten digits) and check it ==")
     model = load_checkpoint(DEMO_WEIGHTS)
-    result = export_bundle(model, args.out, source=str(DEMO_WEIGHTS), precisions=args.precisions.split(","))
+    result = export_bundle(model, args.out, source=str(DEMO_WEIGHTS), precisions=args.precision,
+                           progress=not args.quiet)
     print(f"bundle: {args.out} ({', '.join(sorted(result.bundle.artifacts))})\n")
 
     images = args.images or sorted(str(p) for p in DEMO_SAMPLES.glob("*.png"))
@@ -54,5 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n== 3. latency, briefly (cvt-bench --quick; see cvt-bench --help for a careful run) ==")
         from .bench import main as bench_main
 
-        return bench_main(["--bundle", str(args.out), "--quick", "--batch", "1,8", "--no-hf"])
+        return bench_main(["--bundle", str(args.out), "--quick", "--batch", "1,8", "--no-hf",
+                           *(["--quiet"] if args.quiet else [])])
     return 0

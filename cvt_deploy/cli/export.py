@@ -11,7 +11,8 @@ from ..bundle import Bundle
 from ..errors import CvtDeployError
 from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
-from .common import add_model_args, cli_entry, load_model_from_args
+from .common import (add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg, aliases_note,
+                     cli_entry, deprecated_alias, load_model_from_args)
 
 if TYPE_CHECKING:
     from ..deepstream import DeepStreamOptions
@@ -39,10 +40,6 @@ it with cvt-check, time it with cvt-bench.
 """
 
 
-def parse_precisions(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,25 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU); "
                          "deepstream: the bundle plus an nvinfer classifier config and label file; "
                          "triton: a Triton model repository from --bundle, written to --out")
-    ap.add_argument("--precision", default=None, metavar="P[,P]",
-                    help="fp32, fp16, int8 or a comma list (default: fp32 for onnx, fp16 for trt). "
-                         "The fp32 graph is always written: it is the reference")
+    add_precision_arg(ap, many=True, default="fp32 for --format onnx, fp16 for trt",
+                      extra=". The fp32 graph is always written: it is the reference")
     ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
-    ap.add_argument("--bundle", "--onnx", dest="bundle", type=Path, metavar="BUNDLE",
+    ap.add_argument("--bundle", type=Path, metavar="BUNDLE",
                     help="with --format trt: build engines for this existing bundle instead of exporting; with "
-                         "--format deepstream: write its nvinfer config (--onnx is the older name)")
+                         "--format deepstream: write its nvinfer config; with --format triton: the bundle to serve")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.5 and newer parse it)")
     ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, metavar="VERSION", choices=TENSORRT_TARGETS,
                     help="oldest TensorRT the portable graphs must parse on: 8.5 (JetPack 5.1: LayerNorm written "
                          "as elementwise ops), 8.6 (default: JetPack 6.0 and newer, single LayerNormalization nodes) "
                          "or 10 (JetPack 6.1/6.2, x86); every graph is checked against each of those parsers "
                          "(cvt-check --tensorrt)"),
-    ap.add_argument("--batch", default="1:8:32", metavar="N|MIN:OPT:MAX",
+    ap.add_argument("--batch-range", default="1:8:32", metavar="N|MIN:OPT:MAX",
                     help="batch sizes the graphs and engines accept: fixed N, or a dynamic range (default 1:8:32; "
-                         "OPT is what TensorRT tunes for)")
+                         "OPT is what TensorRT tunes for, 8 inside the range when left out); the batch sizes of "
+                         "cvt-bench --batch must lie inside it")
     g = ap.add_argument_group("accuracy check")
     g.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
-    g.add_argument("--check-limit", type=int, metavar="N", help="check on at most N images (default 512)")
+    add_limit_arg(g, "the check")
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
     ap.add_argument("--no-ort-cpu", action="store_true",
                     help="write the portable graphs only (by default ONNX Runtime CPU graphs are added: faster there, "
@@ -93,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--triton-instances", type=int, default=1, metavar="N", help="instances per model (default 1)")
     g.add_argument("--triton-ort-tensorrt", action="store_true", help="ONNX models run through ONNX Runtime's TensorRT accelerator")
     g.add_argument("--dla-core", type=int, metavar="N",
-                   help="Jetson: run what the DLA can on DLA core N, the rest on the GPU (fp16 and a fixed --batch only)")
+                   help="Jetson: run what the DLA can on DLA core N, the rest on the GPU (fp16 and a fixed --batch-range N only)")
     g = ap.add_argument_group("what the graphs take and give (for apps that hand the network pixels)")
     g.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
                    help="float (default): normalised float32 NCHW, as preprocess() makes; uint8-nhwc / uint8-nchw: "
@@ -109,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="secondary mode: the gie-unique-id of the detector whose objects to classify (default 1)")
     g.add_argument("--classifier-threshold", type=float, default=0.5, metavar="P",
                    help="lowest probability nvinfer attaches as a label (default 0.5)")
-    ap.add_argument("--json", action="store_true", help="print the parity reports as JSON on stdout")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_json_arg(ap, "the parity reports", instead="")
+    add_quiet_arg(ap)
+    deprecated_alias(ap, "--onnx", "--bundle")
+    deprecated_alias(ap, "--batch", "--batch-range", note="--batch now means batch sizes, as in cvt-bench")
+    deprecated_alias(ap, "--check-limit", "--limit")
+    ap.epilog = EPILOG + aliases_note(ap)
     return ap
 
 
@@ -123,11 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     deepstream = args.format == "deepstream"
-    precisions = parse_precisions(args.precision or ("fp32" if args.format == "onnx" else "fp16"))
+    precisions = args.precision or ["fp32" if args.format == "onnx" else "fp16"]
     progress = not args.quiet
     # DeepStream feeds float planar pixels and thresholds probabilities: its graphs default to both.
-    options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch), data=args.data,
-                            check=not args.no_check, check_limit=args.check_limit, calib=args.calib,
+    options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch_range), data=args.data,
+                            check=not args.no_check, check_limit=args.limit, calib=args.calib,
                             calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache,
                             ort_cpu=not args.no_ort_cpu,
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
@@ -198,7 +199,7 @@ def _triton(args: argparse.Namespace) -> int:
     if args.bundle is None or args.out is None:
         raise CvtDeployError("--format triton writes a model repository (--out) from an exported bundle (--bundle)",
                              "export first (cvt-export --out build/b), then: cvt-export --format triton --bundle build/b --out REPO")
-    options = RepositoryOptions(model_name=args.triton_name, precisions=parse_precisions(args.precision) if args.precision else None,
+    options = RepositoryOptions(model_name=args.triton_name, precisions=args.precision,
                                 device=args.triton_device, instances=args.triton_instances,
                                 ort_tensorrt=args.triton_ort_tensorrt)
     names = write_model_repository(args.bundle, args.out, options)
@@ -222,7 +223,7 @@ def _deepstream_options(args: argparse.Namespace, options: ExportOptions) -> Dee
     precision = "fp16" if "fp16" in options.precisions else options.precisions[0]
     return DeepStreamOptions(precision=precision if args.precision or args.bundle is None else None,
                              mode=args.classifier_mode, operate_on_gie_id=args.operate_on_gie_id,
-                             threshold=args.classifier_threshold, data=args.data, limit=args.check_limit)
+                             threshold=args.classifier_threshold, data=args.data, limit=args.limit)
 
 
 def _write_deepstream(bundle: Bundle, options: DeepStreamOptions, progress: bool) -> None:

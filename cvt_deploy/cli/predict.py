@@ -12,7 +12,7 @@ from ..data import CHUNK
 from ..errors import CvtDeployError
 from ..preprocess import preprocess
 from ..runtimes import BACKENDS
-from .common import cli_entry
+from .common import add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, cli_entry
 
 if TYPE_CHECKING:
     from ..config import PreprocessConfig
@@ -27,6 +27,22 @@ examples:
 """
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cvt-predict", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export (or a .onnx file)")
+    add_backend_arg(ap, list(BACKENDS), many=False, default="the best available (see below)")
+    add_precision_arg(ap, many=False, default="the most precise in the bundle")
+    ap.add_argument("--device", help="cpu or cuda (onnxruntime also: tensorrt provider)")
+    ap.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image, >= 1 (default 5; at most the class count)")
+    ap.add_argument("--skip-bad", action="store_true",
+                    help="skip files that are not readable images (each named on stderr) instead of stopping")
+    add_json_arg(ap, "the top-k classes and scores per image")
+    add_quiet_arg(ap)
+    return ap
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     from ..preprocess import find_images
@@ -34,18 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..runtimes import load
     from ..runtimes.base import Prediction, check_topk
 
-    ap = argparse.ArgumentParser(prog="cvt-predict", description=__doc__, epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export (or a .onnx file)")
-    ap.add_argument("--backend", choices=list(BACKENDS), help="default: best available")
-    ap.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="default: most precise in the bundle")
-    ap.add_argument("--device", help="cpu or cuda (onnxruntime also: tensorrt provider)")
-    ap.add_argument("--topk", type=int, default=5, help="classes per image, >= 1 (default 5; at most the class count)")
-    ap.add_argument("--skip-bad", action="store_true",
-                    help="skip files that are not readable images (each named on stderr) instead of stopping")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
     check_topk(args.topk)
     files: list[str] = []
     for item in args.images:
@@ -54,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Chunk by chunk: a folder of any size runs in bounded memory (only the top-k are kept).
     parts, kept = [], []
     chunks = range(0, len(files), CHUNK)
-    for i in track(chunks, len(chunks), "predicting", len(chunks) > 1):
+    for i in track(chunks, len(chunks), "predicting", len(chunks) > 1 and not args.quiet):
         batch, names = _read(files[i:i + CHUNK], runtime.config.preprocess, args.skip_bad)
         if names:
             parts.append(runtime.predict(batch, topk=args.topk))

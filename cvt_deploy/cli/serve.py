@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtimes import BACKENDS
-from .common import cli_entry
+from .common import add_backend_arg, add_precision_arg, cli_entry
 
 EPILOG = """\
 The bundle runs on the same runtime as cvt-predict, inside this process; a real tritonserver
@@ -22,7 +22,7 @@ examples:
   cvt-serve --bundle build/cvt13 --backend onnxruntime --threads 4 --max-queue-delay-us 2000
   curl localhost:8000/v2/models/cvt                     inputs and outputs
   curl localhost:8002/metrics | grep nv_inference       requests, executions (batches) per model
-  cvt-bench --url http://localhost:8000 --model cvt     a concurrency sweep against the server
+  cvt-bench --url http://localhost:8000 --model-name cvt   a concurrency sweep against the server
 
 For production Triton containers write a model repository instead:
   cvt-export --format triton --bundle build/cvt13 --out build/triton-repo
@@ -37,12 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
     g = ap.add_argument_group("runtime (as cvt-predict)")
-    g.add_argument("--backend", choices=list(BACKENDS), help="default: best available")
-    g.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="default: most precise in the bundle")
+    add_backend_arg(g, list(BACKENDS), many=False, default="the best available, as cvt-predict")
+    add_precision_arg(g, many=False, default="the most precise in the bundle")
     g.add_argument("--device", help="cpu or cuda (default: what the backend picks)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime (default: the library's)")
     g = ap.add_argument_group("Triton")
-    g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help=f"name clients ask for (default {DEFAULT_MODEL_NAME})")
+    g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, metavar="NAME", help=f"name clients ask for (default {DEFAULT_MODEL_NAME})")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all; 127.0.0.1: this machine only)")
     for what, port in DEFAULT_PORTS.items():
         g.add_argument(f"--{what}-port", type=int, default=port, metavar="PORT", help=f"default {port}")

@@ -119,7 +119,7 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
     batch = options.batch_size or bundle.batch.opt
     if not bundle.batch.min <= batch <= bundle.batch.max:
         raise CvtDeployError(f"DeepStream batch size {batch} is outside the bundle's batch range "
-                             f"{bundle.batch.min}..{bundle.batch.max}", "pick a batch inside it, or re-export with --batch")
+                             f"{bundle.batch.min}..{bundle.batch.max}", "pick a batch inside it, or re-export with --batch-range")
     text = nvinfer_config(cfg, graph, engine, precision, batch, scale, offsets, options, approximation)
     config, labels = bundle.root / CONFIG_FILE, bundle.root / LABELS_FILE
     atomic_write_text(labels, labels_text(cfg))

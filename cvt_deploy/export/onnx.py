@@ -63,6 +63,18 @@ def _quiet_exporter() -> Iterator[io.StringIO]:
             lg.setLevel(lvl)
 
 
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Ctrl-C or SIGTERM during the export, which torch.onnx wraps in its own error: stop as
+    interrupted (exit 128+signal, temporary files removed), not as an exporter failure."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+
+
 def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET,
                 batch: BatchRange = BatchRange(), metadata: dict[str, str] | None = None) -> Path:
     """Export ``model`` (fp32, BatchNorm folded, plain MatMul attention) to ``path`` atomically.
@@ -90,6 +102,7 @@ def export_onnx(model: CvT, path: str | os.PathLike[str], *, opset: int = DEFAUL
                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         dynamic_shapes=dynamic, verbose=False)
         except Exception as e:  # the exporter raises many internal types; all mean "export failed"
+            _reraise_interrupt(e)
             raise CvtDeployError(f"torch.onnx.export failed for {cfg.variant}: {type(e).__name__}: {str(e)[:500]}\n{log.getvalue()[-2000:]}",
                                  "report this with the message above; try another --opset") from None
     assert program is not None
@@ -158,7 +171,7 @@ def check_batches(path: Path, chans: int, size: int, batch: BatchRange) -> None:
     sizes = sorted({batch.min, batch.max, *(n for n in (1, 3, 8) if batch.min <= n <= batch.max)})
     trial_run(path, "exported", (chans, size, size), [n for n in sizes if n <= 16] or [batch.min],
               "the exporter fixed a dimension it should have left dynamic: report this; meanwhile export a "
-              "fixed batch with --batch N")
+              "fixed batch with --batch-range N")
 
 
 def trial_run(path: Path, what: str, chw: tuple[int, ...], sizes: Sequence[int], hint: str) -> None:

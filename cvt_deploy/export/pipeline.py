@@ -77,7 +77,7 @@ class ExportOptions:
         check_choice(self.input_format, INPUT_FORMATS, "--input-format")
         check_choice(self.output, OUTPUT_KINDS, "--output")
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
-        for name, flag in (("check_limit", "--check-limit"), ("calib_count", "--calib-count")):
+        for name, flag in (("check_limit", "--limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise CvtDeployError(f"{flag} {value!r} must be a whole number >= 1", f"omit {flag} for the default")

@@ -135,7 +135,7 @@ def _model_input(client: Any, options: LoadOptions) -> tuple[list[int], Any]:
         meta = client.get_model_metadata(options.model)
     except InferenceServerException as e:
         raise CvtDeployError(f"the server at {options.url} does not serve model {options.model!r}: {e.message()}",
-                             "check --url and --model (cvt-serve prints both at startup)") from None
+                             "check --url and --model-name (cvt-serve prints both at startup)") from None
     except Exception as e:  # connection refused, DNS...: tritonclient raises several types
         raise CvtDeployError(f"cannot reach a Triton server at {options.url} ({type(e).__name__}: {e})",
                              "start one with cvt-serve, or pass its --url") from None

@@ -128,7 +128,7 @@ def _plan_models(bundle: Bundle, precisions: Sequence[str]) -> list[tuple[Artifa
             meta = EngineMeta.read(bundle.path(art).with_name(art.info.get("sidecar") or f"{art.file}.json"))
             if meta.batch.min > 1:
                 raise CvtDeployError(f"the {p} engine's batch profile starts at {meta.batch.min}: Triton sends batches "
-                                     "from 1", "rebuild it from a bundle exported with --batch 1:OPT:MAX")
+                                     "from 1", "rebuild it from a bundle exported with --batch-range 1:OPT:MAX")
             out.append((art, meta))
     return out
 
@@ -148,10 +148,10 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     max_batch = options.max_batch or bundle.batch.max
     if bundle.batch.dynamic and bundle.batch.min > 1:
         raise CvtDeployError(f"the bundle's batch range starts at {bundle.batch.min}; Triton forms batches from 1",
-                             "re-export with --batch 1:OPT:MAX")
+                             "re-export with --batch-range 1:OPT:MAX")
     if max_batch > bundle.batch.max:
         raise CvtDeployError(f"max batch {max_batch} is above the bundle's maximum {bundle.batch.max}",
-                             f"pass at most {bundle.batch.max}, or re-export with a larger --batch range")
+                             f"pass at most {bundle.batch.max}, or re-export with a larger --batch-range")
     if not bundle.batch.dynamic:
         max_batch = 0  # a fixed-batch graph: Triton passes whole [N, C, H, W] tensors, no batching
     # (model name, config text, file to copy, name in the version folder)

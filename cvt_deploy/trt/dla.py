@@ -40,7 +40,7 @@ def check_dla_request(dla_core: int | None, precision: str, batch: BatchRange) -
         raise CvtDeployError(f"DLA runs fp16 and int8 only, not {precision}", "pass --precision fp16 with --dla-core")
     if batch.dynamic:
         raise CvtDeployError(f"DLA needs static shapes, but the bundle's batch is dynamic ({batch.min}..{batch.max})",
-                             "re-export with a fixed batch for the DLA engine: cvt-export --batch N")
+                             "re-export with a fixed batch for the DLA engine: cvt-export --batch-range N")
 
 
 def dla_strongly_typed(major: int) -> bool:

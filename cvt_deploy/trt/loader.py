@@ -293,7 +293,7 @@ def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.P
         raise CvtDeployError(
             f"TensorRT {version} failed to build the {precision} engine from {onnx_path.name}: {format_errors(logged)}",
             f"if it ran out of memory (common on a Jetson): lower --workspace (was {workspace_mib} MiB) or the batch "
-            f"maximum (--batch, was {batch.max}) and close other GPU programs; then rerun {rebuild_hint}")
+            f"maximum (--batch-range, was {batch.max}) and close other GPU programs; then rerun {rebuild_hint}")
 
     meta = EngineMeta(
         tensorrt_version=version, gpu_name=gpu_name, compute_capability=cc, precision=precision, batch=batch,
@@ -354,7 +354,7 @@ def _check_io(network: tensorrt.INetworkDefinition, onnx_path: Path, input_name:
     if shape[0] != -1 and not batch.min == batch.max == shape[0]:
         raise CvtDeployError(f"{onnx_path.name} has a fixed batch of {shape[0]}, but the engine should take batches "
                              f"{batch.min}..{batch.max}",
-                             "re-export with a dynamic batch (cvt-export --batch 1:8:32) or the same fixed --batch")
+                             "re-export with a dynamic batch (cvt-export --batch-range 1:8:32) or the same fixed --batch-range")
     return tensor.name
 
 

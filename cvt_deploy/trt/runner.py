@@ -93,7 +93,7 @@ class TensorRTRuntime(Runtime):
             context: tensorrt.IExecutionContext | None = engine.create_execution_context()
         if context is None:
             raise CvtDeployError(f"TensorRT could not create an execution context for {self.engine_path.name}: "
-                                 f"{format_errors(errors)}", "free GPU memory (other processes, a smaller --batch) and retry")
+                                 f"{format_errors(errors)}", "free GPU memory (other processes) and retry, or build the engine for a smaller --batch-range")
         self._context = context
 
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
