@@ -513,7 +513,7 @@ def test_old_manifest_without_per_stage_fields_still_opens(bundle_copy):
     for key in ("mlp_ratios", "patch_sizes", "patch_strides", "patch_paddings", "qkv_kernels", "q_strides",
                 "q_paddings", "kv_strides", "kv_paddings", "qkv_bias", "cls_token", "qkv_projections"):
         model.pop(key)
-    model["mlp_ratio"] = 4.0  # what the first wave wrote
+    model["mlp_ratio"] = 4.0  # what older bundles wrote: one ratio for every stage
     manifest.write_text(json.dumps(raw))
     bundle = Bundle.open(bundle_copy)
     assert bundle.config == get_config("cvt-tiny", num_classes=10, labels=bundle.config.labels,

@@ -3,7 +3,7 @@ same run) and whether the model's weights fit the last-level cache.
 
 A "% of matmul peak" is only honest against the fastest matrix multiply the device offers
 the row's arithmetic: on one 2-core CPU, ONNX Runtime's fp32 MatMul (MLAS) ran at ~2x
-torch's, so dividing by torch's overstated every row ~2x (issue #14). So on the CPU the
+torch's, so dividing by torch's overstated every row ~2x. So on the CPU the
 ceilings are ONNX Runtime's fp32 MatMul and its u8 x s8 MatMulInteger (what the int8 graphs
 run), and torch's fp32 matmul where torch is installed: fp32 rows divide by the faster fp32
 one, int8 rows by the integer one, fp16 rows by the fastest fp16 or fp32 GEMM (a CPU has no

@@ -5,7 +5,7 @@ The portable graphs (``model.onnx``, ``model.fp16.onnx``, ``model.int8.onnx``) a
 TensorRT and the other execution providers compile; they use standard ONNX ops only and the
 int8 one carries TensorRT's Q/DQ placement. On ONNX Runtime's CPU provider two things make
 them slower than they need to be (measured on a 2-core AVX-512 VNNI CPU, ONNX Runtime 1.32,
-CvT-13, issue #14):
+CvT-13):
 
 * attention runs as MatMul/Mul/Softmax/MatMul with Reshape/Transpose around it, and every
   token <-> feature-map change is a Transpose that ORT cannot fold into the NCHWc reorders
