@@ -236,7 +236,7 @@ BAD = [
     ("cvt-check", ["--backend", "torch"], "unknown backend 'torch'", "tensorrt, onnxruntime"),
     ("cvt-check", ["--tensorrt", "8.5,9"], "unknown TensorRT version '9'", "8.5, 8.6, 10"),
     ("cvt-predict", ["--precision", "fp16,int8"], "--precision 'fp16,int8': takes one precision", "fp32, fp16, int8"),
-    ("cvt-predict", ["--backend", "ort"], "unknown backend 'ort'", "tensorrt, onnxruntime, torch"),
+    ("cvt-predict", ["--backend", "ort"], "unknown backend 'ort'", "tensorrt, onnxruntime, openvino, torch"),
     ("cvt-serve", ["--precision", "bf16"], "unknown precision 'bf16'", "fp32, fp16, int8"),
     ("cvt-bench", ["--precisions", "fp64"], "--precisions 'fp64': unknown precision 'fp64'", "--precision fp16,int8"),
     ("cvt-bench", ["--batch", "1,x"], "--batch '1,x': 'x' is not a whole number", "--batch 1,8,32"),

@@ -146,7 +146,7 @@ def test_bare_onnx_gets_config_labels_and_preprocessing_from_metadata(demo_expor
 
 
 def test_bare_onnx_refuses_other_backends(demo_bundle):
-    with pytest.raises(CvtDeployError, match="runs on onnxruntime, not torch"):
+    with pytest.raises(CvtDeployError, match="runs on onnxruntime or openvino, not torch"):
         load(demo_bundle / "model.onnx", backend="torch")
 
 

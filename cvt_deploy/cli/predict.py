@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 EPILOG = """\
 IMAGE may be a file or a folder (searched recursively). Without --backend the first of
-tensorrt, onnxruntime, torch that is installed and present in the bundle is used.
+tensorrt, onnxruntime, openvino, torch that is installed and present in the bundle is used.
 
 examples:
   cvt-predict --bundle build/demo examples/digits/*.png

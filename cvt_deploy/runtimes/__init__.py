@@ -26,9 +26,13 @@ __all__ = ["BACKENDS", "PREFERENCE", "REFERENCES", "Prediction", "Runtime", "bac
 BACKENDS = {
     "tensorrt": "cvt_deploy.trt.runner:TensorRTRuntime",
     "onnxruntime": "cvt_deploy.runtimes.ort:OrtRuntime",
+    "openvino": "cvt_deploy.runtimes.openvino:OpenVinoRuntime",
     "torch": "cvt_deploy.runtimes.pytorch:TorchRuntime",
 }
-PREFERENCE = ("tensorrt", "onnxruntime", "torch")
+# OpenVINO comes after ONNX Runtime: where both are installed load() keeps picking ONNX Runtime
+# (with its CPU-specific graphs) until a measurement says otherwise; before torch, since it
+# runs the same exported graphs torch-free (docs/openvino.md has the numbers).
+PREFERENCE = ("tensorrt", "onnxruntime", "openvino", "torch")
 # Reference implementations for comparison (cvt-bench rows): loadable by name like a backend,
 # but they run no bundle artifact, so they are not offered as backends.
 REFERENCES = {
@@ -65,7 +69,7 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
          precision: str | None = None, threads: int | None = None) -> Runtime:
     """A runtime for a bundle folder (or a single exported ``.onnx``).
 
-    ``backend``: "tensorrt", "onnxruntime" or "torch"; None picks the first of PREFERENCE
+    ``backend``: "tensorrt", "onnxruntime", "openvino" or "torch"; None picks the first of PREFERENCE
     that is installed and has an artifact in the bundle. ``precision``: "fp32", "fp16" or
     "int8"; None takes the most precise one the bundle holds for that backend.
     """
@@ -76,12 +80,17 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
     if not isinstance(source, Bundle) and Path(source).suffix == ".onnx":
         if not Path(source).is_file():
             raise CvtDeployError(f"ONNX file {str(source)!r} does not exist", "check the path, or pass a bundle folder")
-        if backend not in (None, "onnxruntime"):
-            raise CvtDeployError(f"a bare .onnx file runs on onnxruntime, not {backend}",
+        # A bare graph runs where its backend can read one on its own (ONNX Runtime unless named).
+        cls = backend_class(backend or "onnxruntime")
+        from_onnx = getattr(cls, "from_onnx", None)
+        if from_onnx is None:
+            raise CvtDeployError(f"a bare .onnx file runs on onnxruntime or openvino, not {backend}",
                                  "export a bundle with cvt-export to use other backends")
-        from .ort import OrtRuntime
-
-        return OrtRuntime.from_onnx(source, device=device, threads=threads)
+        reason = cls.unavailable_reason(device)
+        if reason is not None:
+            raise CvtDeployError(f"backend {cls.backend} cannot run here: {reason}", cls.install_hint)
+        runtime: Runtime = from_onnx(source, device=device, threads=threads)
+        return runtime
     bundle = source if isinstance(source, Bundle) else Bundle.open(source)
     if backend is None:
         reasons = available_backends(bundle, device)

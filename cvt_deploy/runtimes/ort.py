@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..util import CONFIG_KEY, INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, PRECISION_KEY, PRECISIONS, BatchRange, ort_session
+from ..util import INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, BatchRange, ort_session
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
+from .graph import check_graph_io, graph_identity
 
 if TYPE_CHECKING:
     from ..bundle import Bundle
@@ -44,23 +45,15 @@ class OrtRuntime(Runtime):
             raise CvtDeployError(f"ONNX Runtime did not start its {wanted} (it fell back to {self.session.get_providers()[0]})",
                                  "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or use --device cpu")
         meta = self.session.get_modelmeta().custom_metadata_map
-        if config is None:
-            if CONFIG_KEY not in meta:
-                raise CvtDeployError(f"{path} carries no cvt-deploy metadata, so its preprocessing and labels are unknown",
-                                     "export it with cvt-export, or load its bundle folder instead")
-            config = CvtConfig.from_json(meta[CONFIG_KEY], f"{path} (metadata_props {CONFIG_KEY})")
-        precision = precision or meta.get(PRECISION_KEY, "fp32")
-        if precision not in PRECISIONS:
-            raise CvtDeployError(f"{path} says its precision is {precision!r} (metadata_props {PRECISION_KEY})",
-                                 f"it must be one of {', '.join(PRECISIONS)}: re-export the graph with cvt-export")
+        config, precision = graph_identity(meta, path, config, precision)
         super().__init__(config, precision, device)
         # The graph says what it takes (export/rawpixel.py stamps it); its input must agree.
         self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
-        _check_io(self.session, config, path, self.input_format)
-        shape = self.session.get_inputs()[0].shape
-        if isinstance(shape[0], int):  # a static batch: the base class pads and splits to it
-            self.batch_range = BatchRange(shape[0], shape[0], shape[0])
-        self.input_name = self.session.get_inputs()[0].name
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        check_graph_io(path, config, self.input_format, inp.type, inp.type == "tensor(uint8)", inp.shape, out.shape)
+        if isinstance(inp.shape[0], int):  # a static batch: the base class pads and splits to it
+            self.batch_range = BatchRange(inp.shape[0], inp.shape[0], inp.shape[0])
+        self.input_name = inp.name
         self.path = str(path)
         self.target = "portable"  # what the graph was built for (bundle.TARGETS); from_bundle knows
 
@@ -116,22 +109,3 @@ class OrtRuntime(Runtime):
                                  "run cvt-check on the bundle; if it fails too, re-export it with cvt-export") from None
         return np.asarray(out)
 
-
-def _check_io(session: Any, config: CvtConfig, path: str | os.PathLike[str], input_format: str) -> None:
-    """The graph must take the images and give the classes its config says: a graph swapped
-    into a bundle, or metadata of another model, would otherwise answer with wrong labels."""
-    from ..preprocess import graph_dims
-
-    in_type = session.get_inputs()[0].type
-    if (in_type == "tensor(uint8)") != input_format.startswith("uint8"):
-        raise CvtDeployError(f"{path} takes {in_type} but says its input format is {input_format!r}",
-                             "the graph was edited after export: re-export it with cvt-export")
-    inp, out = session.get_inputs()[0].shape, session.get_outputs()[0].shape
-    want_in = list(graph_dims(config.preprocess, input_format))
-    got_in = list(inp[1:]) if len(inp) == 4 else None
-    if got_in is None or any(isinstance(g, int) and g != w for g, w in zip(got_in, want_in)):
-        raise CvtDeployError(f"{path} takes input of shape {inp}, but its model config says (N, {', '.join(map(str, want_in))})",
-                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
-    if len(out) != 2 or (isinstance(out[1], int) and out[1] != config.num_classes):
-        raise CvtDeployError(f"{path} outputs shape {out}, but its model config has {config.num_classes} classes",
-                             "the graph and its bundle/metadata do not belong together: re-export with cvt-export")
