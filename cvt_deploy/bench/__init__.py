@@ -17,8 +17,8 @@ How the numbers are made (and why):
 * Each iteration is timed on its own with ``time.perf_counter`` around ``runtime.run`` and
   the runtime's ``synchronize()`` when it has one (CUDA work is asynchronous). The Python GC
   is paused inside a timed block, as ``timeit`` does.
-* One thread count for everything: ``torch.set_num_threads`` (process-wide) and ONNX
-  Runtime's ``intra_op_num_threads``.
+* One thread count for everything: ``torch.set_num_threads`` (process-wide), ONNX
+  Runtime's ``intra_op_num_threads`` and OpenVINO's ``INFERENCE_NUM_THREADS``.
 * A large fp32 matrix multiply is timed as one more interleaved combination: its GFLOP/s is
   what this machine delivers right now, and ``pct_matmul_peak`` puts each model against it.
   The model's MACs come from :func:`count_macs`, computed from the architecture.

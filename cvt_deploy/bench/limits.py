@@ -3,10 +3,11 @@ same run) and whether the model's weights fit the last-level cache.
 
 A "% of matmul peak" is only honest against the fastest matrix multiply the device offers
 the row's arithmetic: on one 2-core CPU, ONNX Runtime's fp32 MatMul (MLAS) ran at ~2x
-torch's, so dividing by torch's overstated every row ~2x. So on the CPU the
-ceilings are ONNX Runtime's fp32 MatMul and its u8 x s8 MatMulInteger (what the int8 graphs
-run), and torch's fp32 matmul where torch is installed: fp32 rows divide by the faster fp32
-one, int8 rows by the integer one, fp16 rows by the fastest fp16 or fp32 GEMM (a CPU has no
+torch's, so dividing by torch's overstated every row ~2x; and OpenVINO's fp32 MatMul can be
+faster again than MLAS. So on the CPU the ceilings are ONNX Runtime's fp32 MatMul and its
+u8 x s8 MatMulInteger (what the int8 graphs run), and the fp32 matmul of torch and of
+OpenVINO where they are installed: fp32 rows divide by the fastest fp32 one, int8 rows by
+the integer one, fp16 rows by the fastest fp16 or fp32 GEMM (a CPU has no
 fp16 GEMM of its own). On a GPU the ceilings are torch's matmul (cuBLAS) in fp32 and fp16;
 there is no int8 GEMM ceiling there yet.
 """
@@ -79,6 +80,28 @@ def _torch_gemm(size: int, device: str, dtype: str) -> tuple[Case, str]:
     return Case(f"torch {dtype} gemm", lambda: torch.matmul(a, b), sync), f"torch {torch.__version__} matmul {dtype}"
 
 
+def _openvino_gemm(size: int, threads: int) -> tuple[Case, str]:
+    """A size x size fp32 MatMul compiled by OpenVINO's CPU plugin as the model rows are
+    (runtimes/openvino.py's settings: f32, not the bf16 the plugin picks by itself on AMX CPUs)."""
+    import openvino as ov
+
+    from ..runtimes.openvino import F32, compile_config
+
+    try:
+        from openvino import opset13 as ops
+    except ImportError:  # OpenVINO 2024.0-2024.x kept the opsets under openvino.runtime
+        from openvino.runtime import opset13 as ops
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), np.float32)
+    param = ops.parameter([size, size], np.float32, name="a")
+    product = ops.matmul(param, ops.constant(rng.standard_normal((size, size), np.float32)), False, False)
+    compiled = ov.Core().compile_model(ov.Model([product], [param], "gemm"), "CPU", compile_config(threads, F32))
+    request = compiled.create_infer_request()
+    # share_outputs: no copy of the 4-byte x size^2 result per call (ONNX Runtime's session.run makes none either)
+    return (Case("openvino fp32 gemm", lambda: request.infer({0: a}, share_inputs=True, share_outputs=True)),
+            f"openvino {ov.get_version().split('-')[0]} CPU MatMul fp32")
+
+
 def ceilings(size: int, device: str, threads: int) -> list[Ceiling]:
     """The GEMMs to time in this run (size x size x size, ``threads`` CPU threads)."""
     ops = 2.0 * size ** 3
@@ -94,6 +117,9 @@ def ceilings(size: int, device: str, threads: int) -> list[Ceiling]:
         if has_torch:
             case, impl = _torch_gemm(size, device, "fp32")
             out.append(Ceiling("torch-fp32", "fp32", impl, case, ops))
+        if importlib.util.find_spec("openvino") is not None:
+            case, impl = _openvino_gemm(size, threads)
+            out.append(Ceiling("openvino-fp32", "fp32", impl, case, ops))
         if not out:  # neither library: numpy's BLAS, whose threads --threads does not set
             rng = np.random.default_rng(0)
             an, bn = rng.standard_normal((size, size), np.float32), rng.standard_normal((size, size), np.float32)
@@ -111,6 +137,15 @@ def best(found: list[Ceiling], precision: str) -> Ceiling | None:
     kinds = {"int8": ("int8",), "fp16": ("fp16", "fp32")}.get(precision, ("fp32",))
     timed = [c for c in found if c.kind in kinds and c.gops is not None]
     return max(timed, key=lambda c: c.gops or 0.0, default=None)
+
+
+def int8_limit(found: list[Ceiling]) -> float | None:
+    """How much faster than fp32 this CPU multiplies in int8: the fastest u8 x s8 GEMM's GOP/s
+    over the fastest fp32 GEMM's, both timed in this run (None unless both were)."""
+    integer, floating = best(found, "int8"), best(found, "fp32")
+    if integer is None or floating is None or not integer.gops or not floating.gops:
+        return None
+    return integer.gops / floating.gops
 
 
 def llc_bytes() -> int | None:

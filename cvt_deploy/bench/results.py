@@ -22,11 +22,11 @@ SCHEMA_VERSION = 1
 #: appended (bump SCHEMA_VERSION if one changes meaning).
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("model", "str", "the bundle's variant, e.g. cvt-13"),
-    ("backend", "str", "torch | onnxruntime | tensorrt | hf-transformers"),
+    ("backend", "str", "torch | onnxruntime | openvino | tensorrt | hf-transformers"),
     ("precision", "str", "fp32 | fp16 | int8"),
     ("batch", "int", "images per call"),
     ("device", "str", "cpu | cuda"),
-    ("threads", "int", "CPU threads (torch.set_num_threads and ORT intra_op_num_threads)"),
+    ("threads", "int", "CPU threads (torch.set_num_threads, ORT intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS)"),
     ("status", "str", "ok | skipped (cannot run here) | failed (loaded but raised while running)"),
     ("reason", "str", "why skipped/failed; blank when ok"),
     ("p50_ms", "float", "median latency of one call, milliseconds"),
@@ -56,6 +56,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("concurrency", "int", "served rows (cvt-bench --url): requests kept in flight; throughput is then images "
                            "completed / wall time; blank in-process"),
     ("server_batch", "float", "served rows: mean batch Triton formed (its inference count / execution count)"),
+    ("int8_speedup", "float", "int8 rows: p50 of the same backend's fp32 row at the same batch / this p50 (>1: int8 is faster)"),
+    ("int8_speedup_of_limit", "float", "int8 rows: int8_speedup / the CPU's own int8 limit, the fastest u8 x s8 GEMM's "
+                                       "GOP/s over the fastest fp32 GEMM's, both timed in this run (meta.matmul.int8_limit); "
+                                       "1.0 = int8 gains all the GEMMs allow"),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
@@ -94,6 +98,8 @@ class BenchRow:
     weights_fit_llc: str | None = None
     concurrency: int | None = None
     server_batch: float | None = None
+    int8_speedup: float | None = None
+    int8_speedup_of_limit: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,6 +207,7 @@ def table(result: BenchResult) -> str:
     notes: list[str] = []
     rows = []
     served = any(r.concurrency is not None for r in result.rows)
+    int8 = any(r.int8_speedup_of_limit is not None for r in result.rows)
     for r in result.rows:
         if r.status != "ok":
             note = f"{r.backend}: {r.reason}"  # reasons name the precision where it matters
@@ -215,10 +222,15 @@ def table(result: BenchResult) -> str:
                      "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
                      _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else "",
                      _ms(r.first_call_ms)])
+        if int8:
+            rows[-1].insert(14, "" if r.int8_speedup_of_limit is None
+                            else f"{r.int8_speedup_of_limit:.2f} ({r.int8_speedup:.2f}x)")
         if served:
             rows[-1][3:3] = ["" if r.concurrency is None else str(r.concurrency), _num(r.server_batch, 2)]
     head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
             "img/s", "vs torch", "GFLOP/s", "% peak", "accuracy", "agree", "n", "first ms"]
+    if int8:
+        head.insert(14, "int8/limit")
     if served:
         head[3:3] = ["in flight", "srv batch"]
     text = format_table(head, rows, title=header(result))
@@ -237,6 +249,11 @@ def table(result: BenchResult) -> str:
         foot.append(cache)
     if not served:
         foot.append("% peak = GFLOP/s / the fastest GEMM of the row's kind in this run (int8 rows: the integer GEMM)")
+    limit = result.meta.get("matmul", {}).get("int8_limit")
+    if int8 and limit:
+        foot.append(f"int8/limit = int8 speed-up (same backend's fp32 p50 / int8 p50, same batch; in brackets) / this "
+                    f"CPU's int8 limit, its fastest u8 x s8 GEMM over its fastest fp32 GEMM in this run = {limit:.2f}x; "
+                    "1.00 = the int8 graph gains all that its GEMMs allow")
     if "peak_rss_mb" in result.meta:
         foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
                     + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))

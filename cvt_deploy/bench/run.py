@@ -20,7 +20,7 @@ from ..progress import stage
 from ..runtimes.base import Runtime
 from ..util import PRECISIONS, tool_versions
 from .cost import count_macs
-from .limits import SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, llc_bytes
+from .limits import SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, int8_limit, llc_bytes
 from .results import BenchResult, BenchRow
 from .timing import Case, check_settings, measure_interleaved, summarize
 
@@ -126,7 +126,7 @@ def _weights_mb(bundle: Bundle, runtime: Runtime | str) -> float | None:
 def _versions() -> dict[str, str]:
 
     return {"python": platform.python_version(),
-            **tool_versions(("numpy", "torch", "onnxruntime", "tensorrt", "transformers"))}
+            **tool_versions(("numpy", "torch", "onnxruntime", "openvino", "tensorrt", "transformers"))}
 
 
 def _check_choices(values: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
@@ -345,13 +345,21 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         if base is not None and row.p50_ms:
             assert base.p50_ms is not None
             row.ratio_vs_torch = round(base.p50_ms / row.p50_ms, 3)
+    limit = int8_limit(gemms)
+    for row in rows:
+        fp32 = next((r for r in rows if (r.backend, r.precision, r.batch) == (row.backend, "fp32", row.batch) and r.p50_ms), None)
+        if row.precision == "int8" and row.p50_ms and fp32 is not None and fp32.p50_ms:
+            row.int8_speedup = round(fp32.p50_ms / row.p50_ms, 3)
+            row.int8_speedup_of_limit = None if limit is None else round(row.int8_speedup / limit, 3)
 
     meta = {"model": cfg.variant, "img_size": cfg.img_size, "num_classes": cfg.num_classes, "macs": macs,
             "gmacs": macs / 1e9, "bundle": str(bundle.root), "device": device, "threads": threads,
-            "thread_controls": "torch.set_num_threads (process-wide) and onnxruntime intra_op_num_threads",
+            "thread_controls": "torch.set_num_threads (process-wide), onnxruntime intra_op_num_threads and "
+                               "openvino INFERENCE_NUM_THREADS",
             "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
             "matmul": {"size": matmul_size, "ceilings": ceilings_meta(gemms),
-                       **{p: _ceiling_name(gemms, p) for p in PRECISIONS}},
+                       **{p: _ceiling_name(gemms, p) for p in PRECISIONS},
+                       "int8_limit": None if limit is None else round(limit, 3)},
             "llc_bytes": llc, "llc_source": str(SYSFS_CACHE) if llc else "unknown (no sysfs cache information)",
             "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
             "loadavg_1min": {"before": load_before, "after": _loadavg()},

@@ -30,7 +30,8 @@ how it measures:
   no artifact, torch int8, fp16 torch on CPU ...) is a 'skipped' row with the reason.
   All runtimes are loaded and warmed up, then timed in interleaved rounds (A B C A B C ...)
   so that load on a shared machine hits every row alike. Each call is timed on its own.
-  One thread count for all: torch.set_num_threads and ONNX Runtime intra_op threads.
+  One thread count for all: torch.set_num_threads, ONNX Runtime intra_op threads and
+  OpenVINO INFERENCE_NUM_THREADS.
 
 reading the table:
   p50/p90/p99/mean/min/max ms  latency of one call of BATCH images
@@ -39,6 +40,9 @@ reading the table:
   GFLOP/s    the model's analytic MACs x 2 x img/s
   % matmul   that, as a share of a large fp32 matmul timed in the same run (what the
              cores deliver right now); fp16/int8 rows may exceed 100%
+  int8/limit  int8 rows (where the CPU's GEMMs were timed): the row's speed-up over its
+             backend's fp32 row, in brackets, as a share of the speed-up the CPU's int8
+             GEMM has over its fp32 GEMM in this run; 1.00 = all the int8 GEMMs allow
   accuracy / agree  as recorded in the bundle at export (cvt-export --check); blank if none
   n          timed calls behind the statistics
   The 'baseline' row is our CvT in PyTorch eager (the bundle's model.safetensors); the

@@ -1,0 +1,204 @@
+"""The OpenVINO backend: every precision of the demo bundle through the parity gates, the same
+logits as ONNX Runtime at any batch, raw-pixel graphs, clean errors, and what cvt-bench adds
+for it (its fp32 GEMM ceiling, the int8 speed-up against the CPU's own limit)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed: pip install 'cvt-deploy[openvino]'")
+pytest.importorskip("onnxruntime", reason="the OpenVINO results are compared with ONNX Runtime's")
+
+from cvt_deploy.bundle import Bundle  # noqa: E402
+from cvt_deploy.errors import CvtDeployError  # noqa: E402
+from cvt_deploy.preprocess import preprocess  # noqa: E402
+from cvt_deploy.runtimes import BACKENDS, PREFERENCE, available_backends, load  # noqa: E402
+from cvt_deploy.runtimes.openvino import OpenVinoRuntime  # noqa: E402
+from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
+from conftest import raw_pixel_copy, run_cli  # noqa: E402
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@pytest.fixture(scope="module")
+def images(demo_test_split: Any, demo_full_bundle: Path) -> np.ndarray:
+    """Held-out demo digits, preprocessed: real images, so int8 is compared where it is calibrated."""
+    n = Bundle.open(demo_full_bundle).batch.max
+    return preprocess(list(demo_test_split.images[:n]), Bundle.open(demo_full_bundle).config.preprocess)
+
+
+@pytest.fixture(scope="module")
+def ov_runtimes(demo_full_bundle: Path) -> dict[str, OpenVinoRuntime]:
+    out = {}
+    for p in PRECISIONS:
+        rt = load(demo_full_bundle, backend="openvino", precision=p, threads=1)
+        assert isinstance(rt, OpenVinoRuntime)
+        out[p] = rt
+    return out
+
+
+def test_registered_after_onnxruntime_so_load_still_picks_onnxruntime(demo_bundle: Path) -> None:
+    assert BACKENDS["openvino"] == "cvt_deploy.runtimes.openvino:OpenVinoRuntime"
+    assert PREFERENCE.index("onnxruntime") < PREFERENCE.index("openvino") < PREFERENCE.index("torch")
+    assert available_backends(Bundle.open(demo_bundle))["openvino"] is None
+    assert load(demo_bundle).backend == "onnxruntime"
+    bare = load(demo_bundle / "model.onnx", backend="openvino")  # a bare graph: its metadata says what it is
+    assert isinstance(bare, OpenVinoRuntime) and bare.config == Bundle.open(demo_bundle).config
+
+
+def test_runs_the_portable_graph_in_the_graphs_precision(ov_runtimes: dict[str, OpenVinoRuntime],
+                                                        demo_full_bundle: Path) -> None:
+    bundle = Bundle.open(demo_full_bundle)
+    for p, rt in ov_runtimes.items():
+        assert rt.precision == p and rt.backend == "openvino" and rt.batch_range is None  # dynamic batch
+        assert rt.path == str(bundle.path(bundle.require("onnx", p)))  # not the ONNX Runtime CPU graph
+        assert rt.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+        hint = str(rt.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        # fp32 and int8 in f32, never the bf16 OpenVINO picks by itself on AMX / AVX512-BF16 CPUs
+        assert ("float16" if rt.compute == "f16" else "float32") in hint, hint
+        assert (p == "fp16") or rt.compute == "f32"
+        assert ("computed in f32" in rt.describe()) == (p == "fp16" and rt.compute == "f32")
+
+
+def test_every_precision_passes_the_parity_gates(demo_full_bundle: Path) -> None:
+    from cvt_deploy.parity import check_bundle
+
+    reports = check_bundle(Bundle.open(demo_full_bundle), backends=["openvino"], limit=128, progress=False)
+    assert sorted(r.precision for r in reports) == sorted(PRECISIONS)
+    for r in reports:
+        assert r.candidate.startswith("openvino") and r.reference.startswith("torch fp32"), r.candidate
+        assert r, f"{r.candidate}: {r.failed}"
+        assert r.artifact == Bundle.open(demo_full_bundle).require("onnx", r.precision).name
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_any_batch_gives_onnxruntimes_logits(ov_runtimes: dict[str, OpenVinoRuntime], demo_full_bundle: Path,
+                                             images: np.ndarray, precision: str) -> None:
+    bundle = Bundle.open(demo_full_bundle)
+    ort = OrtRuntime.from_bundle(bundle, artifact=bundle.require("onnx", precision).name, threads=1)
+    ov = ov_runtimes[precision]
+    full = ov.run(images)
+    for n in (1, 3, bundle.batch.max):
+        got, want = ov.run(images[:n]), ort.run(images[:n])
+        assert got.shape == want.shape == (n, bundle.config.num_classes) and got.dtype == np.float32
+        # the same images in a smaller batch: a dynamic batch changes nothing (up to kernel blocking)
+        np.testing.assert_allclose(got, full[:n], atol={"fp32": 1e-5, "fp16": 2e-2, "int8": 5e-2}[precision])
+        if precision == "fp32":
+            np.testing.assert_allclose(got, want, atol=1e-4)
+        elif precision == "fp16":
+            np.testing.assert_allclose(got, want, atol=5e-2)
+        else:  # int8 kernels round differently; what the user sees must agree
+            cos = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+            assert cos.min() > 0.99, cos.min()
+            assert (got.argmax(1) == want.argmax(1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("input_format, output", [("uint8-nhwc", "probs"), ("uint8-nchw", "logits")])
+def test_raw_pixel_graph(demo_bundle: Path, demo_test_split: Any, tmp_path: Path, input_format: str, output: str) -> None:
+    raw = raw_pixel_copy(demo_bundle, tmp_path / "raw", input_format, output)
+    ov = load(raw, backend="openvino", threads=1)
+    assert (ov.input_format, ov.output_kind) == (input_format, output)
+    ort = OrtRuntime.from_bundle(Bundle.open(raw), artifact="onnx-fp32", threads=1)
+    imgs = list(demo_test_split.images[:16])
+    got, want = ov.predict(imgs), ort.predict(imgs)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
+    np.testing.assert_array_equal(got.top1, want.top1)
+
+
+def test_several_threads_share_one_runtime(ov_runtimes: dict[str, OpenVinoRuntime], images: np.ndarray) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    rt = ov_runtimes["fp32"]
+    chunks = [images[i:i + 4] for i in range(0, 32, 4)]
+    want = [rt.run(c) for c in chunks]
+    # Each call keeps its own result: not a request buffer that a later call (another thread's) overwrites.
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: [rt.run(chunks[i]) for _ in range(4)], range(len(chunks))))
+    for i, outs in enumerate(got):
+        for out in outs:
+            np.testing.assert_allclose(out, want[i], atol=1e-5)
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not onnx", "missing"])
+def test_a_damaged_graph_is_a_clean_error(demo_bundle: Path, tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "model.onnx"
+    if damage == "truncated":
+        _truncated(demo_bundle / "model.onnx", path)
+    elif damage == "not onnx":
+        path.write_text("hello world")
+    with pytest.raises(CvtDeployError, match="OpenVINO cannot read") as err:
+        OpenVinoRuntime.from_onnx(path)
+    text = str(err.value)
+    assert str(path) in text and "src/" not in text and "Check '" not in text  # OpenVINO's locations stripped
+    assert err.value.hint and "re-export" in err.value.hint
+
+
+def demo_bundle_graph(root: Path) -> Path:
+    return root / Bundle.open(root).require("onnx", "fp32").file
+
+
+def test_a_damaged_bundle_graph_and_the_commands(bundle_copy: Path, tmp_path: Path) -> None:
+    """Through the bundle the manifest's hash catches it first; a bare graph reaches OpenVINO."""
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(demo_bundle_graph(bundle_copy).read_bytes())
+    _truncated(demo_bundle_graph(bundle_copy), demo_bundle_graph(bundle_copy))
+    with pytest.raises(CvtDeployError, match="does not match the bundle's manifest"):
+        load(bundle_copy, backend="openvino")
+    _truncated(bare, bare)
+    sample = Path(__file__).resolve().parent.parent / "cvt_deploy" / "demo" / "samples" / "digit-0.png"
+    for source in (bundle_copy, bare):
+        proc = run_cli("cvt-predict", "--bundle", str(source), "--backend", "openvino", str(sample))
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and "fix:" in proc.stderr, proc.stderr
+        assert ("OpenVINO cannot read" if source == bare else "does not match the bundle's manifest") in proc.stderr
+
+
+def test_without_openvino_it_is_a_reason_not_a_crash(demo_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    assert "not 'cuda'" in (OpenVinoRuntime.unavailable_reason("cuda") or "")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert available_backends(Bundle.open(demo_bundle))["openvino"] == "openvino is not installed"
+    with pytest.raises(CvtDeployError, match="cannot run here: openvino is not installed") as err:
+        load(demo_bundle, backend="openvino")
+    assert "cvt-deploy[openvino]" in (err.value.hint or "")
+
+
+# --- cvt-bench: the ceiling and the int8 ratio to the CPU's limit --------------------------------
+
+def test_benchmark_has_the_openvino_ceiling_and_the_int8_ratio(demo_full_bundle: Path) -> None:
+    from cvt_deploy.bench import COLUMN_NAMES, benchmark
+
+    result = benchmark(demo_full_bundle, ["onnxruntime", "openvino"], ["fp32", "int8"], [1], threads=1, iterations=3,
+                       warmup=1, rounds=2, matmul_size=128, reference=False, hf_reference=False, progress=False)
+    assert {"int8_speedup", "int8_speedup_of_limit"} <= set(COLUMN_NAMES)
+    mm = result.meta["matmul"]
+    ceilings = mm["ceilings"]
+    assert ceilings["openvino-fp32"]["kind"] == "fp32" and ceilings["openvino-fp32"]["gops"] > 0
+    assert "openvino" in ceilings["openvino-fp32"]["impl"]
+    fp32 = {k: c["gops"] for k, c in ceilings.items() if c["kind"] == "fp32"}
+    assert mm["fp32"] == max(fp32, key=lambda k: fp32[k])  # fp32 rows divide by the fastest fp32 GEMM
+    limit = ceilings[mm["int8"]]["gops"] / max(fp32.values())
+    assert mm["int8_limit"] == pytest.approx(limit, rel=0.02)
+    for backend in ("onnxruntime", "openvino"):
+        f, q = result.row(backend, "fp32", 1), result.row(backend, "int8", 1)
+        assert f is not None and q is not None and f.status == q.status == "ok", (f, q)
+        assert f.int8_speedup is None and f.int8_speedup_of_limit is None
+        assert f.matmul_ceiling == mm["fp32"]
+        assert q.int8_speedup == pytest.approx(f.p50_ms / q.p50_ms, rel=1e-2)
+        assert q.int8_speedup_of_limit == pytest.approx(q.int8_speedup / mm["int8_limit"], rel=1e-2)
+    text = result.table()
+    assert "int8/limit" in text and f"= {mm['int8_limit']:.2f}x" in text
+    row = next(line for line in text.splitlines() if line.startswith("openvino") and " int8 " in line)
+    assert f"{result.row('openvino', 'int8', 1).int8_speedup_of_limit:.2f} (" in row  # type: ignore[union-attr]
