@@ -3,7 +3,7 @@
 Gates per precision. fp32 must reproduce the reference to float rounding; fp16 and int8
 are judged by what users see (top-1 agreement, accuracy drop) plus cosine similarity as an
 early warning. The limits were set from measurements on the demo model and CvT-13; see
-README "Precision".
+docs/precision.md.
 """
 from __future__ import annotations
 

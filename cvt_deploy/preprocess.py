@@ -59,7 +59,7 @@ def load_image(item: ImageLike) -> Image.Image:
     """An RGB PIL image from a path, an encoded image file's bytes (PNG, JPEG...: a served
     request), a PIL image (any mode) or an HWC/HW array.
 
-    How pixels are read, one rule for every source (documented in the README, "Images"):
+    How pixels are read, one rule for every source (documented in docs/predict.md):
     integer images are scaled by their type's full range (8-bit as is, 16-bit -- PIL modes
     I;16*, I, uint16 arrays -- by 255/65535), float images (mode F, float arrays) are taken
     as 0..1; both end as 8-bit RGB, what the models were trained on. The EXIF orientation

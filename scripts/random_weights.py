@@ -5,7 +5,7 @@ training) and BatchNorm to the identity; a trained model has neither, and zero b
 the cost of the bias adds that graph rewrites fold. Usage:
 
     python scripts/random_weights.py cvt-13 build/cvt13-random.safetensors
-    cvt-export --model cvt-13 --weights build/cvt13-random.safetensors --precision fp32,int8 --out build/cvt13
+    cvt-export --model cvt-13 --weights build/cvt13-random.safetensors --precision fp32,int8 --no-check --out build/cvt13
 """
 from __future__ import annotations
 
