@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
     ap.add_argument("--no-ort-cpu", action="store_true",
                     help="write the portable graphs only (by default ONNX Runtime CPU graphs are added: faster there, "
-                         "see README 'Graphs per target')")
+                         "see docs/precision.md)")
     g = ap.add_argument_group("int8 calibration")
     g.add_argument("--calib", metavar="DIR|FILE.npy", help="calibration images (default: the demo calibration split)")
     g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.int8)")
