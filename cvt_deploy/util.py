@@ -255,13 +255,25 @@ def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[
 
 @contextlib.contextmanager
 def temp_files_in(folder: Path) -> Iterator[None]:
-    """Point Python's ``tempfile`` (what libraries use for their scratch files) at ``folder``."""
-    previous = tempfile.tempdir
+    """Point Python's ``tempfile`` (what libraries use for their scratch files) at ``folder``.
+
+    Libraries that publish where they put their scratch files for their own subprocesses
+    (torch's inductor sets TORCHINDUCTOR_CACHE_DIR) get their variables back afterwards:
+    they would point into ``folder`` after it is gone, and whatever ran next would recreate it.
+    """
+    previous, environ = tempfile.tempdir, dict(os.environ)
     tempfile.tempdir = str(folder)
     try:
         yield
     finally:
         tempfile.tempdir = previous
+        inside = str(folder) + os.sep
+        for key, value in list(os.environ.items()):
+            if value.startswith(inside) and environ.get(key) != value:
+                if key in environ:
+                    os.environ[key] = environ[key]
+                else:
+                    del os.environ[key]
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -430,6 +430,13 @@ def test_no_stray_files_beside_the_session_bundle(demo_bundle, leftovers):
     assert (demo_bundle / "model.onnx").stat().st_mode & 0o044
 
 
+def test_an_export_leaves_the_environment_as_it_was(demo_bundle):
+    """Libraries publish their scratch folders in the environment (torch's inductor:
+    TORCHINDUCTOR_CACHE_DIR); pointing into the export's removed staging folder, they made
+    the next torch process recreate it beside the bundle."""
+    assert not {k: v for k, v in os.environ.items() if v.startswith(str(demo_bundle.parent))}
+
+
 def test_export_onnx_leaves_no_graph_when_verification_fails(demo_model, static_bundle, tmp_path, monkeypatch, leftovers):
     """Simulate the failure check_batches guards against: torch's exporter returning a graph
     whose batch dimension is fixed (here the genuine static-batch demo graph)."""
