@@ -9,6 +9,10 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 PY := $(VENV)/bin/python
+# Test processes (pytest-xdist): each takes whole test files, so a file's module fixtures
+# (one Triton server, one export) are made once. `make PYTEST_WORKERS=0 test` runs in one process.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 
@@ -33,11 +37,11 @@ typecheck: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m mypy
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP)
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) build
