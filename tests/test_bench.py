@@ -371,3 +371,25 @@ def test_llc_size_from_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert limits.fits_llc(20 * 2**20, limits.llc_bytes()) == "yes" and limits.fits_llc(80 * 2**20, 32 * 2**20) == "no"
     monkeypatch.setattr(limits, "SYSFS_CACHE", tmp_path / "absent")
     assert limits.llc_bytes() is None and limits.fits_llc(1, None) == "unknown"
+
+
+@pytest.mark.slow  # inductor compiles the model first: ~25 s on 2 cores
+def test_torch_compile_reference_row_runs_the_compiled_model(tiny_bundle: Path, keep_torch_threads: Any) -> None:
+    from cvt_deploy.bench import benchmark
+    from cvt_deploy.runtimes import load
+    from cvt_deploy.runtimes.pytorch import TorchCompiledRuntime
+
+    compiled = load(tiny_bundle, backend="torch-compile")
+    assert isinstance(compiled, TorchCompiledRuntime) and compiled.backend == "torch-compile"
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run(x), load(tiny_bundle, backend="torch").run(x), atol=1e-4)
+    with pytest.raises(CvtDeployError, match="fp32 only"):
+        load(tiny_bundle, backend="torch-compile", precision="fp16")
+    result = benchmark(tiny_bundle, ["onnxruntime"], ["fp32"], [2], threads=1, iterations=3, warmup=1, rounds=2,
+                       matmul_size=128, hf_reference=False, compiled_reference=True, progress=False)
+    (row,) = [r for r in result.rows if r.backend == "torch-compile"]
+    assert (row.role, row.status, row.precision) == ("reference", "ok", "fp32") and row.p50_ms, row
+    # Off by default: a plain run has no compiled row.
+    plain = benchmark(tiny_bundle, ["onnxruntime"], ["fp32"], [2], threads=1, iterations=3, warmup=1, rounds=2,
+                      matmul_size=128, hf_reference=False, progress=False)
+    assert not [r for r in plain.rows if r.backend == "torch-compile"]

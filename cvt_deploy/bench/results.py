@@ -45,7 +45,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("accuracy", "float", "accuracy recorded in the bundle manifest at export (fraction), blank if none"),
     ("top1_agreement", "float", "top-1 agreement with PyTorch fp32 recorded at export (fraction), blank if none"),
     ("iterations", "int", "timed calls behind the statistics"),
-    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face) | backend | in-process "
+    ("role", "str", "baseline (the ratio's denominator) | reference (Hugging Face, torch.compile) | backend | in-process "
                     "(beside a served run)"),
     ("peak_cuda_mb", "float", "torch.cuda.max_memory_allocated, process-wide; blank off CUDA"),
     ("first_call_ms", "float", "the first call after load at this batch (cold caches, buffers allocated); not in p50..max. "

@@ -157,8 +157,9 @@ class BenchOptions:
     each block after ``settle`` untimed calls (see :func:`measure_interleaved`).
     ``matmul_size``: side of the fp32 matrix multiply that ``pct_matmul_peak`` compares with.
     ``reference``: add PyTorch eager fp32 (the ratio baseline) even if "torch"/"fp32" was not asked for.
-    ``hf_reference``: add the registered reference implementations (Hugging Face transformers'
-    CvT) at fp32 (a skipped row when one cannot run).
+    ``hf_reference``: add Hugging Face transformers' CvT at fp32 (a skipped row when it cannot run).
+    ``compiled_reference``: add our model through ``torch.compile`` (inductor) at fp32; off by
+    default, since each batch size compiles for tens of seconds first.
     """
 
     backends: Sequence[str] | None = None
@@ -174,6 +175,7 @@ class BenchOptions:
     min_iterations: int = 10
     reference: bool = True
     hf_reference: bool = True
+    compiled_reference: bool = False
     matmul_size: int = 2048
 
     def __post_init__(self) -> None:
@@ -254,7 +256,8 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         torch.set_num_threads(threads)  # process-wide: the torch backend, HF and the matmul all use it
 
     # combinations: the baseline and the references first at each batch, then the backends asked for
-    references = list(rt.REFERENCES) if hf_reference else []
+    references = [name for name, wanted in (("hf-transformers", hf_reference),
+                                            ("torch-compile", options.compiled_reference)) if wanted]
     combos: list[tuple[str, str, int, str]] = []
     for b in batches:
         if reference or (BASELINE[0] in backends and BASELINE[1] in precisions):

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "combination); repeatable")
     ap.add_argument("--plot", type=Path, metavar="FILE.png", help="latency and throughput vs batch (needs the 'plot' extra)")
     ap.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers reference row")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="add our model through torch.compile (inductor) as a reference row; each batch size "
+                         "compiles first (tens of seconds, shown as 'first ms')")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
     ap.add_argument("--quick", action="store_true",
@@ -181,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            device=args.device, iterations=args.iterations, min_time=float(settings["min_time"]),
                            warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
                            min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),
-                           reference=not args.no_reference, hf_reference=not args.no_hf)
+                           reference=not args.no_reference, hf_reference=not args.no_hf,
+                           compiled_reference=args.torch_compile)
     bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
     if options.batches:  # sizes the bundle was not exported for, before the banner and the model loads
         check_batches(bundle, options.batches)

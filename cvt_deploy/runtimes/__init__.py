@@ -37,6 +37,7 @@ PREFERENCE = ("tensorrt", "onnxruntime", "openvino", "torch")
 # but they run no bundle artifact, so they are not offered as backends.
 REFERENCES = {
     "hf-transformers": "cvt_deploy.runtimes.hf:HFReferenceRuntime",
+    "torch-compile": "cvt_deploy.runtimes.pytorch:TorchCompiledRuntime",
 }
 
 

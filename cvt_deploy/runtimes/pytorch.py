@@ -71,6 +71,26 @@ class TorchRuntime(Runtime):
         torch_synchronize(self.device)
 
 
+class TorchCompiledRuntime(TorchRuntime):
+    """A reference for cvt-bench, not a bundle backend: the bundle's model through
+    ``torch.compile`` (inductor), what a PyTorch user would try before exporting anything.
+
+    Each new batch size compiles on its first call (tens of seconds on a small CPU), which
+    the warm-up absorbs and the row's ``first ms`` shows; the steady state is what is timed.
+    """
+
+    backend: ClassVar[str] = "torch-compile"
+
+    def __init__(self, model: CvT, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
+        import torch
+
+        if precision != "fp32":
+            raise CvtDeployError(f"the torch.compile reference runs fp32 only, not {precision}", "compare it at fp32")
+        super().__init__(model, device, precision, threads)
+        # One graph per batch size (dynamic=False): the fastest kernels, as a deployment would fix its batch.
+        self.model = torch.compile(self.model, dynamic=False)  # type: ignore[assignment]
+
+
 def torch_synchronize(device: str) -> None:
     """Wait for queued CUDA work (PyTorch runs it asynchronously); nothing to wait for on CPU."""
     if device.startswith("cuda"):
