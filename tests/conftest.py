@@ -158,17 +158,23 @@ def demo_bundle(demo_export: DemoExport) -> Path:
     return demo_export.root
 
 
+def export_to(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, **options: Any) -> Path:
+    """``export_bundle(model, <a new temporary folder named name>/bundle, **options)``, quietly; the bundle folder."""
+    from cvt_deploy.export.pipeline import export_bundle
+
+    out = tmp_path_factory.mktemp(name) / "bundle"
+    export_bundle(model, out, progress=False, **options)
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_full_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
     """The demo model with every precision (fp32, fp16, int8; ONNX Runtime CPU graphs beside
     them; default TensorRT target), parity gates on: one export for every module that reads
     such a bundle. Read only: copy it to change it."""
     pytest.importorskip("onnxruntime")
-    from cvt_deploy.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp("demo-full") / "bundle"
-    export_bundle(demo_model, out, precisions=("fp32", "fp16", "int8"), calib_count=64, check_limit=128, progress=False)
-    return out
+    return export_to(tmp_path_factory, demo_model, "demo-full", precisions=("fp32", "fp16", "int8"), calib_count=64,
+                     check_limit=128)
 
 
 @pytest.fixture
@@ -186,11 +192,8 @@ def static_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> 
     """The demo model exported with a fixed batch of 4 (BatchRange(4, 4, 4)), unchecked."""
     pytest.importorskip("onnxruntime")
     from cvt_deploy.bundle import BatchRange
-    from cvt_deploy.export.pipeline import export_bundle
 
-    out = tmp_path_factory.mktemp("static-export") / "bundle"
-    export_bundle(demo_model, out, batch=BatchRange(4, 4, 4), check=False, progress=False)
-    return out
+    return export_to(tmp_path_factory, demo_model, "static-export", batch=BatchRange(4, 4, 4), check=False)
 
 
 @pytest.fixture(scope="session")

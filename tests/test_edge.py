@@ -13,21 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import raw_pixel_copy
+from conftest import export_to, raw_pixel_copy
 from cvt_deploy.errors import CvtDeployError
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def _float_export(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str) -> Path:
-    from cvt_deploy.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp(name) / "float"
-    export_bundle(model, out, precisions=PRECISIONS, check=False, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +34,7 @@ def random_tiny(tmp_path_factory: pytest.TempPathFactory, randomize_weights: Any
 
     model = create_model("cvt-tiny", img_size=64, num_classes=10)
     randomize_weights(model, seed=3)
-    return _float_export(tmp_path_factory, model.eval(), "edge-random")
+    return export_to(tmp_path_factory, model.eval(), "edge-random", precisions=PRECISIONS, check=False)
 
 
 _FLOAT_REPORTS: dict[Path, Any] = {}

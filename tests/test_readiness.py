@@ -18,21 +18,13 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from conftest import raw_pixel_copy  # noqa: E402
+from conftest import export_to, raw_pixel_copy  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.export.portable import (decompose_layernorm, flatten_weight_matmuls, make_portable,  # noqa: E402
                                         split_shape_ranges)
 from cvt_deploy.trt.readiness import check_readiness, parser_table, release_of, require_ready  # noqa: E402
 
 VERSIONS = ("8.5", "8.6", "10")
-
-
-def _export(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, **fields: Any) -> Path:
-    from cvt_deploy.export.pipeline import export_bundle
-
-    out = tmp_path_factory.mktemp(name) / "bundle"
-    export_bundle(model, out, progress=False, **fields)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +36,8 @@ def default_bundle(demo_full_bundle: Path) -> Path:
 @pytest.fixture(scope="module")
 def jetpack5_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> Path:
     """Every precision written for TensorRT 8.5 (decomposed LayerNorm), parity gates on."""
-    return _export(tmp_path_factory, demo_model, "ready-85", precisions=("fp32", "fp16", "int8"), calib_count=64,
-                   check_limit=128, ort_cpu=False, tensorrt="8.5")
+    return export_to(tmp_path_factory, demo_model, "ready-85", precisions=("fp32", "fp16", "int8"), calib_count=64,
+                     check_limit=128, ort_cpu=False, tensorrt="8.5")
 
 
 def _graphs(bundle: Path) -> dict[str, Any]:
@@ -375,6 +367,6 @@ def test_cvt13_graphs_are_ready_for_every_release(tmp_path_factory: pytest.TempP
     model = create_model("cvt-13")
     randomize_weights(model, seed=13)
     for target, versions in (("8.6", ("8.6", "10")), ("8.5", VERSIONS)):
-        bundle = _export(tmp_path_factory, model.eval(), f"cvt13-{target}", precisions=("fp32", "fp16", "int8"),
-                         calib_count=8, check=False, ort_cpu=False, tensorrt=target)
+        bundle = export_to(tmp_path_factory, model.eval(), f"cvt13-{target}", precisions=("fp32", "fp16", "int8"),
+                           calib_count=8, check=False, ort_cpu=False, tensorrt=target)
         _assert_ready(bundle, versions)
