@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 
 from .config import CvtConfig
 from .errors import CvtDeployError
+from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, temp_files_in, write_errors, write_failure
@@ -69,19 +70,10 @@ class Artifact:
 _PARITY_NUMBERS = ("accuracy_reference", "accuracy_candidate", "top1_agreement", "accuracy", "agreement")
 
 
-def _inside(name: Any) -> bool:
-    """Whether ``name`` is a relative path that stays inside the bundle folder."""
-    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
-
-
 def _check_info(art: Artifact) -> None:
     """Raise ValueError naming the entry when a recorded fact that code reads is malformed."""
     if art.info.get("target", "portable") not in TARGETS:
         raise ValueError(f"artifact {art.name!r} has target {art.info['target']!r}; known targets are {', '.join(TARGETS)}")
-    for key in ("sidecar", "labels"):  # files beside the artifact's own
-        value = art.info.get(key)
-        if value is not None and not _inside(value):
-            raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not a file name inside the bundle")
     for key in ("source", "input"):  # an artifact name, a graph input name
         value = art.info.get(key)
         if value is not None and (not isinstance(value, str) or not value):
@@ -145,8 +137,9 @@ class Bundle:
                 raise ValueError("'artifacts' is not a mapping")
             artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
             for art in artifacts.values():
-                if not _inside(art.file):
-                    raise ValueError(f"artifact {art.name!r} has file {art.file!r}, not a file name inside the bundle")
+                for key, name in (("file", art.file), ("sidecar", art.info.get("sidecar")), ("labels", art.info.get("labels"))):
+                    if name is not None:
+                        inside_path(root, name, f"{manifest}: artifact {art.name!r} has {key}")
                 if art.kind not in ARTIFACT_KINDS or art.precision not in PRECISIONS:
                     raise ValueError(f"artifact {art.name!r} has kind {art.kind!r} and precision {art.precision!r}; "
                                      f"known kinds are {', '.join(ARTIFACT_KINDS)}, precisions {', '.join(PRECISIONS)}")
@@ -156,7 +149,7 @@ class Bundle:
             bundle = cls(root, CvtConfig.from_dict(raw["model"], "its 'model' entry"), BatchRange.from_dict(raw["batch"]), artifacts,
                          {k: v for k, v in raw.items() if k not in ("format", "format_version", "model", "batch", "artifacts")})
         except CvtDeployError as e:
-            if "format version" in e.message:
+            if "format version" in e.message or SANDBOX_RULE in e.message:
                 raise
             # A config or batch range that does not validate: the file is what is wrong.
             raise CvtDeployError(f"{manifest} is damaged: {e.message}", "re-export the bundle with cvt-export") from None
@@ -172,13 +165,19 @@ class Bundle:
     def path(self, art: Artifact) -> Path:
         return self.root / art.file
 
+    def sidecar_path(self, art: Artifact) -> Path:
+        """The file that describes an engine artifact (its ``sidecar``, default ``<file>.json``)."""
+        return inside_path(self.root, art.info.get("sidecar") or f"{art.file}.json", f"artifact {art.name!r} has sidecar")
+
     def verified_path(self, art: Artifact) -> Path:
         """The artifact's path after checking its sha256 against the manifest (once per bundle object).
 
         A flipped byte in a weights file still loads and runs, with wrong results; the hash
         is what catches a damaged copy.
         """
-        path = self.path(art)
+        path = inside_path(self.root, art.file, f"artifact {art.name!r} has file")
+        if art.name not in self._verified and art.kind == "onnx":
+            check_external_data(self.root, path)
         if art.sha256 and art.name not in self._verified:
             actual = file_sha256(path)
             if actual != art.sha256:
@@ -317,7 +316,7 @@ def bundle_files(root: Path) -> set[str] | None:
     found = False
     with contextlib.suppress(OSError, ValueError, TypeError):
         journal = json.loads((root / JOURNAL).read_text())
-        files |= {f for f in journal["files"] if _inside(f)} | {JOURNAL}
+        files |= {f for f in journal["files"] if plain_name(f)} | {JOURNAL}
         found = True
     with contextlib.suppress(OSError, ValueError):
         raw = json.loads((root / MANIFEST).read_text())
@@ -327,7 +326,7 @@ def bundle_files(root: Path) -> set[str] | None:
             arts = raw.get("artifacts")
             for art in (arts.values() if isinstance(arts, dict) else ()):
                 if isinstance(art, dict):
-                    files |= {str(f) for f in (art.get("file"), art.get("sidecar"), art.get("labels")) if _inside(f)}
+                    files |= {str(f) for f in (art.get("file"), art.get("sidecar"), art.get("labels")) if plain_name(f)}
     return files if found else None
 
 

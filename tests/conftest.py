@@ -274,6 +274,7 @@ def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
 
 
 # Shared test helpers
+import hashlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -354,6 +355,29 @@ def run_cli(name: str, *args: str, cwd: Path | None = None,
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (hidden ones too) -> sha256 of its bytes; symlinks as their target."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def refused(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
+    """Assert a clean refusal: exit ``code``, no traceback, an error line and a fix line naming ``words``."""
+    err = proc.stderr
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err
+    assert "error:" in err and "fix:" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
 
 
 # What every command does after its arguments and files are checked: a test that asserts a

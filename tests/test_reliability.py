@@ -10,7 +10,6 @@ not permitted.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -30,34 +29,13 @@ pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
 
-from conftest import run_cli, script  # noqa: E402
+from conftest import refused, run_cli, script, snapshot  # noqa: E402
 from cvt_deploy.bundle import JOURNAL, Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every file below ``folder`` (hidden ones too) -> sha256 of its bytes; symlinks as their target."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def refused(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
-    """Assert a clean refusal: exit ``code``, no traceback, an error line and a fix line naming ``words``."""
-    err = proc.stderr
-    assert proc.returncode == code, (proc.returncode, err[-2000:])
-    assert "Traceback" not in err, err
-    assert "error:" in err and "fix:" in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 def partials(*folders: Path) -> list[str]:

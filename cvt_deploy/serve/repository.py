@@ -125,7 +125,7 @@ def _plan_models(bundle: Bundle, precisions: Sequence[str]) -> list[tuple[Artifa
     for p in precisions:
         art = bundle.find("tensorrt", p)
         if art is not None:
-            meta = EngineMeta.read(bundle.path(art).with_name(art.info.get("sidecar") or f"{art.file}.json"))
+            meta = EngineMeta.read(bundle.sidecar_path(art))
             if meta.batch.min > 1:
                 raise CvtDeployError(f"the {p} engine's batch profile starts at {meta.batch.min}: Triton sends batches "
                                      "from 1", "rebuild it from a bundle exported with --batch-range 1:OPT:MAX")

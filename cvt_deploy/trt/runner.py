@@ -20,7 +20,7 @@ from ..config import CvtConfig
 from ..errors import CvtDeployError
 from ..runtimes.base import Runtime
 from ..util import BatchRange
-from .sidecar import EngineMeta, sidecar_path
+from .sidecar import EngineMeta
 from .util import (CUDA_PYTHON_HINT, MESSAGES, TENSORRT_INSTALL_HINT, cuda_call, cuda_device_index, cuda_device_info,
                    dims, format_errors, import_cudart, tensorrt_unavailable_reason, trt_logger)
 
@@ -153,8 +153,7 @@ class TensorRTRuntime(Runtime):
             raise CvtDeployError(f"the TensorRT backend cannot run here: {reason}", cls.install_hint)
         art = bundle.require("tensorrt", precision)
         engine = bundle.verified_path(art)
-        sidecar = bundle.root / art.info["sidecar"] if art.info.get("sidecar") else sidecar_path(engine)
-        meta = EngineMeta.read(sidecar)
+        meta = EngineMeta.read(bundle.sidecar_path(art))
         runtime = cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
         runtime.set_io(art.info.get("input_format"), art.info.get("output_kind"), f"{bundle.root} ({art.name})")
         return runtime
