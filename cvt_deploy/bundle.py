@@ -28,7 +28,7 @@ from .errors import CvtDeployError
 from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
-from .util import PARTIAL_SUFFIX, partial_name, remove_path, stale_partials, temp_files_in, write_errors, write_failure
+from .util import PARTIAL_SUFFIX, partial_name, read_json, remove_path, stale_partials, temp_files_in, write_errors, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
@@ -127,7 +127,7 @@ class Bundle:
             raise CvtDeployError(f"{root} has no {MANIFEST}, so it is not a cvt-deploy bundle",
                                  "export one with: cvt-export --format onnx --out DIR")
         try:
-            raw = json.loads(manifest.read_text())
+            raw = read_json(manifest)
             if not isinstance(raw, dict) or raw.get("format") != FORMAT:
                 raise ValueError(f"it is not a {FORMAT} manifest")
             if int(raw.get("format_version", 0)) > FORMAT_VERSION:
@@ -315,11 +315,11 @@ def bundle_files(root: Path) -> set[str] | None:
     files: set[str] = set()
     found = False
     with contextlib.suppress(OSError, ValueError, TypeError):
-        journal = json.loads((root / JOURNAL).read_text())
+        journal = read_json(root / JOURNAL)
         files |= {f for f in journal["files"] if plain_name(f)} | {JOURNAL}
         found = True
     with contextlib.suppress(OSError, ValueError):
-        raw = json.loads((root / MANIFEST).read_text())
+        raw = read_json(root / MANIFEST)
         if isinstance(raw, dict) and raw.get("format") == FORMAT:
             found = True
             files.add(MANIFEST)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
 from .errors import CvtDeployError
+from .util import parse_json
+from .geometry import check_sizes, check_stages, conv_out, mlp_hidden, pool_out, stage_maps  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,6 +185,7 @@ class CvtConfig:
         if not isinstance(self.embed_dims, tuple) or not self.embed_dims:
             _fail("embed_dims", self.embed_dims, "must list one width per stage", "e.g. [64, 192, 384] for CvT-13")
         n = len(self.embed_dims)
+        check_stages(n)
         for name, default in _STAGE_DEFAULTS.items():
             if getattr(self, name) == ():
                 object.__setattr__(self, name, default(n))
@@ -252,6 +255,7 @@ class CvtConfig:
                     f"stage {i} of this architecture has no tokens left at image size {self.img_size} "
                     f"(its {'token embedding' if h < 1 else 'key/value projection'} kernel is larger than its padded input)",
                     "use a larger image size, or check the kernel/stride/padding values")
+        check_sizes(self)
         if self.preprocess.size != self.img_size:
             _fail("preprocess.size", self.preprocess.size, f"must equal img_size {self.img_size}",
                   "preprocessing must produce the model's input size")
@@ -326,44 +330,11 @@ class CvtConfig:
     @classmethod
     def from_json(cls, text: str, source: str | None = None) -> CvtConfig:
         try:
-            d = json.loads(text)
+            d = parse_json(text)
         except (ValueError, TypeError) as e:
             raise CvtDeployError(f"{source or 'the model config'} is not valid JSON ({e})",
                                  "re-export the model with cvt-export") from None
         return cls.from_dict(d, source)
-
-
-def conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
-    return (n + 2 * padding - kernel) // stride + 1
-
-
-def pool_out(n: int, kernel: int, stride: int, padding: int) -> int:
-    """Output size of AvgPool2d(ceil_mode=True), as PyTorch (and ONNX's AveragePool) size it."""
-    out = -(-(n + 2 * padding - kernel) // stride) + 1
-    return out - 1 if (out - 1) * stride >= n + padding else out
-
-
-def stage_maps(cfg: CvtConfig) -> list[tuple[int, int]]:
-    """Per stage, the side of its token map and of its key/value map (square inputs).
-
-    Queries keep the token map's size (validated); keys/values are squeezed by a strided
-    conv ("dw_bn"), pooled ("avg") or left as they are ("linear").
-    """
-    out, h = [], cfg.img_size
-    for i in range(cfg.num_stages):
-        h = conv_out(h, cfg.patch_sizes[i], cfg.patch_strides[i], cfg.patch_paddings[i])
-        k, s, p = cfg.qkv_kernels[i], cfg.kv_strides[i], cfg.kv_paddings[i]
-        method = cfg.qkv_projections[i]
-        hk = conv_out(h, k, s, p) if method == "dw_bn" else pool_out(h, k, s, p) if method == "avg" else h
-        out.append((h, hk))
-        if h < 1:
-            break
-    return out
-
-
-def mlp_hidden(dim: int, ratio: float) -> int:
-    """The MLP's hidden width, rounded as the official and Hugging Face code round it."""
-    return int(dim * ratio)
 
 
 # --- variant registry: one tiny function per variant (timm style) ---------------------

@@ -1,7 +1,8 @@
 """What one image costs: multiply-accumulates by kind of layer, from the architecture alone."""
 from __future__ import annotations
 
-from ..config import CvtConfig, mlp_hidden, stage_maps
+from ..config import CvtConfig
+from ..geometry import mlp_hidden, stage_maps
 
 
 def mac_breakdown(cfg: CvtConfig) -> dict[str, int]:

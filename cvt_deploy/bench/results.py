@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..table import format_table
-from ..util import atomic_output
+from ..util import atomic_output, read_json
 
 SCHEMA = "cvt-deploy-bench"
 SCHEMA_VERSION = 1
@@ -131,7 +131,7 @@ class BenchResult:
     def from_json(cls, path: str | os.PathLike[str]) -> BenchResult:
         """Read back what :meth:`to_json` wrote (to re-plot or compare runs)."""
         try:
-            data = json.loads(Path(path).read_text())
+            data = read_json(path)
             if data.get("schema") != SCHEMA or int(data.get("schema_version", 0)) > SCHEMA_VERSION:
                 raise ValueError(f"schema {data.get('schema')!r} version {data.get('schema_version')!r}")
             known = set(COLUMN_NAMES)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..progress import track
-from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
+from ..util import atomic_output, encode_metadata, file_sha256, read_json, scratch_dir, write_failure
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
 from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _quiet, _verify
@@ -151,7 +151,7 @@ def check_cache_location(cache: Path) -> Path:
         return cache
     if cache.is_file() and cache.suffix.lower() == ".json":
         with contextlib.suppress(OSError, ValueError):
-            raw = json.loads(cache.read_text())
+            raw = read_json(cache)
             if isinstance(raw, dict) and raw.get("format") == CACHE_FORMAT:
                 return cache
     raise CvtDeployError(f"--calib-cache {cache} is an existing file that is not a cvt-deploy calibration cache; "
@@ -182,7 +182,7 @@ def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
         if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
             raise ValueError("not a cvt-deploy calibration cache")
         if raw.get("key") != key:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CvtDeployError
-from ..util import PRECISIONS, BatchRange, atomic_output
+from ..util import PRECISIONS, BatchRange, atomic_output, read_json
 from .util import DEFAULT_WORKSPACE_MIB, version_tuple
 
 SIDECAR_FORMAT = "cvt-deploy-engine"
@@ -154,7 +154,7 @@ class EngineMeta:
                                  "checked against this machine's TensorRT and GPU",
                                  f"copy {path.name} along with the engine, or {rebuild}")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(read_json(path))
         except CvtDeployError:
             raise
         except (ValueError, KeyError, TypeError, IndexError) as e:
