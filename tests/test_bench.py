@@ -273,6 +273,23 @@ def test_plot_writes_a_png(result: BenchResult, tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*partial"))  # written atomically, nothing left behind
 
 
+def test_plot_title_stays_inside_the_figure(result: BenchResult) -> None:
+    """The header (model, device, every GEMM ceiling) is longer than the figure is wide: it wraps."""
+    pytest.importorskip("matplotlib")
+    from cvt_deploy.bench.results import figure, header
+
+    assert len(header(result)) > 200  # the case that used to be cut off at both edges
+    fig = figure(result)
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    (title,) = [t for t in fig.texts if t.get_text()]
+    box, page = title.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    assert title.get_text().replace("\n", " ") == header(result)  # wrapped, nothing dropped
+    for ax in fig.axes:  # and the axes make room for it
+        assert ax.get_window_extent(renderer).y1 < box.y0
+
+
 def test_plot_without_matplotlib_names_the_extra(result: BenchResult, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec

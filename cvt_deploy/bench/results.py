@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ..util import atomic_output, read_json
 
 SCHEMA = "cvt-deploy-bench"
 SCHEMA_VERSION = 1
+TITLE_CHARS = 150  # of the plot's 9-point title across its 11-inch figure
 
 #: One row per combination, in this order; units are in the names. New columns are only ever
 #: appended (bump SCHEMA_VERSION if one changes meaning).
@@ -267,17 +269,28 @@ def table(result: BenchResult) -> str:
 def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
     """Latency (p50, whiskers min..p90) and throughput vs batch, one line per backend/precision."""
     require("matplotlib", "plot", "Plotting benchmark results")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt not in FigureCanvasAgg.get_supported_filetypes():
+        raise CvtDeployError(f"cannot plot to {path}: matplotlib does not write .{fmt} files", "use a .png, .svg or .pdf name")
+    fig = figure(result)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=120)
+    return path
+
+
+def figure(result: BenchResult) -> Any:
+    """The matplotlib Figure that :func:`plot` writes."""
     # A Figure on the Agg canvas directly, not pyplot: no display needed, and the caller's
-    # pyplot backend and open figures are left alone.
+    # pyplot backend and open figures are left alone. The constrained layout makes room for
+    # the title above the axes, however many lines it wraps to.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
-    fig = Figure(figsize=(11, 4.2))
-    canvas = FigureCanvasAgg(fig)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    if fmt not in canvas.get_supported_filetypes():
-        raise CvtDeployError(f"cannot plot to {path}: matplotlib does not write .{fmt} files", "use a .png, .svg or .pdf name")
+    fig = Figure(figsize=(11, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
     series: dict[tuple[str, str], list[BenchRow]] = {}
     for r in result.measured:
         series.setdefault((r.backend, r.precision), []).append(r)
@@ -311,11 +324,9 @@ def plot(result: BenchResult, path: str | os.PathLike[str]) -> Path:
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 200, not 2 x 10^2
             ax.yaxis.set_minor_formatter(NullFormatter())
     ax_ips.legend(fontsize=8)
-    fig.suptitle(header(result), fontsize=9)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=120)
-    return path
+    # The header runs to 250 characters and more; one line of it would be cut at both edges.
+    fig.suptitle("\n".join(textwrap.wrap(header(result), TITLE_CHARS, break_on_hyphens=False)), fontsize=9)
+    return fig
 
 
 def _ms(v: float | None) -> str:
