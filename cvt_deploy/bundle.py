@@ -25,10 +25,11 @@ from typing import Any, Iterator, Sequence
 
 from .config import CvtConfig
 from .errors import CvtDeployError
+from .outlock import INNER_LOCK, check_unlocked, output_lock
 from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
-from .util import PARTIAL_SUFFIX, partial_name, read_json, remove_path, stale_partials, temp_files_in, write_errors, write_failure
+from .util import PARTIAL_SUFFIX, partial_name, read_json, require_writable, signals_held, remove_path, stale_partials, temp_files_in, write_errors, write_failure
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
@@ -40,6 +41,9 @@ ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream")  # deepstream: an n
 # quantization and only ever run on its CPU provider; "tensorrt-10" graphs (the int8+fp16 graph,
 # export/fp16.py) use opset-19 fp16 Q/DQ scales and are what strongly typed TensorRT >= 10 builds.
 TARGETS = ("portable", "onnxruntime-cpu", "tensorrt-10")
+# The backend whose parity report an artifact's "parity" entry holds (what the export and the
+# engine build check on); reports measured by other backends sit under "parity_on" by name.
+GATE_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "deepstream": "tensorrt"}
 
 
 @dataclass
@@ -56,6 +60,19 @@ class Artifact:
     @property
     def target(self) -> str:
         return str(self.info.get("target", "portable"))
+
+    def parity_on(self, backend: str) -> dict[str, Any] | None:
+        """The parity report recorded for this artifact as ``backend`` runs it; None when it was
+        not checked there (a graph's figures on one runtime say nothing of another's kernels)."""
+        found = self.info.get("parity") if backend == GATE_BACKENDS.get(self.kind) \
+            else (self.info.get("parity_on") or {}).get(backend)
+        return found if isinstance(found, dict) else None
+
+    def record_parity(self, backend: str, report: dict[str, Any]) -> None:
+        if backend == GATE_BACKENDS.get(self.kind):
+            self.info["parity"] = report
+        else:
+            self.info.setdefault("parity_on", {})[backend] = report
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "kind": self.kind, "precision": self.precision, "sha256": self.sha256, **self.info}
@@ -82,15 +99,18 @@ def _check_info(art: Artifact) -> None:
         value = art.info.get(key)
         if value is not None and value not in known:
             raise ValueError(f"artifact {art.name!r} has {key} {value!r}, not one of {', '.join(known)}")
-    parity = art.info.get("parity")
-    if parity is None:
-        return
-    if not isinstance(parity, dict):
-        raise ValueError(f"artifact {art.name!r} has parity {parity!r}, not an object")
-    for key in _PARITY_NUMBERS:
-        value = parity.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
-            raise ValueError(f"artifact {art.name!r} has parity {key} {value!r}, not a fraction between 0 and 1")
+    others = art.info.get("parity_on", {})
+    if not isinstance(others, dict):
+        raise ValueError(f"artifact {art.name!r} has parity_on {others!r}, not an object")
+    for what, parity in [("parity", art.info.get("parity"))] + [(f"parity_on {k}", v) for k, v in others.items()]:
+        if parity is None:
+            continue
+        if not isinstance(parity, dict):
+            raise ValueError(f"artifact {art.name!r} has {what} {parity!r}, not an object")
+        for key in _PARITY_NUMBERS:
+            value = parity.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+                raise ValueError(f"artifact {art.name!r} has {what} {key} {value!r}, not a fraction between 0 and 1")
 
 
 def artifact_name(kind: str, precision: str, target: str = "portable") -> str:
@@ -108,6 +128,7 @@ class Bundle:
         self.artifacts = artifacts
         self.extra = extra  # source checkpoint, tool versions, eval data ...
         self._verified: set[str] = set()
+        self._manifest_identity: tuple[int, int] | None = None  # of the manifest open() read
         self.notes: list[str] = []  # what create() found and did (leftovers removed ...)
         self.kept: list[str] = []   # files in --out that are not the bundle's, kept by create()
 
@@ -127,6 +148,7 @@ class Bundle:
             raise CvtDeployError(f"{root} has no {MANIFEST}, so it is not a cvt-deploy bundle",
                                  "export one with: cvt-export --format onnx --out DIR")
         try:
+            identity = _identity(manifest)  # before reading: a replacement after it shows as a change
             raw = read_json(manifest)
             if not isinstance(raw, dict) or raw.get("format") != FORMAT:
                 raise ValueError(f"it is not a {FORMAT} manifest")
@@ -138,8 +160,11 @@ class Bundle:
             artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
             for art in artifacts.values():
                 for key, name in (("file", art.file), ("sidecar", art.info.get("sidecar")), ("labels", art.info.get("labels"))):
-                    if name is not None:
-                        inside_path(root, name, f"{manifest}: artifact {art.name!r} has {key}")
+                    if name is None and key != "file":
+                        continue
+                    if not isinstance(name, str) or not name:
+                        raise ValueError(f"artifact {art.name!r} has {key} {name!r}, not a file name")
+                    inside_path(root, name, f"{manifest}: artifact {art.name!r} has {key}")
                 if art.kind not in ARTIFACT_KINDS or art.precision not in PRECISIONS:
                     raise ValueError(f"artifact {art.name!r} has kind {art.kind!r} and precision {art.precision!r}; "
                                      f"known kinds are {', '.join(ARTIFACT_KINDS)}, precisions {', '.join(PRECISIONS)}")
@@ -160,6 +185,7 @@ class Bundle:
             if not (root / art.file).is_file():
                 raise CvtDeployError(f"bundle {root} lists {art.file} ({art.name}) but the file is missing",
                                      f"copy the whole bundle folder, or re-export it (cvt-export --out {root})")
+        bundle._manifest_identity = identity
         return bundle
 
     def path(self, art: Artifact) -> Path:
@@ -179,13 +205,43 @@ class Bundle:
         if art.name not in self._verified and art.kind == "onnx":
             check_external_data(self.root, path)
         if art.sha256 and art.name not in self._verified:
-            actual = file_sha256(path)
-            if actual != art.sha256:
-                raise CvtDeployError(f"{path} does not match the bundle's manifest (sha256 {actual[:12]}..., "
-                                     f"manifest says {art.sha256[:12]}...): the file is damaged or was replaced",
-                                     "copy the bundle again from where it was exported, or re-export it")
-            self._verified.add(art.name)
+            self._check_hash(art, path, file_sha256(path))
         return path
+
+    def verified_bytes(self, art: Artifact) -> bytes | None:
+        """An ONNX graph's bytes, checked against the manifest that :meth:`open` read; None for a
+        graph whose weights lie beside it (load it by :meth:`verified_path`).
+
+        What a runtime builds from these bytes is the graph this manifest describes even when an
+        export replaces the bundle meanwhile: a reader gets the old bundle or the new one whole,
+        or a clear error, never the new graph under the old config and labels.
+        """
+        path = inside_path(self.root, art.file, f"artifact {art.name!r} has file")
+        if check_external_data(self.root, path):
+            self.verified_path(art)
+            return None
+        data = path.read_bytes()
+        if art.sha256:
+            import hashlib
+
+            self._check_hash(art, path, hashlib.sha256(data).hexdigest())
+        return data
+
+    def _check_hash(self, art: Artifact, path: Path, actual: str) -> None:
+        if actual == art.sha256:
+            self._verified.add(art.name)
+            return
+        try:
+            replaced = (self.root / JOURNAL).exists() or _identity(self.root / MANIFEST) != self._manifest_identity
+        except OSError:
+            replaced = True
+        if replaced and self._manifest_identity is not None:
+            raise CvtDeployError(f"bundle {self.root} was replaced while it was being read ({art.file} is already "
+                                 "another export's)", "run the command again: an export into that folder is running "
+                                 "or has just finished")
+        raise CvtDeployError(f"{path} does not match the bundle's manifest (sha256 {actual[:12]}..., "
+                             f"manifest says {art.sha256[:12]}...): the file is damaged or was replaced",
+                             "copy the bundle again from where it was exported, or re-export it")
 
     def find(self, kind: str, precision: str | None = None, target: str = "portable") -> Artifact | None:
         """The artifact of this kind at ``precision`` (default: the most precise one present),
@@ -238,41 +294,47 @@ class Bundle:
         (``planned`` names are checked before any work, the rest before anything is moved).
         """
         out = Path(out)
-        notes = _clean_partials(out)
-        owned = check_output(out, planned, overwrite)
-        existing = out.is_dir()
-        try:
-            parent = out if existing else out.parent
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=partial_name("cvt-export" if existing else out.name),
-                                        suffix=PARTIAL_SUFFIX, dir=parent))
-            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
-        except OSError as e:
-            raise write_failure(e, out) or CvtDeployError(
-                f"cannot write to {out}: {e.strerror}", "choose an --out folder you can write to") from None
-        bundle = cls(tmp, config, batch, {}, dict(extra))
-        bundle.notes = notes
-        try:
-            # Libraries' own temporary files (ONNX Runtime's quantizer, onnxsim...) go beside
-            # the bundle too, so what a SIGKILL leaves is found and removed by the next export.
-            with write_errors(out), scratch_dir(parent, "cvt-export" if existing else out.name) as scratch, \
-                    temp_files_in(scratch):
-                yield bundle
-                bundle.save()
-            with write_errors(out, any_cause=True):
-                if existing:
-                    bundle.kept = _install(tmp, out, owned or set())
-                else:
-                    tmp.rename(out)
-            bundle.root = out
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with output_lock(out):  # one export at a time into out: the second fails, nothing is mixed
+            notes = _clean_partials(out)
+            owned = check_output(out, planned, overwrite)
+            existing = out.is_dir()
+            try:
+                parent = out if existing else out.parent
+                parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(prefix=partial_name("cvt-export" if existing else out.name),
+                                            suffix=PARTIAL_SUFFIX, dir=parent))
+                os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
+            except OSError as e:
+                raise write_failure(e, out) or CvtDeployError(
+                    f"cannot write to {out}: {e.strerror}", "choose an --out folder you can write to") from None
+            bundle = cls(tmp, config, batch, {}, dict(extra))
+            bundle.notes = notes
+            try:
+                # Libraries' own temporary files (ONNX Runtime's quantizer, onnxsim...) go beside
+                # the bundle too, so what a SIGKILL leaves is found and removed by the next export.
+                with write_errors(out), scratch_dir(parent, "cvt-export" if existing else out.name) as scratch, \
+                        temp_files_in(scratch):
+                    yield bundle
+                    bundle.save()
+                with write_errors(out, any_cause=True):
+                    if existing:
+                        bundle.kept = _install(tmp, out, owned or set())
+                    else:
+                        tmp.rename(out)
+                bundle.root = out
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # While files move into an existing --out, this file lists every file of the old and the new
 # bundle: a run killed half-way leaves it, so the next export knows those files are its own
 # (and Bundle.open says the folder is incomplete instead of reading a mix).
 JOURNAL = ".cvt-deploy-replacing.json"
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
 
 
 def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True) -> set[str] | None:
@@ -282,7 +344,8 @@ def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True)
     """
     if out.exists() and not out.is_dir():
         raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
-    _require_writable(out)
+    require_writable(out)
+    check_unlocked(out)
     if not out.is_dir():
         return None
     owned = bundle_files(out)
@@ -294,19 +357,6 @@ def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True)
         raise CvtDeployError(f"output folder {out} already holds a bundle", "pass another --out or allow overwriting")
     _refuse_clashes(out, [n for n in planned if n in user])
     return owned
-
-
-def _require_writable(out: Path) -> None:
-    """A read-only, immutable or foreign folder is refused before minutes of work, not after them."""
-    where = next((p for p in (out, *out.parents) if p.is_dir()), None)
-    if where is None:
-        return
-    try:  # an unnamed file where the system has them (O_TMPFILE): nothing to see, nothing a kill leaves
-        with tempfile.TemporaryFile(prefix=partial_name(out.name), suffix=PARTIAL_SUFFIX, dir=where):
-            pass
-    except OSError as e:
-        raise write_failure(e, out) or CvtDeployError(
-            f"cannot write {out}: {e.strerror}", "choose an output location you can write to") from None
 
 
 def bundle_files(root: Path) -> set[str] | None:
@@ -332,7 +382,7 @@ def bundle_files(root: Path) -> set[str] | None:
 
 def _user_files(root: Path, owned: set[str] | None) -> list[str]:
     return sorted(p.name for p in root.iterdir()
-                  if p.name not in (owned or ()) and not p.name.endswith(PARTIAL_SUFFIX))
+                  if p.name not in (owned or ()) and not p.name.endswith(PARTIAL_SUFFIX) and p.name != INNER_LOCK)
 
 
 def _some(names: Sequence[str]) -> str:
@@ -371,28 +421,10 @@ def _install(tmp: Path, out: Path, owned: set[str]) -> list[str]:
     user = _user_files(out, owned)
     _refuse_clashes(out, [n for n in new if n in user])
     atomic_write_text(out / JOURNAL, json.dumps({"pid": os.getpid(), "files": sorted(set(new) | owned)}) + "\n")
-    with _signals_held():
+    with signals_held():
         for name in new:
             os.replace(tmp / name, out / name)
         for name in sorted(owned - set(new) - {JOURNAL}):
             remove_path(out / name)
         (out / JOURNAL).unlink()
     return [n for n in user if n != JOURNAL]
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C/SIGTERM/SIGHUP for the few renames of an install: they arrive after it,
-    so a stopped export leaves the old bundle or the new one, not a mix (the journal covers SIGKILL)."""
-    import signal
-    import threading
-
-    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .bundle import GATE_BACKENDS
 from .errors import CvtDeployError
 from .progress import stage, track
 from .table import format_table
@@ -62,6 +63,7 @@ class ParityReport:
     accuracy_candidate: float | None = None
     data: str = ""
     artifact: str = ""  # the bundle artifact checked, when it was one
+    backend: str = ""  # the backend that ran it, when it was a bundle's artifact
     checks: list[tuple[str, float, str, float, bool]] = field(default_factory=list)  # name, value, op, limit, ok
 
     @property
@@ -214,10 +216,10 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
                progress):
         ref_logits, *logits = run_streamed([reference, *runtimes], ev, progress)
     reports = []
-    for (_, art), runtime, cand in zip(plan, runtimes, logits):
+    for (backend, art), runtime, cand in zip(plan, runtimes, logits):
         report = compare(*comparable(ref_logits, cand, runtime), ev.labels, precision=runtime.precision, candidate_name=runtime.describe(),
                          reference_name=ref_name, data=ev.description)
-        report.artifact = art.name
+        report.artifact, report.backend = art.name, backend
         reports.append(report)
     return reports
 
@@ -269,15 +271,22 @@ def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | 
     return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)", bundle.find("onnx", "fp32")
 
 
-def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: bool = True) -> None:
-    """Write each report into its ``kind`` artifact's manifest entry, show the table (``show``),
-    and raise :class:`ParityFailure` when any gate failed (the results are recorded first)."""
+def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: bool = True,
+                  advisory: Sequence[str] = ()) -> None:
+    """Write each report into its ``kind`` artifact's manifest entry (by the backend that ran it),
+    show the table (``show``), and raise :class:`ParityFailure` when any gate failed (the results
+    are recorded first). A report of an ``advisory`` backend that missed its gates is a warning:
+    the graph is what the export gates, on its own backend."""
     for rep in reports:
         art = bundle.artifacts.get(rep.artifact) if rep.artifact else bundle.find(kind, rep.precision)
         if art is not None:
-            art.info["parity"] = rep.to_dict()
+            art.record_parity(rep.backend or GATE_BACKENDS[kind], rep.to_dict())
     bundle.save()
     if show:
         print(summary_table(reports), file=sys.stderr)
-    if not all(reports):
+    for rep in reports:
+        if not rep and rep.backend in advisory:
+            print(f"  warning: {rep.candidate} missed its gates ({'; '.join(rep.failed)}); the bundle is written for "
+                  f"the other backends, but do not deploy this graph on {rep.backend}", file=sys.stderr)
+    if not all(r for r in reports if r.backend not in advisory):
         raise ParityFailure(reports)

@@ -6,6 +6,7 @@ it (or a re-export cleaning it) never touches a file outside the folder. Torch-f
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -43,27 +44,76 @@ def inside_path(root: Path, name: Any, what: str) -> Path:
     return path
 
 
-def check_external_data(root: Path, graph: Path) -> None:
+def check_external_data(root: Path, graph: Path) -> bool:
     """Refuse an ONNX graph whose external-data locations lead out of the bundle.
 
     ONNX Runtime and OpenVINO open whatever path a tensor's ``location`` names, so a graph from
-    someone else could make them read any file; the graph itself is parsed without its weights.
+    someone else could make them read any file; the graph's bytes are scanned for the locations
+    before any runtime sees it. Returns whether the graph has external data at all.
     """
-    import onnx
+    folder = graph.parent.relative_to(root) if graph.parent != root else Path()
+    locations = _external_locations(graph)
+    for location in sorted(locations, key=str):
+        inside_path(root, str(folder / location) if plain_name(location) else location,
+                    f"{graph.name}: the external data of one of its tensors is at")
+    return bool(locations)
 
+
+def _external_locations(graph: Path) -> set[Any]:
+    # A scan, not onnx.load: an edge runtime has ONNX Runtime without the onnx package, and a
+    # memory map reads a graph of any size without holding it.
     try:
-        model = onnx.load(str(graph), load_external_data=False)
-    except Exception:  # not parseable: the runtime that opens it says so in its own words
-        return
-    seen: set[str] = set()
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute if a.HasField("t")]
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-        if location in seen:
-            continue
-        seen.add(str(location))
-        folder = graph.parent.relative_to(root) if graph.parent != root else Path()
-        inside_path(root, str(folder / location) if location and plain_name(location) else location,
-                    f"{graph.name}: the external data of tensor {tensor.name!r}, at")
+        with open(graph, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _scanned_locations(data)
+    except (OSError, ValueError):  # unreadable or empty: the runtime that opens it says so in its own words
+        return set()
+
+
+_KEY = b"\x0a\x08location"  # StringStringEntryProto field 1 (key) = "location"
+
+
+def _varint(data: bytes | mmap.mmap, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while at < len(data) and shift < 35:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+    return -1, at
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _scanned_locations(data: bytes | mmap.mmap) -> set[Any]:
+    """The values of every (key "location", value) entry of a tensor's ``external_data`` in a
+    serialized ONNX graph, whichever order the entry's two fields come in. An entry counts only
+    inside its enclosing field (TensorProto field 13, tag 0x6A, with the entry's exact length),
+    so a node input that happens to be named "location" is not read as one."""
+    found: set[Any] = set()
+
+    def enclosed(start: int, length: int) -> bool:
+        head = b"\x6a" + _encode_varint(length)
+        return start >= len(head) and data[start - len(head):start] == head
+
+    at = data.find(_KEY)
+    while at >= 0:
+        end = at + len(_KEY)
+        if end < len(data) and data[end] == 0x12:  # key, then value: how protobuf writes it
+            n, start = _varint(data, end + 1)
+            if n >= 0 and enclosed(at, start + n - at):
+                found.add(data[start:start + n].decode("utf-8", "replace"))
+        for n in range(1, min(at, 4096)):  # value, then key: legal too, and a parser reads it
+            head = b"\x12" + _encode_varint(n)
+            start = at - n - len(head)
+            if start >= 0 and data[start:at - n] == head and enclosed(start, end - start):
+                found.add(data[at - n:at].decode("utf-8", "replace"))
+        at = data.find(_KEY, end)
+    return found

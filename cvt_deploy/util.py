@@ -398,3 +398,34 @@ def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=list(providers))
+
+
+def require_writable(out: Path) -> None:
+    """A read-only, immutable or foreign folder is refused before minutes of work, not after them."""
+    where = next((p for p in (out, *out.parents) if p.is_dir()), None)
+    if where is None:
+        return
+    try:  # an unnamed file where the system has them (O_TMPFILE): nothing to see, nothing a kill leaves
+        with tempfile.TemporaryFile(prefix=partial_name(out.name), suffix=PARTIAL_SUFFIX, dir=where):
+            pass
+    except OSError as e:
+        raise write_failure(e, out) or CvtDeployError(
+            f"cannot write {out}: {e.strerror}", "choose an output location you can write to") from None
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP for the few renames of an install: they arrive after it,
+    so a stopped export leaves the old bundle or the new one, not a mix (the journal covers SIGKILL)."""
+    import signal
+    import threading
+
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

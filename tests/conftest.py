@@ -128,7 +128,6 @@ def hf_cvt_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[...,
 @dataclass
 class DemoExport:
     model: Any  # the demo CvT (eval mode) the bundle was exported from
-    result: Any  # cvt_deploy.export.pipeline.ExportResult
     root: Path  # the bundle folder
 
 
@@ -141,16 +140,41 @@ def demo_model() -> Any:
     return load_checkpoint(DEMO_WEIGHTS)
 
 
+def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Any]) -> Path:
+    """``<run folder>/shared-<name>``, made by ``build(folder)`` once per test run.
+
+    Under pytest-xdist each worker has its own session, so a session fixture would export the
+    same bundle once per worker; instead the first worker to ask builds it in the folder all
+    workers share (under an exclusive lock), and the others wait and reuse it.
+    """
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # <run>/popen-gwN -> <run>, the same for every worker of this run
+    folder = base / f"shared-{name}"
+    done = base / f"shared-{name}.done"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_export(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> DemoExport:
-    """export_bundle of the demo model, default settings, parity check on (one export)."""
+    """export_bundle of the demo model, default settings, parity check on (one export per run)."""
     pytest.importorskip("onnxruntime")
     from cvt_deploy.demo import DEMO_WEIGHTS
     from cvt_deploy.export.pipeline import export_bundle
 
-    out = tmp_path_factory.mktemp("demo-export") / "bundle"
-    result = export_bundle(demo_model, out, source=str(DEMO_WEIGHTS), progress=False)
-    return DemoExport(demo_model, result, out)
+    folder = shared_build(tmp_path_factory, "demo-export", lambda f: export_bundle(
+        demo_model, f / "bundle", source=str(DEMO_WEIGHTS), progress=False))
+    return DemoExport(demo_model, folder / "bundle")
 
 
 @pytest.fixture(scope="session")
@@ -158,10 +182,15 @@ def demo_bundle(demo_export: DemoExport) -> Path:
     return demo_export.root
 
 
-def export_to(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, **options: Any) -> Path:
-    """``export_bundle(model, <a new temporary folder named name>/bundle, **options)``, quietly; the bundle folder."""
+def export_to(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, shared: bool = False,
+              **options: Any) -> Path:
+    """``export_bundle(model, <a new temporary folder named name>/bundle, **options)``, quietly; the bundle folder.
+    ``shared``: one export per test run, whichever process asks first (session fixtures)."""
     from cvt_deploy.export.pipeline import export_bundle
 
+    if shared:
+        return shared_build(tmp_path_factory, name, lambda f: export_bundle(model, f / "bundle", progress=False,
+                                                                           **options)) / "bundle"
     out = tmp_path_factory.mktemp(name) / "bundle"
     export_bundle(model, out, progress=False, **options)
     return out
@@ -173,7 +202,7 @@ def demo_full_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) 
     them; default TensorRT target), parity gates on: one export for every module that reads
     such a bundle. Read only: copy it to change it."""
     pytest.importorskip("onnxruntime")
-    return export_to(tmp_path_factory, demo_model, "demo-full", precisions=("fp32", "fp16", "int8"), calib_count=64,
+    return export_to(tmp_path_factory, demo_model, "demo-full", shared=True, precisions=("fp32", "fp16", "int8"), calib_count=64,
                      check_limit=128)
 
 
@@ -193,7 +222,7 @@ def static_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> 
     pytest.importorskip("onnxruntime")
     from cvt_deploy.bundle import BatchRange
 
-    return export_to(tmp_path_factory, demo_model, "static-export", batch=BatchRange(4, 4, 4), check=False)
+    return export_to(tmp_path_factory, demo_model, "static-export", shared=True, batch=BatchRange(4, 4, 4), check=False)
 
 
 @pytest.fixture(scope="session")
@@ -218,10 +247,10 @@ def cvt13_export(tmp_path_factory: pytest.TempPathFactory) -> Cvt13Export:
     from cvt_deploy.model import create_model
 
     model = create_model("cvt-13")
-    randomize_weights_(model, seed=13)
-    path = tmp_path_factory.mktemp("cvt13-export") / "model.onnx"
-    export_onnx(model, path, metadata=graph_metadata(model.cfg.to_json(), "fp32", {"batch": {"min": 1, "opt": 8, "max": 64}}))
-    return Cvt13Export(model, path)
+    randomize_weights_(model, seed=13)  # seeded: every process has the same model
+    folder = shared_build(tmp_path_factory, "cvt13-export", lambda f: export_onnx(
+        model, f / "model.onnx", metadata=graph_metadata(model.cfg.to_json(), "fp32", {"batch": {"min": 1, "opt": 8, "max": 64}})))
+    return Cvt13Export(model, folder / "model.onnx")
 
 
 @pytest.fixture

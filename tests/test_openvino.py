@@ -3,6 +3,8 @@ logits as ONNX Runtime at any batch, raw-pixel graphs, clean errors, and what cv
 for it (its fp32 GEMM ceiling, the int8 speed-up against the CPU's own limit)."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +204,41 @@ def test_benchmark_has_the_openvino_ceiling_and_the_int8_ratio(demo_full_bundle:
     assert "int8/limit" in text and f"= {mm['int8_limit']:.2f}x" in text
     row = next(line for line in text.splitlines() if line.startswith("openvino") and " int8 " in line)
     assert f"{result.row('openvino', 'int8', 1).int8_speedup_of_limit:.2f} (" in row  # type: ignore[union-attr]
+
+
+def test_the_export_records_openvinos_own_figures_and_cvt_bench_shows_them(demo_full_bundle: Path,
+                                                                          tmp_path: Path) -> None:
+    """Each row shows the accuracy and agreement measured on its own backend for the graph it
+    runs: OpenVINO's kernels are not ONNX Runtime's, and the ORT-CPU graphs are other graphs."""
+    from cvt_deploy.bench import benchmark
+
+    bundle = Bundle.open(demo_full_bundle)
+    for art in bundle.artifacts.values():
+        if art.kind == "onnx" and art.target == "portable":
+            ov, ort = art.parity_on("openvino"), art.parity_on("onnxruntime")
+            assert ov is not None and ov["backend"] == "openvino" and ov["candidate"].startswith("openvino"), art.name
+            assert ov["passed"], (art.name, ov)
+            assert ort is not None and ort["candidate"].startswith("onnxruntime"), art.name
+
+    def run(root: Path) -> Any:
+        return benchmark(root, ["onnxruntime", "openvino"], ["fp32", "int8"], [1], threads=1, iterations=2,
+                         warmup=1, rounds=1, matmul_size=64, reference=False, hf_reference=False, progress=False)
+
+    result = run(demo_full_bundle)
+    for precision in ("fp32", "int8"):
+        ov_row, ort_row = result.row("openvino", precision, 1), result.row("onnxruntime", precision, 1)
+        ov = bundle.require("onnx", precision).parity_on("openvino")
+        assert (ov_row.accuracy, ov_row.top1_agreement) == (ov["accuracy_candidate"], ov["top1_agreement"])
+        # ONNX Runtime on the CPU runs the bundle's ORT-CPU graph: its own record, not the portable one's.
+        ort = bundle.find("onnx", precision, "onnxruntime-cpu").parity_on("onnxruntime")
+        assert (ort_row.accuracy, ort_row.top1_agreement) == (ort["accuracy_candidate"], ort["top1_agreement"])
+
+    copy = tmp_path / "b"
+    shutil.copytree(demo_full_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for art in manifest["artifacts"].values():
+        art.pop("parity_on", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = run(copy)
+    assert result.row("openvino", "int8", 1).accuracy is None  # never checked there: no figure, not ORT's
+    assert result.row("onnxruntime", "int8", 1).accuracy is not None

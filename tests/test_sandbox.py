@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +77,17 @@ def test_a_folder_symlinked_out_of_the_bundle_is_refused(bundle_copy, outside, d
 
 @pytest.mark.parametrize("key,value", [("file", "../outside/model.onnx"), ("file", "/etc/hostname"),
                                        ("file", "model.onnx\0.txt"), ("sidecar", "../../x.json"),
-                                       ("labels", "/etc/passwd"), ("file", 7)])
+                                       ("labels", "/etc/passwd")])
 def test_names_that_climb_out_or_are_absolute_are_refused(bundle_copy, digit, key, value):
     edit_manifest(bundle_copy, lambda m: m["artifacts"]["onnx-fp32"].update({key: value}))
     refused(run_cli("cvt-predict", "--bundle", str(bundle_copy), str(digit)), repr(value), "inside the bundle folder")
+
+
+@pytest.mark.parametrize("key,value", [("file", 7), ("file", None), ("sidecar", ["a"]), ("labels", "")])
+def test_names_that_are_not_names_are_damage(bundle_copy, digit, key, value):
+    edit_manifest(bundle_copy, lambda m: m["artifacts"]["onnx-fp32"].update({key: value}))
+    refused(run_cli("cvt-predict", "--bundle", str(bundle_copy), str(digit)), "manifest.json is damaged",
+            f"has {key} {value!r}, not a file name")
 
 
 def test_a_symlink_inside_the_bundle_is_fine(bundle_copy, digit):
@@ -118,24 +126,44 @@ def _point_weights_at(graph: Path, location: str) -> None:
     onnx.save(model, str(graph))
 
 
-@pytest.mark.parametrize("where", ["absolute", "climbing", "symlink"])
-def test_external_data_outside_the_bundle_is_refused_before_a_runtime_opens_it(bundle_copy, outside, where):
+def _value_first(graph: Path, location: str) -> None:
+    """Rewrite the location entry with its value before its key: legal protobuf that a parser
+    reads the same, and what a scan for the usual byte order would miss."""
+    value = location.encode()
+    key_first = b"\n\x08location\x12" + bytes([len(value)]) + value
+    data = graph.read_bytes()
+    assert data.count(key_first) == 1
+    graph.write_bytes(data.replace(key_first, b"\x12" + bytes([len(value)]) + value + b"\n\x08location"))
+    entries = {e.key: e.value for t in onnx.load(str(graph), load_external_data=False).graph.initializer
+               for e in t.external_data}
+    assert entries["location"] == location  # still the same graph to a parser
+
+
+@pytest.mark.parametrize("reader", ["onnx", "without onnx"])
+@pytest.mark.parametrize("where", ["absolute", "climbing", "symlink", "absolute, value first"])
+def test_external_data_outside_the_bundle_is_refused_before_a_runtime_opens_it(bundle_copy, outside, where, reader,
+                                                                               monkeypatch):
     secret = outside / "secret.bin"
     secret.write_bytes(os.urandom(1 << 20))
     graph = bundle_copy / "model.ort-cpu.onnx"
     if where == "symlink":
         (bundle_copy / "weights.bin").symlink_to(secret)
-    location = {"absolute": str(secret), "climbing": "../outside/secret.bin", "symlink": "weights.bin"}[where]
+    location = {"climbing": "../outside/secret.bin", "symlink": "weights.bin"}.get(where, str(secret))
     _point_weights_at(graph, location)
+    if where.endswith("value first"):
+        _value_first(graph, location)
     # The hostile copy's manifest agrees with its files: only the sandbox rule can refuse it.
     edit_manifest(bundle_copy, lambda m: m["artifacts"]["onnx-fp32-onnxruntime-cpu"].update(sha256=file_sha256(graph)))
+    if reader == "without onnx":  # an edge runtime: ONNX Runtime installed, the onnx package not
+        monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(CvtDeployError) as e:
         runtimes.load(bundle_copy, backend="onnxruntime")
     assert "external data" in e.value.message and location in e.value.message, e.value.message
     assert "inside the bundle folder" in e.value.message or "leads out" in e.value.message
 
 
-def test_external_data_inside_the_bundle_still_loads(bundle_copy):
+@pytest.mark.parametrize("reader", ["onnx", "without onnx"])
+def test_external_data_inside_the_bundle_still_loads(bundle_copy, reader, monkeypatch):
     # The rule must not refuse what large exports legitimately write (weights in <graph>.data).
     from cvt_deploy.export.onnx import save_graph
 
@@ -143,6 +171,8 @@ def test_external_data_inside_the_bundle_still_loads(bundle_copy):
     save_graph(onnx.load(str(graph)), graph, external=True)
     assert (bundle_copy / "model.ort-cpu.onnx.data").is_file()
     edit_manifest(bundle_copy, lambda m: m["artifacts"]["onnx-fp32-onnxruntime-cpu"].update(sha256=file_sha256(graph)))
+    if reader == "without onnx":
+        monkeypatch.setitem(sys.modules, "onnx", None)
     runtime = runtimes.load(bundle_copy, backend="onnxruntime")
     assert runtime.predict(np.zeros((1, 3, 64, 64), np.float32)).logits.shape == (1, 10)
 

@@ -78,8 +78,10 @@ def _backend_reasons(bundle: Bundle, device: str, names: Sequence[str]) -> dict[
         return out
 
 
-def _recorded_parity(bundle: Bundle, backend: str, precision: str) -> tuple[float | None, float | None]:
-    """(accuracy, top-1 agreement) the export recorded for this artifact, if any."""
+def _recorded_parity(bundle: Bundle, backend: str, precision: str,
+                     runtime: Runtime | str) -> tuple[float | None, float | None]:
+    """(accuracy, top-1 agreement) recorded for the artifact this row runs, as this backend runs
+    it (another backend's figures for the same graph are not this row's), if any."""
     if (backend, precision) == BASELINE:
         # PyTorch fp32 is the reference of every parity check: its accuracy is recorded there.
         for art in bundle.artifacts.values():
@@ -87,12 +89,15 @@ def _recorded_parity(bundle: Bundle, backend: str, precision: str) -> tuple[floa
             if isinstance(parity, dict) and parity.get("accuracy_reference") is not None:
                 return float(parity["accuracy_reference"]), None
         return None, None
-    try:
-        found = bundle.find(rt.backend_class(backend).artifact_kind, precision)
-    except ImportError:
-        return None, None
-    parity = found.info.get("parity") if found is not None else None
-    if not isinstance(parity, dict):
+    path = getattr(runtime, "path", None)
+    found = next((a for a in bundle.artifacts.values() if path and str(bundle.path(a)) == str(path)), None)
+    if found is None:
+        try:
+            found = bundle.find(rt.backend_class(backend).artifact_kind, precision)
+        except ImportError:
+            return None, None
+    parity = found.parity_on(backend) if found is not None else None
+    if parity is None:
         return None, None
 
     def first(*keys: str) -> float | None:
@@ -290,7 +295,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         runtimes = [runtime_for(backend, precision) for backend, precision, _, _ in combos]
     for (backend, precision, b, role), runtime in zip(combos, runtimes):
         row = BenchRow(cfg.variant, backend, precision, b, device, threads, role=role)
-        row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision)
+        row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision, runtime)
         if isinstance(runtime, str):
             row.status, row.reason = "skipped", runtime
         elif runtime.batch_range is not None and not runtime.batch_range.min <= b <= runtime.batch_range.max:

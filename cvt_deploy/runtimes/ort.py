@@ -32,12 +32,13 @@ class OrtRuntime(Runtime):
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[onnx]' (CPU) or 'cvt-deploy[gpu]' (CUDA/TensorRT providers)"
 
     def __init__(self, path: str | os.PathLike[str], config: CvtConfig | None = None, precision: str | None = None,
-                 device: str = "cpu", threads: int | None = None) -> None:
-        """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props."""
+                 device: str = "cpu", threads: int | None = None, graph: bytes | None = None) -> None:
+        """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props.
+        ``graph``: the file's bytes, already read (and checked) by the caller; ``path`` names it."""
         wanted = PROVIDERS[device]
         providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
         try:
-            self.session = ort_session(path, threads, providers)
+            self.session = ort_session(path if graph is None else graph, threads, providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph/... types
             raise CvtDeployError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}",
                                  "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
@@ -88,7 +89,7 @@ class OrtRuntime(Runtime):
         else:
             art = (bundle.find("onnx", precision, "onnxruntime-cpu") if device == "cpu" else None) \
                 or bundle.require("onnx", precision)
-        runtime = cls(bundle.verified_path(art), bundle.config, art.precision, device, threads)
+        runtime = cls(bundle.path(art), bundle.config, art.precision, device, threads, graph=bundle.verified_bytes(art))
         runtime.target = art.target
         return runtime
 
