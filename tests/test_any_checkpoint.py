@@ -563,3 +563,51 @@ def test_damaged_onnx_metadata(demo_bundle, tmp_path):
         OrtRuntime.from_onnx(damaged("cvt_deploy.config", zero_std))
     with pytest.raises(CvtDeployError, match="m.onnx says its precision is 'fp8'"):
         OrtRuntime.from_onnx(damaged("cvt_deploy.precision", lambda _: "fp8"))
+
+
+# --- preprocessor_config.json read as transformers reads it ------------------------------------
+
+PROCESSOR_FIELDS = [
+    {"size": {"shortest_edge": 64}, "crop_pct": 0.875, "resample": 3,
+     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+    {"size": {"shortest_edge": 64}, "do_normalize": False},
+    {"size": {"shortest_edge": 64}, "do_rescale": False, "image_mean": [100, 110, 120], "image_std": [50, 60, 70]},
+    {"size": {"shortest_edge": 64}, "rescale_factor": 0.5 / 255, "resample": 2},
+    {"size": {"shortest_edge": 64}},  # mean/std unset: the processor's own 0.5 / 0.5
+    {"size": {"shortest_edge": 384}, "image_processor_type": "ConvNextImageProcessor", "do_resize": True},
+]
+
+
+@pytest.mark.parametrize("fields", PROCESSOR_FIELDS, ids=lambda f: ",".join(sorted(f)))
+def test_preprocessor_config_means_what_transformers_makes_of_it(hf_cvt_checkpoint, tmp_path, fields):
+    """The inputs cvt-deploy makes from an image are the ones transformers' processor makes."""
+    mod = pytest.importorskip("transformers.models.convnext.image_processing_pil_convnext")
+    from PIL import Image
+
+    from cvt_deploy.preprocess import preprocess
+
+    folder = damaged_folder(tmp_path, hf_cvt_checkpoint("tiny", num_labels=10),
+                            write("preprocessor_config.json", json.dumps(fields)))
+    cfg = load_checkpoint(folder).cfg
+    image = np.random.default_rng(0).integers(0, 256, (150, 110, 3), dtype=np.uint8)
+    kwargs = {k: v for k, v in fields.items() if k != "image_processor_type"}
+    ref = mod.ConvNextImageProcessorPil(**kwargs)(images=Image.fromarray(image), return_tensors="np")["pixel_values"]
+    ours = preprocess(image, cfg.preprocess)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"size": 64, "do_resize": False}, "do_resize false is not a preprocessing cvt-deploy can reproduce"),
+    ({"size": 64, "do_center_crop": True, "crop_size": 48}, "do_center_crop true"),
+    ({"size": 64, "do_pad": True}, "do_pad true"),
+    ({"size": {"height": 64, "width": 96}}, "is not square"),
+    ({"size": 64, "image_processor_type": "ViTImageProcessor"}, "image_processor_type 'ViTImageProcessor'"),
+    ({"size": 64, "rescale_factor": 0}, "rescale_factor 0 is not a positive number"),
+])
+def test_preprocessor_fields_cvt_deploy_cannot_honour_are_refused(hf_cvt_checkpoint, tmp_path, fields, words):
+    folder = damaged_folder(tmp_path, hf_cvt_checkpoint("tiny", num_labels=10),
+                            write("preprocessor_config.json", json.dumps(fields)))
+    rc, err = run("cvt-export", ["--weights", str(folder), "--out", str(tmp_path / "b"), "--no-check"])
+    assert rc == 2 and "preprocessor_config.json" in err and words in err, err
+    assert not (tmp_path / "b").exists()

@@ -104,17 +104,48 @@ def _hf_labels(raw: dict[str, Any], num_classes: int, path: Path) -> tuple[str, 
     return tuple(labels[i] for i in range(num_classes))
 
 
+# The processors whose preprocessing is CvT's (ConvNeXt's: shorter side to size / crop_pct and a
+# center crop below 384, a squash at 384 and up); "feature extractor" is their older name.
+_PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorFast", "ConvNextImageProcessorPil",
+               "ConvNextFeatureExtractor")
+_HF_MEAN = _HF_STD = (0.5, 0.5, 0.5)  # ConvNextImageProcessor's own defaults, for a file that sets none
+_RESCALE = 1 / 255
+
+
 def _hf_preprocess(folder: Path, img_size: int) -> PreprocessConfig:
-    """The image processor's settings (``preprocessor_config.json``) when the folder has them."""
+    """The image processor's settings (``preprocessor_config.json``) when the folder has them,
+    read as transformers' ConvNeXt processor reads them: every field it sets is honoured (a
+    rescale or no normalisation is folded into mean/std) or refused when cvt-deploy cannot."""
     path = folder / "preprocessor_config.json"
     base = PreprocessConfig.for_size(img_size)
     if not path.is_file():
         return base
     raw = read_json_object(path, _RESTORE)
-    changes: dict[str, Any] = {}
-    for ours, theirs in (("mean", "image_mean"), ("std", "image_std")):
-        if theirs in raw:
-            changes[ours] = tuple(raw[theirs]) if isinstance(raw[theirs], list) else raw[theirs]
+    kind = raw.get("image_processor_type", raw.get("feature_extractor_type"))
+    if kind is not None and kind not in _PROCESSORS:
+        raise CvtDeployError(f"{path}: image_processor_type {kind!r} is not the ConvNeXt processor CvT checkpoints use",
+                             f"use one of {', '.join(_PROCESSORS)}, or write preprocess fields with --config")
+    for key, unsupported in (("do_resize", False), ("do_center_crop", True), ("do_pad", True)):
+        if raw.get(key, not unsupported) is unsupported:
+            raise CvtDeployError(f"{path}: {key} {str(unsupported).lower()} is not a preprocessing cvt-deploy can "
+                                 "reproduce (every image is resized and cropped by crop_pct to the model's size)",
+                                 f"remove {key} from the file, or set it {str(not unsupported).lower()}")
+    channels = len(base.mean)
+    mean = raw.get("image_mean", list(_HF_MEAN[:1] * channels))
+    std = raw.get("image_std", list(_HF_STD[:1] * channels))
+    if raw.get("do_normalize", True) is False:
+        mean, std = [0.0] * channels, [1.0] * channels
+    changes: dict[str, Any] = {"mean": tuple(mean) if isinstance(mean, list) else mean,
+                               "std": tuple(std) if isinstance(std, list) else std}
+    rescale = _RESCALE if raw.get("do_rescale", True) is not False else 1.0
+    if raw.get("do_rescale", True) is not False and "rescale_factor" in raw:
+        rescale = raw["rescale_factor"]
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < float("inf"):
+            raise CvtDeployError(f"{path}: rescale_factor {rescale!r} is not a positive number", "1/255 is CvT's")
+    if abs(rescale - _RESCALE) > 1e-12 and all(isinstance(v, (int, float)) for v in (*changes["mean"], *changes["std"])):
+        # (x * r - mean) / std  ==  (x / 255 - mean / (255 r)) / (std / (255 r)): the same input
+        scale = 255.0 * rescale
+        changes = {k: tuple(v / scale for v in changes[k]) for k in ("mean", "std")}
     if "crop_pct" in raw and base.resize == "shorter":
         changes["crop_pct"] = raw["crop_pct"]
     if "resample" in raw:
@@ -134,6 +165,9 @@ def _hf_image_size(folder: Path) -> int | None:
         return None
     size = read_json_object(path, _RESTORE).get("size")
     if isinstance(size, dict):  # {"shortest_edge": 224} or {"height": 384, "width": 384}
+        if "shortest_edge" not in size and size.get("height") != size.get("width"):
+            raise CvtDeployError(f"{path}: size {size} is not square; CvT's preprocessing makes square inputs",
+                                 'use "size": {"shortest_edge": N}')
         size = size.get("shortest_edge", size.get("height"))
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise CvtDeployError(f"{path}: size {size!r} is not a positive number of pixels", 'use e.g. "size": 224')
