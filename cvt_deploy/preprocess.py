@@ -265,7 +265,30 @@ def validate_batch(batch: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         bad = int((~np.isfinite(batch)).reshape(len(batch), -1).any(axis=1).sum())
         raise CvtDeployError(f"input batch has NaN or infinite values in {bad} of {len(batch)} images",
                              "check how the batch was made; predictions on NaN input are meaningless")
+    check_normalised(batch, cfg)
     return np.ascontiguousarray(batch)
+
+
+def check_normalised(batch: np.ndarray, cfg: PreprocessConfig) -> None:
+    """Refuse a float NCHW batch far outside what normalised images hold, as a float image
+    outside 0..1 is refused: a batch of 0..255 pixels, say, that was never normalised, would
+    give confident nonsense. Pixels 0..1 normalised lie in (0 - mean) / std .. (1 - mean) / std
+    per channel; a pixel's full range either side of that is allowed (other normalisations,
+    augmentation), values beyond it are not an image this model was made for."""
+    if not len(batch) or batch.ndim != 4 or batch.shape[1] != len(cfg.mean):
+        return
+    mean, std = np.asarray(cfg.mean, np.float64), np.asarray(cfg.std, np.float64)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    width = 1 / std
+    got_lo = batch.min(axis=(0, 2, 3)).astype(np.float64)
+    got_hi = batch.max(axis=(0, 2, 3)).astype(np.float64)
+    if (got_lo < lo - width).any() or (got_hi > hi + width).any():
+        raise CvtDeployError(
+            f"the float batch holds values from {got_lo.min():.4g} to {got_hi.max():.4g}, far outside what this model's "
+            f"normalised images hold ({lo.min():.3g}..{hi.max():.3g}: pixels 0..1, mean {list(cfg.mean)}, std {list(cfg.std)})"
+            + (": it looks like pixels 0..255 that were never normalised" if got_hi.max() > 20 else ""),
+            "pass the images themselves (paths, PIL, uint8 arrays) and let preprocessing normalise them, or "
+            "normalise the batch: (pixels / 255 - mean) / std")
 
 
 def find_images(folder: str | os.PathLike[str]) -> list[Path]:

@@ -1,11 +1,24 @@
 """Plain-text tables, for the CLIs and the report objects (parity, predictions, benchmarks)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+
+def printable(value: Any) -> str:
+    """``str(value)`` with what a terminal would act on (escape sequences, carriage returns,
+    bidirectional overrides: every character that is not printable) shown as its escape, so a
+    label or file name from someone else's file can never rewrite or hide what is printed."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> str:
     """Left-aligned text, right-aligned numbers, a rule under the header."""
+    header = [printable(h) for h in header]
+    rows = [[printable(v) for v in r] for r in rows]
+    title = None if title is None else "\n".join(printable(line) for line in title.split("\n"))
     cols = [list(map(str, c)) for c in zip(header, *rows)] if rows else [[h] for h in header]
     widths = [max(len(x) for x in c) for c in cols]
 

@@ -26,7 +26,7 @@ from cvt_deploy.parity import Gates  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
 from cvt_deploy.runtimes import load  # noqa: E402
 
-from conftest import run_cli, run_script  # noqa: E402
+from conftest import refused, run_cli, run_script  # noqa: E402
 
 FP32_TOL = 1e-4
 
@@ -454,3 +454,20 @@ def test_check_on_a_labelled_image_folder(demo_bundle, tmp_path, demo_test_split
     assert cpu_graph["images"] == 20 and cpu_graph["accuracy_drop"] == 0.0
     assert report["images"] == 20 and "labelled" in report["data"]
     assert report["accuracy_reference"] >= 0.9 and report["accuracy_drop"] == 0.0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--calib", "x.npy"], ["--calib has no effect here: no int8 graph is exported", "add --precision int8"]),
+    (["--precision", "fp16", "--calib-count", "8", "--calib-method", "entropy"],
+     ["--calib-method, --calib-count have no effect"]),
+    (["--no-check", "--limit", "64"], ["--limit has no effect here: nothing is checked (--no-check)", "drop --no-check"]),
+    (["--no-check", "--data", "imgs"], ["--data has no effect"]),
+    (["--workspace", "512"], ["--workspace has no effect here: no TensorRT engine is built (--format onnx)"]),
+    (["--triton-instances", "2"], ["--triton-instances has no effect", "add --format triton"]),
+    (["--classifier-threshold", "0.3"], ["--classifier-threshold has no effect", "add --format deepstream"]),
+    (["--format", "deepstream", "--operate-on-gie-id", "3"], ["--operate-on-gie-id has no effect here: only a secondary"]),
+    (["--format", "trt", "--bundle", "b", "--opset", "18"], ["--opset has no effect here: --bundle is used as it is"]),
+    (["--format", "triton", "--bundle", "b", "--out", "r", "--weights", "w.pth"], ["--weights has no effect"]),
+])
+def test_a_flag_that_changes_nothing_is_refused_before_any_work(no_work, args, words):
+    refused(run_cli("cvt-export", *args), *words)

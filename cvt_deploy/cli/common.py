@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
+from ..table import printable
 from ..util import PRECISIONS
 
 EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
@@ -56,9 +57,10 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
             with _cleanup_on_signals():
                 return fn(argv)
         except CvtDeployError as e:
-            print(f"error: {e.message}", file=sys.stderr)
+            # Messages quote names from files and requests: what a terminal acts on is shown escaped.
+            print("error: " + "\n".join(map(printable, e.message.split("\n"))), file=sys.stderr)
             if e.hint:
-                print(f"  fix: {e.hint}", file=sys.stderr)
+                print("  fix: " + "\n".join(map(printable, e.hint.split("\n"))), file=sys.stderr)
             return getattr(e, "exit_code", EXIT_ERROR)
         except KeyboardInterrupt as e:
             signum = e.signum if isinstance(e, Terminated) else signal.SIGINT

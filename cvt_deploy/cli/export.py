@@ -122,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..export.pipeline import ExportOptions
     from ..trt.loader import BuildOptions
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     deepstream = args.format == "deepstream"
     precisions = args.precision or ["fp32" if args.format == "onnx" else "fp16"]
+    refuse_no_effect(parser, args, precisions)
     progress = not args.quiet
     # DeepStream feeds float planar pixels and thresholds probabilities: its graphs default to both.
     options = ExportOptions(precisions=precisions, opset=args.opset, batch=BatchRange.parse(args.batch_range), data=args.data,
@@ -191,6 +193,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write_deepstream(result.bundle, ds, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
     return 0
+
+
+def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, precisions: Sequence[str]) -> None:
+    """A flag given where it changes nothing is refused: the user meant something that would not happen."""
+    exporting = args.bundle is None and args.format != "triton"  # a model is loaded and exported
+    checking = not args.no_check and args.format != "triton"
+    # flag dests -> (has an effect, why not, what would make it count)
+    rules = [
+        (("calib", "calib_method", "calib_count", "calib_cache"), exporting and "int8" in precisions,
+         "no int8 graph is exported" if exporting else "nothing is exported or calibrated (--bundle)", "add --precision int8"),
+        (("data", "limit"), checking, "nothing is checked" + (" (--no-check)" if args.no_check else ""),
+         "drop --no-check" if args.no_check else "use cvt-check on the repository's bundle"),
+        (("workspace", "timing_cache", "version_compatible", "hardware_compatible"), args.format == "trt",
+         f"no TensorRT engine is built (--format {args.format})", "add --format trt"),
+        (("triton_name", "triton_device", "triton_instances", "triton_ort_tensorrt"), args.format == "triton",
+         f"no Triton repository is written (--format {args.format})", "add --format triton"),
+        (("classifier_mode", "operate_on_gie_id", "classifier_threshold"), args.format == "deepstream",
+         f"no DeepStream config is written (--format {args.format})", "add --format deepstream"),
+        (("operate_on_gie_id",), args.classifier_mode == "secondary", "only a secondary classifier reads a detector's "
+         "objects", "add --classifier-mode secondary"),
+        (("model", "weights", "heads", "config", "img_size", "activation", "opset", "tensorrt", "batch_range",
+          "no_ort_cpu", "input_format", "output"), exporting,
+         "--bundle is used as it is (nothing is exported)", "drop it, or export anew without --bundle"),
+    ]
+    # An older spelling shares its dest with a SUPPRESS default: the real default is the other's.
+    defaults = {a.dest: a.default for a in reversed(parser._actions) if a.default is not argparse.SUPPRESS}
+    for dests, effect, why, fix in rules:
+        given = [d for d in dests if getattr(args, d, None) != defaults.get(d)]
+        if given and not effect:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            raise CvtDeployError(f"{flags} {'has' if len(given) == 1 else 'have'} no effect here: {why}", fix)
 
 
 def _triton(args: argparse.Namespace) -> int:

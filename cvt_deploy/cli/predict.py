@@ -12,6 +12,7 @@ from ..data import CHUNK
 from ..errors import CvtDeployError
 from ..preprocess import preprocess
 from ..runtimes import BACKENDS
+from ..table import printable
 from .common import add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, cli_entry
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(pred.to_json(files))
     else:
-        print(f"{runtime.config.variant} on {runtime.describe()}")
+        print(printable(f"{runtime.config.variant} on {runtime.describe()}"))
         print(pred.table([Path(f).name for f in files]))
     return 0
 
@@ -85,5 +86,5 @@ def _read(files: list[str], cfg: PreprocessConfig, skip_bad: bool) -> tuple[np.n
             batch.append(preprocess(f, cfg))
             names.append(f)
         except CvtDeployError as e:
-            print(f"skipped {f}: {e.message}", file=sys.stderr)
+            print(f"skipped {printable(f)}: {printable(e.message)}", file=sys.stderr)
     return (np.concatenate(batch) if batch else np.zeros((0,))), names
