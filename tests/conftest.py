@@ -303,11 +303,12 @@ def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
 
 
 # Shared test helpers
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from typing import ClassVar  # noqa: E402
+from typing import ClassVar, Iterator  # noqa: E402
 
 
 def rand_batch(n: int, seed: int, size: int = 64) -> Any:
@@ -460,3 +461,19 @@ def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     yield
     patch.undo()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "4m", readonly: bool = False) -> Iterator[Path]:
+    """A real tmpfs mounted at ``path`` (skips the test when mounting is not permitted): a full
+    disk or a read-only file system that holds even for root, as chmod does not."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}): needs root in a "
+                    "container that allows mounts")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -19,7 +19,6 @@ import subprocess
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
 
-from conftest import refused, run_cli, script, snapshot  # noqa: E402
+from conftest import refused, run_cli, script, snapshot, tmpfs  # noqa: E402
 from cvt_deploy.bundle import JOURNAL, Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 
@@ -49,21 +48,6 @@ def user_files(folder: Path) -> dict[str, str]:
     (folder / "sub").mkdir(exist_ok=True)
     (folder / "sub" / "data.bin").write_bytes(os.urandom(64))
     return snapshot(folder)
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "4m", readonly: bool = False) -> Iterator[Path]:
-    """A real tmpfs mounted at ``path`` (skips the test when mounting is not permitted)."""
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (",ro" if readonly else "")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'mount failed'}): needs root in a "
-                    "container that allows mounts")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def export(out: str | Path, *args: str, cwd: Path | None = None, ort_cpu: bool = False) -> subprocess.CompletedProcess[str]:
@@ -495,3 +479,44 @@ def test_a_damaged_calibration_cache_is_ignored_and_named(tmp_path, capsys, rang
     assert str(path) in err and "calibrating again" in err
     path.write_text("{ truncated")
     assert _read_cache(path, "k") is None and str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda x: x * 0 + np.linspace(0, 255, 64, dtype=np.float32), ["from 0 to 255", "never normalised"]),
+    (lambda x: x * 10, ["far outside what this model's normalised images hold"]),
+])
+def test_a_float_batch_far_outside_the_normalised_range_is_refused(demo_bundle, make, words):
+    """As a float image outside 0..1 is refused: a batch that was never normalised (0..255
+    pixels), or was normalised twice over, gives confident nonsense, not an answer."""
+    from conftest import rand_batch
+
+    from cvt_deploy.runtimes import load
+
+    runtime = load(demo_bundle, backend="onnxruntime")
+    batch = rand_batch(2, seed=0)
+    assert runtime.predict(batch).labels  # standard-normal values: what normalised images look like
+    with pytest.raises(CvtDeployError) as e:
+        runtime.predict(make(batch).astype(np.float32))
+    for w in words:
+        assert w in e.value.message, e.value.message
+    assert "let preprocessing normalise them" in (e.value.hint or "")
+
+
+def test_labels_and_names_with_terminal_control_characters_are_never_printed_raw(bundle_copy, tmp_path):
+    hostile = ["\x1b[2J\x1b[Hwiped", "car\rriage", "bell\x07", "\u202etxt.exe", "tab\there"]
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    labels = manifest["model"]["labels"]
+    manifest["model"]["labels"] = hostile + labels[len(hostile):]
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    image = tmp_path / "digit\x1b[31m.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image, format="PNG")
+    proc = run_cli("cvt-predict", "--bundle", str(bundle_copy), "--topk", "10", str(image))
+    assert proc.returncode == 0, proc.stderr
+    for raw in ("\x1b", "\r", "\x07", "\u202e", "\t"):
+        assert raw not in proc.stdout + proc.stderr, repr(raw)
+    for shown in ("\\x1b[2J\\x1b[Hwiped", "car\\rriage", "bell\\x07", "\\u202etxt.exe", "digit\\x1b[31m.png"):
+        assert shown in proc.stdout, (shown, proc.stdout)
+    as_json = json.loads(run_cli("cvt-predict", "--bundle", str(bundle_copy), "--topk", "10", "--json", str(image)).stdout)
+    assert set(hostile) <= {t["label"] for item in as_json for t in item["top"]}  # data stays exact in JSON
+    # and in error messages too
+    refused(run_cli("cvt-predict", "--bundle", str(bundle_copy), str(tmp_path / "missing\x1b[2J.png")), "missing\\x1b[2J.png")

@@ -202,11 +202,19 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
         with stage("converting to fp16 (LayerNorm/Softmax kept fp32)", progress):
             return convert_fp16(src, dst, metadata=metadata, keep_fp32_nodes=fp32_nodes)
     from ..calibration import DEFAULT_CALIB_COUNT, load_calibration
-    from .int8 import quantize_int8
+    from .int8 import check_cache_location, quantize_int8
 
     batch, description = load_calibration(calib, bundle.config, calib_count or DEFAULT_CALIB_COUNT, progress=progress)
-    kwargs: dict[str, Any] = {"cache": calib_cache if calib_cache is not None else default_cache_dir() / "calibration",
-                              "progress": progress, "metadata": metadata}
+    cache: Path | None = calib_cache
+    if cache is None:
+        cache = default_cache_dir() / "calibration"
+        try:
+            check_cache_location(cache)
+        except CvtDeployError:  # the user's own file sits where the default cache goes: keep it, cache nothing
+            print(f"  note: calibration cache not written: {cache} is a file that is not a cvt-deploy cache "
+                  "(pass --calib-cache DIR to keep the ranges elsewhere)", file=sys.stderr)
+            cache = None
+    kwargs: dict[str, Any] = {"cache": cache, "progress": progress, "metadata": metadata}
     if calib_method:
         kwargs["method"] = calib_method
     with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):
