@@ -73,14 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         log_file, temporary = Path(tempfile.mkstemp(prefix="cvt-serve-", suffix=".log")[1]), True
     try:
-        main_loop(Server(args.bundle, options, log_file=log_file))
+        code = main_loop(Server(args.bundle, options, log_file=log_file))
     except BaseException:
         if temporary and log_file is not None and log_file.stat().st_size == 0:
             log_file.unlink()  # Triton never wrote to it: nothing to look at
         raise
     if temporary and log_file is not None:
         log_file.unlink(missing_ok=True)  # a clean stop: the temporary log has served its purpose
-    return 0
+    return code
 
 
 if __name__ == "__main__":

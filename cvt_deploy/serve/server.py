@@ -163,6 +163,7 @@ class Server:
         self.runtime: Runtime | None = None
         self._triton: Any = None
         self._stop = threading.Event()
+        self.stopped_by: int | None = None  # the signal wait() stopped on
 
     def urls(self) -> dict[str, str]:
         host = "127.0.0.1" if self.options.host in ("0.0.0.0", "") else self.options.host
@@ -212,10 +213,15 @@ class Server:
         return self
 
     def wait(self) -> None:
-        """Serve until SIGINT/SIGTERM (main thread only) or until Triton stops by itself."""
+        """Serve until SIGINT/SIGTERM (main thread only; :attr:`stopped_by` says which) or until
+        Triton stops by itself."""
+        def stop(signum: int, frame: object) -> None:
+            self.stopped_by = signum
+            self._stop.set()
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: self._stop.set())
+                signal.signal(sig, stop)
         while not self._stop.wait(0.5):
             if self._triton is None or not self._triton.is_alive():
                 raise CvtDeployError("Triton stopped unexpectedly", self._log_hint())
@@ -253,10 +259,13 @@ def describe(server: Server) -> str:
     ])
 
 
-def main_loop(server: Server) -> None:
-    """Start, print the URLs and a ready line, serve until a signal, stop: what cvt-serve does."""
+def main_loop(server: Server) -> int:
+    """Start, print the URLs and a ready line, serve until a signal, stop: what cvt-serve does.
+    Returns the exit code: 128 + the signal that stopped it, as for every cvt-deploy command."""
     with server:
         print(describe(server), flush=True)
         print(f"ready (stop with Ctrl+C or kill -TERM {os.getpid()})", flush=True)
         server.wait()
-    print("stopped", file=sys.stderr, flush=True)
+    name = signal.Signals(server.stopped_by).name if server.stopped_by else "stopped by itself"
+    print(f"stopped ({name}); Triton and its processes have exited", file=sys.stderr, flush=True)
+    return 128 + server.stopped_by if server.stopped_by else 0

@@ -1,0 +1,76 @@
+"""Shutdown under load: SIGTERM (docker stop, kill) or SIGINT (Ctrl-C) to a command while every
+CPU is busy ends it within seconds, with 128 + the signal as its exit code and no temporary
+file left behind. (cvt-serve's case is in test_serve, on the module's running server.)"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from conftest import cpu_load, script  # noqa: E402
+
+WITHIN_S = 15  # a loaded 2-core machine: the signal lands between two native calls
+
+
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job inherits SIGINT ignored
+
+
+def start(*cmd: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([script(cmd[0]), *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=cwd, preexec_fn=_default_signals, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def leftovers(*folders: Path) -> list[str]:
+    return sorted(str(p) for f in folders if f.is_dir() for p in f.rglob("*")
+                  if p.name.endswith(".partial") or p.name.endswith(".cvt-lock") or p.name.startswith("tmp"))
+
+
+def stop_when(proc: subprocess.Popen[str], ready, sig: int) -> tuple[float, str]:
+    """Send ``sig`` once ``ready()`` holds; how long the process took to exit after it, and its stderr."""
+    deadline = time.monotonic() + 300
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the command never got that far"
+        time.sleep(0.05)
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return time.monotonic() - sent, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_export_under_load(tmp_path, sig):
+    out = tmp_path / "bundle"
+    with cpu_load():
+        proc = start("cvt-export", "--out", str(out), "--precision", "fp16,int8", cwd=tmp_path)
+        took, err = stop_when(proc, lambda: any(p.name.endswith(".partial") for p in tmp_path.iterdir()), sig)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert took < WITHIN_S, f"took {took:.1f} s to stop"
+    assert "Traceback" not in err and "nothing was left half-written" in err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_bench_under_load(demo_bundle, tmp_path, sig):
+    save = tmp_path / "result.json"
+    with cpu_load():
+        proc = start("cvt-bench", "--bundle", str(demo_bundle), "--backend", "onnxruntime,torch", "--batch", "1,8",
+                     "--iterations", "100000", "--save", str(save), cwd=tmp_path)
+        began = time.monotonic()  # loading and warm-up take a few seconds: 8 s in, it is timing
+        took, err = stop_when(proc, lambda: time.monotonic() > began + 8, sig)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert took < WITHIN_S, f"took {took:.1f} s to stop"
+    assert "Traceback" not in err
+    assert not save.exists() and leftovers(tmp_path) == []
+
