@@ -10,6 +10,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ class BatchRange:
     def parse(cls, text: str) -> BatchRange:
         """'8' (fixed), '1:32' (opt = max), '1:8:32'."""
         try:
-            parts = [int(p) for p in str(text).split(":")]
+            parts = [parse_whole(p) for p in str(text).split(":")]
         except ValueError:
             raise CvtDeployError(f"--batch-range {text!r} is not a number or range", "use e.g. 8, 1:32 or 1:8:32") from None
         if len(parts) == 1:
@@ -349,6 +350,30 @@ def _finite_float(text: str) -> float:
 
 class TooLarge(ValueError):
     """A file over the size cvt-deploy reads of its kind."""
+
+
+_WHOLE = re.compile(r"-?[0-9]+")  # the sign, so that a range check can say what is allowed
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def parse_whole(text: str) -> int:
+    """A whole number written in the digits 0-9, nothing else: Python's ``int`` also takes
+    "１２" or "٣" (other scripts' digits), "1_000" and " 8 ", which look like numbers but are
+    not what anyone typed on purpose. ValueError otherwise."""
+    if not isinstance(text, str) or not _WHOLE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a whole number written in the digits 0-9")
+    return int(text)
+
+
+def parse_decimal(text: str) -> float:
+    """A finite decimal number in ASCII (``float`` also takes "nan", "inf" and other scripts'
+    digits). ValueError otherwise."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{text!r} is not a decimal number")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is out of range")
+    return value
 
 
 def parse_json(text: str | bytes) -> Any:

@@ -209,7 +209,7 @@ def test_export_refuses_an_output_it_cannot_or_must_not_write(tmp_path, case, st
     (["--weights", "/nonexistent/CvT-13.pth"], "does not exist"),
     (["--bundle", "/nonexistent"], "--bundle BUNDLE builds TensorRT engines from an existing bundle"),
     # Validated by ExportOptions / BuildOptions before any work is done.
-    (["--limit", "-5"], "--limit -5 must be a whole number >= 1"),
+    (["--limit", "0"], "--limit 0 must be a whole number >= 1"),
     (["--precision", "int8", "--calib-count", "0"], "--calib-count 0 must be a whole number >= 1"),
     (["--format", "trt", "--workspace", "0"], "--workspace 0 MiB is not positive"),
 ])
@@ -471,3 +471,25 @@ def test_check_on_a_labelled_image_folder(demo_bundle, tmp_path, demo_test_split
 ])
 def test_a_flag_that_changes_nothing_is_refused_before_any_work(no_work, args, words):
     refused(run_cli("cvt-export", *args), *words)
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("cvt-bench", ["--iterations", "\uff11\uff10"], ["--iterations", "is not a whole number written in the digits 0-9"]),
+    ("cvt-bench", ["--min-time", "nan"], ["--min-time", "'nan' is not a decimal number"]),
+    ("cvt-bench", ["--min-time", "inf"], ["'inf' is not a decimal number"]),
+    ("cvt-bench", ["--min-time", "1e999"], ["'1e999' is out of range"]),
+    ("cvt-bench", ["--batch", "1,\u0663"], ["--batch", "is not a whole number"]),
+    ("cvt-export", ["--batch-range", "1:\u0668:32"], ["--batch-range", "is not a number or range"]),
+    ("cvt-export", ["--heads", "1,\u0663,6"], ["--heads", "is not a comma list of head counts"]),
+    ("cvt-export", ["--opset", "1_8"], ["--opset", "'1_8' is not a whole number"]),
+    ("cvt-export", ["--format", "deepstream", "--classifier-threshold", "NaN"], ["--classifier-threshold"]),
+    ("cvt-predict", ["--topk", " 5"], ["--topk", "' 5' is not a whole number"]),
+    ("cvt-serve", ["--http-port", "８０００"], ["--http-port"]),
+])
+def test_numbers_that_only_look_like_numbers_are_refused(no_work, command, args, words):
+    """Python's int() and float() take other scripts' digits, '1_000', ' 8', 'nan' and 'inf'."""
+    proc = run_cli(command, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "error" in proc.stderr
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr)

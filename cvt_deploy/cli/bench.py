@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CvtDeployError
 from .common import (ListOption, add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, deprecated_alias, warn_deprecated)
+                     cli_entry, decimal_number, deprecated_alias, warn_deprecated, whole_number)
 
 if TYPE_CHECKING:
     from ..bench import BenchResult
@@ -123,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", action=ListOption, what="batch size", metavar="N[,N]",
                     help="batch sizes to time, a comma list or repeated: --batch 1,8 (default: 1,8,32 inside the "
                          "bundle's batch range, which cvt-export --batch-range sets)")
-    ap.add_argument("--threads", type=int, metavar="N",
+    ap.add_argument("--threads", type=whole_number, metavar="N",
                     help=f"CPU threads for every backend (default: the CPUs this process may use, here {default_threads()})")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    ap.add_argument("--iterations", type=int, metavar="N",
+    ap.add_argument("--iterations", type=whole_number, metavar="N",
                     help="timed calls per row (default: enough for --min-time seconds, at least 10)")
-    ap.add_argument("--min-time", type=float, metavar="S", help=f"seconds of timed calls per row (default {NORMAL['min_time']:g})")
-    ap.add_argument("--warmup", type=int, metavar="N", help=f"untimed calls per row first (default {NORMAL['warmup']})")
-    ap.add_argument("--rounds", type=int, metavar="N", help=f"interleaved rounds (default {NORMAL['rounds']})")
+    ap.add_argument("--min-time", type=decimal_number, metavar="S", help=f"seconds of timed calls per row (default {NORMAL['min_time']:g})")
+    ap.add_argument("--warmup", type=whole_number, metavar="N", help=f"untimed calls per row first (default {NORMAL['warmup']})")
+    ap.add_argument("--rounds", type=whole_number, metavar="N", help=f"interleaved rounds (default {NORMAL['rounds']})")
     add_json_arg(ap, "the result (rows and run details, as --save FILE.json writes)", action=_JsonFlag, nargs="?",
                  default=False)
     ap.add_argument("--save", action=_Save, metavar="FILE",
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default: http")
     g.add_argument("--send", choices=("pixels", "images"), default="pixels",
                    help="pixels: preprocessed float32 (default); images: an encoded PNG, preprocessed by the server")
-    g.add_argument("--images-per-request", type=int, default=1, metavar="N", help="batch of one request (default 1)")
+    g.add_argument("--images-per-request", type=whole_number, default=1, metavar="N", help="batch of one request (default 1)")
     g.add_argument("--metrics-url", help="Triton's metrics (default: the --url host, port 8002)")
     deprecated_alias(ap, "--backends", "--backend")
     deprecated_alias(ap, "--precisions", "--precision")

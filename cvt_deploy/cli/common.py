@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
 from ..table import printable
-from ..util import PRECISIONS
+from ..util import PRECISIONS, parse_decimal, parse_whole
 
 EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
 
@@ -88,15 +88,31 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
                         "patch_paddings, q_strides, q_paddings, kv_strides, kv_paddings, qkv_projections "
                         '(e.g. {"num_heads": [1, 3, 6], "kv_strides": [2, 2, 1]}); fields that contradict the '
                         "weights are refused")
-    g.add_argument("--img-size", type=int, metavar="N", help="input size (224 or 384 for the paper's models)")
+    g.add_argument("--img-size", type=whole_number, metavar="N", help="input size (224 or 384 for the paper's models)")
     g.add_argument("--activation", choices=("quick_gelu", "gelu"),
                    help="MLP activation; default: what the checkpoint was trained with "
                         "(quick_gelu official, gelu Hugging Face)")
 
 
+def whole_number(text: str) -> int:
+    """argparse type for counts and sizes: digits 0-9 only (see util.parse_whole)."""
+    try:
+        return parse_whole(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def decimal_number(text: str) -> float:
+    """argparse type for seconds, probabilities ...: a finite ASCII decimal (no nan, inf)."""
+    try:
+        return parse_decimal(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_heads(text: str) -> tuple[int, ...]:
     try:
-        heads = tuple(int(h) for h in text.split(","))
+        heads = tuple(parse_whole(h) for h in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of head counts, e.g. 1,3,6") from None
     if not heads or min(heads) < 1:
@@ -165,7 +181,7 @@ class ListOption(argparse.Action):
                 raise CvtDeployError(f"{flag} {text!r}: unknown {self.what} {part!r}", self._fix(flag))
             return part
         try:
-            return int(part)
+            return parse_whole(part)
         except ValueError:
             raise CvtDeployError(f"{flag} {text!r}: {part!r} is not a whole number", self._fix(flag)) from None
 
@@ -250,7 +266,7 @@ def add_backend_arg(ap: argparse._ActionsContainer, valid: Sequence[str], *, man
 def add_limit_arg(ap: argparse._ActionsContainer, what: str) -> None:
     from ..data import DEFAULT_LIMIT
 
-    ap.add_argument("--limit", type=int, metavar="N",
+    ap.add_argument("--limit", type=whole_number, metavar="N",
                     help=f"use at most N images of --data for {what} (default {DEFAULT_LIMIT})")
 
 

@@ -12,7 +12,7 @@ from ..errors import CvtDeployError
 from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
 from .common import (add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, deprecated_alias, load_model_from_args)
+                     cli_entry, decimal_number, deprecated_alias, load_model_from_args, whole_number)
 
 if TYPE_CHECKING:
     from ..deepstream import DeepStreamOptions
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bundle", type=Path, metavar="BUNDLE",
                     help="with --format trt: build engines for this existing bundle instead of exporting; with "
                          "--format deepstream: write its nvinfer config; with --format triton: the bundle to serve")
-    ap.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.5 and newer parse it)")
+    ap.add_argument("--opset", type=whole_number, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.5 and newer parse it)")
     ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, metavar="VERSION", choices=TENSORRT_TARGETS,
                     help="oldest TensorRT the portable graphs must parse on: 8.5 (JetPack 5.1: LayerNorm written "
                          "as elementwise ops), 8.6 (default: JetPack 6.0 and newer, single LayerNormalization nodes) "
@@ -74,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("int8 calibration")
     g.add_argument("--calib", metavar="DIR|FILE.npy", help="calibration images (default: the demo calibration split)")
     g.add_argument("--calib-method", metavar="M", help="calibration method (see cvt_deploy.export.int8)")
-    g.add_argument("--calib-count", type=int, metavar="N", help="number of calibration images")
+    g.add_argument("--calib-count", type=whole_number, metavar="N", help="number of calibration images")
     g.add_argument("--calib-cache", type=Path, metavar="DIR",
                    help="where calibration ranges are cached for reuse (default ~/.cache/cvt-deploy/calibration)")
     g = ap.add_argument_group("TensorRT (--format trt)")
-    g.add_argument("--workspace", type=int, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
+    g.add_argument("--workspace", type=whole_number, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
     g.add_argument("--version-compatible", action="store_true",
                    help="engine runs on newer TensorRT of the same major version too (TensorRT >= 8.6)")
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("Triton model repository (--format triton; needs the 'serve' extra)")
     g.add_argument("--triton-name", default="cvt", metavar="NAME", help="model name prefix: NAME-onnx-fp32, NAME-trt-fp16 (default cvt)")
     g.add_argument("--triton-device", choices=("cpu", "gpu"), default="cpu", help="instances of the ONNX models (default cpu)")
-    g.add_argument("--triton-instances", type=int, default=1, metavar="N", help="instances per model (default 1)")
+    g.add_argument("--triton-instances", type=whole_number, default=1, metavar="N", help="instances per model (default 1)")
     g.add_argument("--triton-ort-tensorrt", action="store_true", help="ONNX models run through ONNX Runtime's TensorRT accelerator")
-    g.add_argument("--dla-core", type=int, metavar="N",
+    g.add_argument("--dla-core", type=whole_number, metavar="N",
                    help="Jetson: run what the DLA can on DLA core N, the rest on the GPU (fp16 and a fixed --batch-range N only)")
     g = ap.add_argument_group("what the graphs take and give (for apps that hand the network pixels)")
     g.add_argument("--input-format", choices=INPUT_FORMATS, default=None,
@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("DeepStream (--format deepstream)")
     g.add_argument("--classifier-mode", choices=("primary", "secondary"), default="primary",
                    help="primary: classify whole frames; secondary: classify a detector's objects")
-    g.add_argument("--operate-on-gie-id", type=int, default=1, metavar="ID",
+    g.add_argument("--operate-on-gie-id", type=whole_number, default=1, metavar="ID",
                    help="secondary mode: the gie-unique-id of the detector whose objects to classify (default 1)")
-    g.add_argument("--classifier-threshold", type=float, default=0.5, metavar="P",
+    g.add_argument("--classifier-threshold", type=decimal_number, default=0.5, metavar="P",
                    help="lowest probability nvinfer attaches as a label (default 0.5)")
     add_json_arg(ap, "the parity reports", instead="")
     add_quiet_arg(ap)

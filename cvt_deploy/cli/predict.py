@@ -13,7 +13,7 @@ from ..errors import CvtDeployError
 from ..preprocess import preprocess
 from ..runtimes import BACKENDS
 from ..table import printable
-from .common import add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, cli_entry
+from .common import (add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, cli_entry, whole_number)
 
 if TYPE_CHECKING:
     from ..config import PreprocessConfig
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_arg(ap, list(BACKENDS), many=False, default="the best available (see below)")
     add_precision_arg(ap, many=False, default="the most precise in the bundle")
     ap.add_argument("--device", help="cpu or cuda (onnxruntime also: tensorrt provider)")
-    ap.add_argument("--topk", type=int, default=5, metavar="K", help="classes per image, >= 1 (default 5; at most the class count)")
+    ap.add_argument("--topk", type=whole_number, default=5, metavar="K", help="classes per image, >= 1 (default 5; at most the class count)")
     ap.add_argument("--skip-bad", action="store_true",
                     help="skip files that are not readable images (each named on stderr) instead of stopping")
     add_json_arg(ap, "the top-k classes and scores per image")

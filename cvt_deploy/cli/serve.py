@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..runtimes import BACKENDS
-from .common import add_backend_arg, add_precision_arg, cli_entry
+from .common import (add_backend_arg, add_precision_arg, cli_entry, whole_number)
 
 EPILOG = """\
 The bundle runs on the same runtime as cvt-predict, inside this process; a real tritonserver
@@ -40,17 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_arg(g, list(BACKENDS), many=False, default="the best available, as cvt-predict")
     add_precision_arg(g, many=False, default="the most precise in the bundle")
     g.add_argument("--device", help="cpu or cuda (default: what the backend picks)")
-    g.add_argument("--threads", type=int, metavar="N", help="CPU threads of the runtime (default: the library's)")
+    g.add_argument("--threads", type=whole_number, metavar="N", help="CPU threads of the runtime (default: the library's)")
     g = ap.add_argument_group("Triton")
     g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, metavar="NAME", help=f"name clients ask for (default {DEFAULT_MODEL_NAME})")
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all; 127.0.0.1: this machine only)")
     for what, port in DEFAULT_PORTS.items():
-        g.add_argument(f"--{what}-port", type=int, default=port, metavar="PORT", help=f"default {port}")
-    g.add_argument("--max-batch", type=int, metavar="N", help="largest batch Triton forms (default: the bundle's maximum)")
-    g.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="US",
+        g.add_argument(f"--{what}-port", type=whole_number, default=port, metavar="PORT", help=f"default {port}")
+    g.add_argument("--max-batch", type=whole_number, metavar="N", help="largest batch Triton forms (default: the bundle's maximum)")
+    g.add_argument("--max-queue-delay-us", type=whole_number, default=1000, metavar="US",
                    help="how long Triton may hold a request to fill a batch (default 1000 us)")
-    g.add_argument("--instances", type=int, default=1, metavar="N", help="batches run at once (default 1)")
-    g.add_argument("--topk", type=int, default=5, metavar="K", help="labels and scores per image (default 5)")
+    g.add_argument("--instances", type=whole_number, default=1, metavar="N", help="batches run at once (default 1)")
+    g.add_argument("--topk", type=whole_number, default=5, metavar="K", help="labels and scores per image (default 5)")
     ap.add_argument("--log-file", type=Path, metavar="FILE",
                     help="where Triton writes its log (default: a temporary file, named at startup and removed after a clean stop)")
     ap.add_argument("-v", "--verbose", action="store_true", help="Triton's and PyTriton's log on the terminal instead")
