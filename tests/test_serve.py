@@ -173,8 +173,33 @@ def test_one_runtime_call_answers_requests_of_both_kinds(reference, monkeypatch)
     logits = np.concatenate([o["logits"] for o in out])
     assert [len(o["logits"]) for o in out] == [2, 3, 1] and np.abs(logits - pred.logits).max() <= 1e-5
     np.testing.assert_array_equal(np.concatenate([o["classes"] for o in out]), pred.indices[:, :3])
-    with pytest.raises(CvtDeployError, match="exactly one"):
-        infer_batch(runtime, [{"images": requests[0]["images"], "pixels": pixels[:2]}], topk=3)
+    both = infer_batch(runtime, [{"images": requests[0]["images"], "pixels": pixels[:2]}], topk=3)
+    assert set(both[0]) == {"error"} and b"exactly one of the inputs" in both[0]["error"][0, 0]
+
+
+def test_a_bad_request_in_a_batch_fails_alone(reference):
+    """PyTriton fails a batch as a whole; infer_batch answers the bad request with an error
+    output and the good ones in the same batch exactly as without it."""
+    from cvt_deploy.serve.server import infer_batch
+
+    runtime, files, pred, pixels = reference
+    nan = pixels[:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    requests = [{"images": np.array([[Path(files[0]).read_bytes()]], dtype=np.object_)},
+                {"images": np.array([[b"not an image"], [Path(files[1]).read_bytes()]], dtype=np.object_)},
+                {"pixels": pixels[2:4]},
+                {"pixels": nan},
+                {"images": np.zeros((0, 1), dtype=np.object_)},
+                {"pixels": pixels[4:6] * 1000}]
+    out = infer_batch(runtime, requests, topk=3)
+    assert np.abs(out[0]["logits"] - pred.logits[:1]).max() <= 1e-5
+    assert np.abs(out[2]["logits"] - pred.logits[2:4]).max() <= 1e-5
+    for i, says in ((1, b"is not a readable image"), (3, b"NaN or infinite"), (4, b"no images"),
+                    (5, b"far outside what this model's normalised images hold")):
+        assert set(out[i]) == {"error"}, i
+        assert len(out[i]["error"]) == max(1, len(next(iter(requests[i].values())))), i
+        assert says in out[i]["error"][0, 0] and b"fix: " in out[i]["error"][0, 0], out[i]["error"][0, 0]
+        assert b"Traceback" not in out[i]["error"][0, 0] and b"/cvt_deploy/" not in out[i]["error"][0, 0]
 
 
 def test_startup_prints_urls_and_metadata_describes_inputs_and_outputs(served):
@@ -190,7 +215,8 @@ def test_startup_prints_urls_and_metadata_describes_inputs_and_outputs(served):
         outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
         assert inputs == {"images": ("BYTES", [-1, 1]), "pixels": ("FP32", [-1, 3, 64, 64])}, module.__name__
         assert outputs == {"logits": ("FP32", [-1, 10]), "classes": ("INT64", [-1, 5]),
-                           "scores": ("FP32", [-1, 5]), "labels": ("BYTES", [-1, 5])}, module.__name__
+                           "scores": ("FP32", [-1, 5]), "labels": ("BYTES", [-1, 5]),
+                           "error": ("BYTES", [-1, 1])}, module.__name__
 
 
 def test_images_and_pixels_give_in_process_predictions(served, reference):
@@ -227,24 +253,127 @@ def test_concurrent_requests_are_batched(served, reference):
     assert 1 <= executions < requests, f"{requests} requests ran in {executions} executions: no batching"
 
 
-def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference):
+def _bomb() -> bytes:
+    """A PNG whose header claims 30000 x 30000 pixels (PIL checks the size before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _assert_good(module, client, good: bytes, pred) -> None:
+    from cvt_deploy.serve.protocol import check_result
+
+    result = check_result(client.infer("cvt", request_inputs(module, images=[good])))
+    assert np.abs(result.as_numpy("logits")[0] - pred.logits[0]).max() <= 1e-5
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference, demo_bundle):
+    """Every malformed request gets an error naming the problem; a good request right after it is
+    answered correctly. Triton refuses shapes, dtypes and sizes itself (protocol errors); what
+    only the model can see is answered with an ``error`` output."""
     from tritonclient.utils import InferenceServerException
+
+    from cvt_deploy.serve.protocol import RequestError, check_result
+
+    from cvt_deploy.bundle import Bundle
 
     _, files, pred, pixels = reference
     good = Path(files[0]).read_bytes()
+    nan = pixels[:1].copy()
+    nan[0, 1, 2, 3] = np.nan
+    over = Bundle.open(demo_bundle).batch.max + 1  # one image over what Triton batches
     for module, client in clients(served):
-        bad = [(request_inputs(module, images=[b"these bytes are not an image"]), "not a readable image"),
-               (request_inputs(module, pixels=pixels[:, :, :32, :32]), "shape"),
-               (request_inputs(module, pixels=np.zeros((1, 5, 64, 64), np.float32)), "shape")]
+        by_triton = [(request_inputs(module, pixels=pixels[:, :, :32, :32]), "shape"),
+                     (request_inputs(module, pixels=np.zeros((1, 5, 64, 64), np.float32)), "shape"),
+                     (request_inputs(module, images=[good] * over), f"batch-size must be <= {over - 1}"),
+                     (request_inputs(module, pixels=np.zeros((over, 3, 64, 64), np.float32)), "batch-size")]
         wrong_dtype = module.InferInput("pixels", [1, 3, 64, 64], "FP64")
         wrong_dtype.set_data_from_numpy(np.zeros((1, 3, 64, 64), np.float64))
-        bad.append(([wrong_dtype], "FP64"))
-        for inputs, says in bad:
+        by_triton.append(([wrong_dtype], "FP64"))
+        for inputs, says in by_triton:
             with pytest.raises(InferenceServerException) as err:
                 client.infer("cvt", inputs)
             assert says in str(err.value), (module.__name__, str(err.value)[-500:])
-            result = client.infer("cvt", request_inputs(module, images=[good]))
-            assert np.abs(result.as_numpy("logits")[0] - pred.logits[0]).max() <= 1e-5
+            _assert_good(module, client, good, pred)
+        by_model = [(request_inputs(module, images=[b"these bytes are not an image"]), "not a readable image"),
+                    (request_inputs(module, images=[b""]), "not a readable image"),
+                    (request_inputs(module, images=[good[: len(good) // 2]]), "not a readable image"),
+                    (request_inputs(module, images=[_bomb()]), "decompression bomb"),
+                    (request_inputs(module, pixels=nan), "NaN or infinite"),
+                    (request_inputs(module, pixels=pixels[:2] * 1000), "far outside"),
+                    (request_inputs(module, images=[good]) + request_inputs(module, pixels=pixels[:1]), "exactly one")]
+        for inputs, says in by_model:
+            with pytest.raises(RequestError) as err:
+                check_result(client.infer("cvt", inputs))
+            assert says in str(err.value) and "fix: " in str(err.value), (module.__name__, str(err.value))
+            assert "Traceback" not in str(err.value) and "/cvt_deploy/" not in str(err.value)
+            _assert_good(module, client, good, pred)
+
+
+def test_bad_requests_batched_with_good_ones_fail_alone(served, reference):
+    """Requests in flight together are batched by Triton: the good ones are answered correctly,
+    each bad one gets its own error, and the server is not counted as failing."""
+    import tritonclient.http as thttp
+
+    from cvt_deploy.serve.load import read_metrics
+    from cvt_deploy.serve.protocol import RequestError, check_result
+
+    _, files, pred, _ = reference
+    encoded = [Path(f).read_bytes() for f in files]
+    before = read_metrics(served.metrics, "cvt")
+    client = thttp.InferenceServerClient(served.http, concurrency=24)
+    kinds = ["good", "good", "bad"] * 8
+    pending = [client.async_infer("cvt", request_inputs(thttp, images=[encoded[i % len(encoded)] if k == "good"
+                                                                       else b"garbage %d" % i]))
+               for i, k in enumerate(kinds)]
+    for i, (kind, p) in enumerate(zip(kinds, pending)):
+        result = p.get_result()
+        if kind == "good":
+            logits = check_result(result).as_numpy("logits")[0]
+            assert np.abs(logits - pred.logits[i % len(encoded)]).max() <= 1e-5, i
+        else:
+            with pytest.raises(RequestError, match="not a readable image"):
+                check_result(result)
+    after = read_metrics(served.metrics, "cvt")
+    assert after.executions - before.executions < len(kinds), "the requests were never batched together"
+    assert after.failures == before.failures
+
+
+def _tree_rss_mb(pid: int) -> float:
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    return total / 1024
+
+
+def test_memory_stays_bounded_under_bursts_of_large_bad_requests(served, reference):
+    import tritonclient.http as thttp
+
+    from cvt_deploy.serve.protocol import RequestError, check_result
+
+    _, files, pred, _ = reference
+    junk = np.random.default_rng(0).bytes(4 << 20)  # 4 MiB that are not an image
+    client = thttp.InferenceServerClient(served.http, concurrency=16)
+    rss = []
+    for _ in range(4):
+        pending = [client.async_infer("cvt", request_inputs(thttp, images=[junk])) for _ in range(16)]
+        for p in pending:
+            with pytest.raises(RequestError):
+                check_result(p.get_result())
+        rss.append(_tree_rss_mb(served.proc.pid))
+    print("server RSS after each burst (MB):", [round(r) for r in rss])
+    # The first burst may grow pools that are then reused; later ones must not add to it.
+    assert rss[-1] - rss[0] < 64, f"server memory after each burst of 16 x 4 MiB bad requests: {rss} MB"
+    _assert_good(thttp, thttp.InferenceServerClient(served.http), Path(files[0]).read_bytes(), pred)
 
 
 def test_served_benchmark_sweeps_concurrency_with_the_bench_files(served, demo_bundle, tmp_path, capsys):

@@ -6,8 +6,10 @@ formed to :func:`infer_batch` in this process, which runs our :class:`~cvt_deplo
 once for the whole batch. So requests from many clients share one model call, and a served
 result is exactly what ``predict`` gives in-process (same preprocessing, same runtime).
 
-Known limits, from PyTriton: a batch fails as a whole (Triton rejects a wrong shape or dtype
-itself, before batching; bytes that are not an image fail the batch they were batched with).
+PyTriton can only fail a batch as a whole, so a request that cannot be answered (bytes that
+are not an image, NaN pixels, ...) gets an ``error`` output naming the problem instead of the
+others (protocol.py), and the requests batched with it are answered as usual. Triton itself
+refuses wrong shapes, dtypes and batches over the maximum before batching.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from ..errors import CvtDeployError, require
-from .protocol import IMAGES, LABELS, LOGITS, PIXELS, SCORES, CLASSES, DEFAULT_MODEL_NAME
+from .protocol import CLASSES, DEFAULT_MODEL_NAME, ERROR, IMAGES, LABELS, LOGITS, PIXELS, SCORES
 
 if TYPE_CHECKING:
     from ..config import CvtConfig
@@ -117,6 +119,8 @@ def _request_pixels(request: Any, config: CvtConfig) -> np.ndarray:
         raise CvtDeployError(f"a request must carry exactly one of the inputs {IMAGES!r} (encoded image files, BYTES) "
                              f"or {PIXELS!r} (preprocessed float32 NCHW)",
                              f"send {IMAGES!r} or {PIXELS!r}, not {'both' if has_images else 'neither'}")
+    if not len(request[IMAGES if has_images else PIXELS]):
+        raise CvtDeployError("the request holds no images (a batch of 0)", "send at least one image per request")
     if has_pixels:
         return validate_batch(np.asarray(request[PIXELS]), config.preprocess)
     encoded = np.asarray(request[IMAGES]).reshape(len(request[IMAGES]), -1)
@@ -126,23 +130,62 @@ def _request_pixels(request: Any, config: CvtConfig) -> np.ndarray:
     return preprocess([bytes(item) for item in encoded[:, 0]], config.preprocess)
 
 
+def _rows(request: Any) -> int:
+    """How many rows the request's input has (an error answer has as many)."""
+    for name in (IMAGES, PIXELS):
+        if name in request:
+            return max(1, len(request[name]))
+    return 1
+
+
+def _error_response(request: Any, message: str) -> dict[str, np.ndarray]:
+    return {ERROR: np.array([[message.encode("utf-8", "replace")]] * _rows(request), dtype=np.object_)}
+
+
+def _problem(e: CvtDeployError) -> str:
+    return e.message + (f" (fix: {e.hint})" if e.hint else "")
+
+
 def infer_batch(runtime: Runtime, requests: Sequence[Any], topk: int) -> list[dict[str, np.ndarray]]:
-    """What Triton asks of the model: responses for a list of requests, one runtime call for all."""
+    """What Triton asks of the model: responses for a list of requests, one runtime call for all.
+
+    A request that cannot be answered is answered with an ``error`` output (its problem and
+    the fix, never a traceback or a server path); the others in the batch are answered as if
+    it had not been there.
+    """
     from ..runtimes.base import Prediction
 
-    batches = [_request_pixels(r, runtime.config) for r in requests]
-    logits = runtime.run(np.concatenate(batches))
-    if not np.isfinite(logits).all():
-        raise CvtDeployError(f"the {runtime.backend} {runtime.precision} model produced NaN/inf logits for finite input",
-                             "the precision overflowed on this input: check with cvt-check, or use a higher precision")
+    batches: list[np.ndarray | None] = []
+    errors: dict[int, str] = {}
+    for i, request in enumerate(requests):
+        try:
+            batches.append(_request_pixels(request, runtime.config))
+        except CvtDeployError as e:
+            batches.append(None)
+            errors[i] = _problem(e)
+        except Exception as e:  # a request the checks did not foresee: its kind only, details to the log
+            batches.append(None)
+            errors[i] = f"the server could not read this request ({type(e).__name__})"
+            print(f"cvt-serve: a request failed unexpectedly: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    good = [b for b in batches if b is not None]
+    logits = runtime.run(np.concatenate(good)) if good else np.zeros((0, runtime.config.num_classes), np.float32)
     pred = Prediction.from_logits(logits, runtime.config, topk)
     out, start = [], 0
-    for b in batches:
+    for i, (request, b) in enumerate(zip(requests, batches)):
+        if b is None:
+            out.append(_error_response(request, errors[i]))
+            continue
         end = start + len(b)
-        out.append({LOGITS: logits[start:end],
-                    CLASSES: pred.indices[start:end].astype(np.int64),
-                    SCORES: pred.scores[start:end],
-                    LABELS: np.array([[lab.encode() for lab in row] for row in pred.labels[start:end]], dtype=np.object_)})
+        if not np.isfinite(logits[start:end]).all():
+            out.append(_error_response(request, _problem(CvtDeployError(
+                f"the {runtime.backend} {runtime.precision} model produced NaN/inf logits for this request's input",
+                "the precision overflowed on this input: check with cvt-check, or use a higher precision"))))
+        else:
+            out.append({LOGITS: logits[start:end],
+                        CLASSES: pred.indices[start:end].astype(np.int64),
+                        SCORES: pred.scores[start:end],
+                        LABELS: np.array([[lab.encode() for lab in row] for row in pred.labels[start:end]],
+                                         dtype=np.object_)})
         start = end
     return out
 
@@ -202,7 +245,8 @@ class Server:
                 outputs=[Tensor(name=LOGITS, dtype=np.float32, shape=(cfg.num_classes,)),
                          Tensor(name=CLASSES, dtype=np.int64, shape=(k,)),
                          Tensor(name=SCORES, dtype=np.float32, shape=(k,)),
-                         Tensor(name=LABELS, dtype=np.bytes_, shape=(k,))],
+                         Tensor(name=LABELS, dtype=np.bytes_, shape=(k,)),
+                         Tensor(name=ERROR, dtype=np.bytes_, shape=(1,))],
                 config=ModelConfig(max_batch_size=max_batch,
                                    batcher=DynamicBatcher(max_queue_delay_microseconds=o.max_queue_delay_us)),
                 strict=True)
