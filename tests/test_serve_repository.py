@@ -3,6 +3,9 @@ and match the bundle. (The tritonserver shipped by PyTriton has only the Python 
 these native ONNX Runtime / TensorRT models are not loaded by a server here.)"""
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -71,9 +74,10 @@ def test_fixed_batch_bundle_gets_full_shapes_and_no_batching(static_bundle, tmp_
 def test_rewrite_replaces_a_repository_and_refuses_other_folders(demo_bundle, tmp_path):
     out = tmp_path / "repo"
     write_model_repository(demo_bundle, out)
-    (out / "cvt-onnx-fp32" / "stale").write_text("x")
+    (out / "cvt-onnx-fp32" / "1" / "model.onnx").write_bytes(b"an old graph")
     write_model_repository(demo_bundle, out)
-    assert not (out / "cvt-onnx-fp32" / "stale").exists()
+    art = Bundle.open(demo_bundle).find("onnx", "fp32")
+    assert file_sha256(out / "cvt-onnx-fp32" / "1" / "model.onnx") == art.sha256  # ours: replaced
     other = tmp_path / "mine"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
@@ -81,6 +85,107 @@ def test_rewrite_replaces_a_repository_and_refuses_other_folders(demo_bundle, tm
         write_model_repository(demo_bundle, other)
     assert (other / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "repo"]  # no temporary folder left
+
+
+def test_a_reexport_keeps_the_users_models_and_files_and_removes_only_its_own(demo_full_bundle, tmp_path):
+    out = tmp_path / "repo"
+    assert write_model_repository(demo_full_bundle, out) == ["cvt-onnx-fp32", "cvt-onnx-fp16", "cvt-onnx-int8"]
+    (out / "my-detector" / "1").mkdir(parents=True)  # the user's own model beside ours
+    (out / "my-detector" / "config.pbtxt").write_text('name: "my-detector"\n')
+    (out / "cvt-onnx-fp32" / "NOTES.md").write_text("tuned on 2026-11-30")  # the user's file inside our model
+    (out / "cvt-onnx-int8" / "2").mkdir()
+    (out / "cvt-onnx-int8" / "2" / "model.onnx").write_bytes(b"the user's own version 2")
+    mine = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ("my-detector" in str(p) or p.name == "NOTES.md"
+                                                                          or "/2/" in str(p))}
+    assert write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32"])) == ["cvt-onnx-fp32"]
+    assert {p: p.read_bytes() for p in mine} == mine  # every file cvt-export did not write is there, unchanged
+    assert not (out / "cvt-onnx-fp16").exists()  # ours only: gone with the precision
+    assert sorted(p.name for p in (out / "cvt-onnx-int8").iterdir()) == ["2"]  # ours removed, the user's kept
+    parse(out / "cvt-onnx-fp32" / "config.pbtxt")
+
+
+def test_a_users_file_where_a_new_one_goes_is_refused_before_anything_moves(demo_full_bundle, tmp_path):
+    out = tmp_path / "repo"
+    write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32"]))
+    (out / "cvt-onnx-int8").mkdir()
+    (out / "cvt-onnx-int8" / "labels.txt").write_text("my labels")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(CvtDeployError, match="cvt-onnx-int8/labels.txt; refusing to overwrite"):
+        write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32", "int8"]))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "mount point", "."])
+def test_out_may_be_a_symlink_a_mount_point_or_the_current_folder(demo_bundle, tmp_path, kind, monkeypatch):
+    from conftest import tmpfs
+
+    target = tmp_path / "real"
+    target.mkdir()
+    if kind == "symlink":
+        out = tmp_path / "link"
+        out.symlink_to(target)
+    elif kind == ".":
+        monkeypatch.chdir(target)
+        out = Path(".")
+    for _ in range(2):  # written, then written again over itself
+        if kind == "mount point":
+            with tmpfs(target, size="16m"):
+                write_model_repository(demo_bundle, target)
+                assert (target / "cvt-onnx-fp32" / "1" / "model.onnx").is_file()
+                assert target.is_mount()
+            continue
+        write_model_repository(demo_bundle, out)
+        assert (target / "cvt-onnx-fp32" / "1" / "model.onnx").is_file()
+    if kind == "symlink":
+        assert out.is_symlink()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".partial")]
+
+
+@pytest.mark.parametrize("umask, folder, file", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)])
+def test_the_repository_is_as_readable_as_the_umask_says(demo_bundle, tmp_path, umask, folder, file):
+    old = os.umask(umask)
+    try:
+        write_model_repository(demo_bundle, tmp_path / "repo")
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "repo", *(tmp_path / "repo").rglob("*")]:
+        assert stat.S_IMODE(p.stat().st_mode) == (folder if p.is_dir() else file), p
+
+
+def test_names_from_the_manifest_are_escaped_in_config_pbtxt(bundle_copy, tmp_path):
+    hostile = 'x" } } parameters { key: "injected" value: { string_value: "y'
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["model"]["variant"] = hostile + "\n\\ \u00e9"
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_model_repository(bundle_copy, tmp_path / "repo")
+    config = parse(tmp_path / "repo" / "cvt-onnx-fp32" / "config.pbtxt")
+    assert config.parameters["cvt_deploy.variant"].string_value == hostile + "\n\\ \u00e9"  # exactly, as data
+    assert set(config.parameters) == {"cvt_deploy.variant", "cvt_deploy.precision"}  # nothing injected
+
+
+@pytest.mark.parametrize("label", ["two\nlines", "carriage\rreturn", "escape\x1b[31m"])
+def test_labels_that_would_break_labels_txt_are_refused(bundle_copy, tmp_path, label):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["model"]["labels"][3] = label
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CvtDeployError, match="label 3 of the bundle is .* would shift every later class"):
+        write_model_repository(bundle_copy, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_a_graph_that_does_not_match_the_manifest_is_refused_before_any_config(bundle_copy, tmp_path):
+    import onnx
+
+    graph = bundle_copy / "model.onnx"
+    model = onnx.load(str(graph))
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value = 7  # says 7 classes: another model's graph
+    onnx.save(model, str(graph))
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["artifacts"]["onnx-fp32"]["sha256"] = file_sha256(graph)  # the hash agrees: only the check can tell
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CvtDeployError, match="model.onnx does not match the bundle's manifest: its output .* 10 classes"):
+        write_model_repository(bundle_copy, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_nothing_is_written_when_the_bundle_lacks_the_precision(demo_bundle, tmp_path):

@@ -14,28 +14,39 @@
 Triton runs these models natively (no Python): the client sends preprocessed float32 NCHW
 pixels (``cvt_deploy.preprocess``) under the graph's input name. Every ``config.pbtxt`` is
 parsed with Triton's own schema (``tritonclient``'s ``model_config_pb2``) before anything is
-written, and the repository is assembled in a temporary folder that replaces ``out`` only when
-complete. :func:`write_model_repository` is the library call; ``cvt-export --format triton``
-the command.
+written, every string from the manifest in it is escaped, labels that would break
+``labels.txt`` are refused, and each graph is checked against the manifest's model first.
+
+``out`` is the user's folder as a bundle's is: a new one appears with one rename; into an
+existing one (a repository written before, an empty folder, a mount point, a symlink, ``.``)
+the files are moved one by one, and :data:`MARKER` lists every file cvt-export wrote there, so
+a re-export replaces and removes only those: the user's own model folders and files are kept
+(a user's file where a new one goes is refused). :func:`write_model_repository` is the library
+call; ``cvt-export --format triton`` the command.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from ..errors import CvtDeployError, require
-from ..util import PRECISIONS, scratch_dir
+from ..outlock import INNER_LOCK, output_lock
+from ..sandbox import plain_name
+from ..util import (PRECISIONS, atomic_write_text, current_umask, read_json, remove_path, require_writable, scratch_dir,
+                    signals_held, stale_partials)
 from .protocol import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:
     from ..bundle import Artifact, Bundle
 
 LABELS_FILE = "labels.txt"
-MARKER = ".cvt-triton-repository"  # says a folder was written here, so it may be replaced
+MARKER = ".cvt-triton-repository"  # lists the files cvt-export wrote here (JSON; older versions: one line of text)
+MARKER_FORMAT = "cvt-deploy-triton-repository"
 DEVICES = ("cpu", "gpu")
 
 
@@ -79,30 +90,85 @@ class RepositoryOptions:
 def _config_text(name: str, platform: str, art: Artifact, bundle: Bundle, options: RepositoryOptions,
                   max_batch: int, kind: str, extra: Sequence[str] = ()) -> str:
     """config.pbtxt for one model, in Triton's text format."""
+    from ..preprocess import graph_dims
+
     cfg = bundle.config
     dtype = "TYPE_FP16" if art.info.get("io") == "fp16" else "TYPE_FP32"
-    chw = f"[ {cfg.in_chans}, {cfg.img_size}, {cfg.img_size} ]"
-    inp, out = art.info.get("input", "pixel_values"), art.info.get("output", "logits")
+    out_dtype = dtype
+    fmt = art.info.get("input_format", "float")
+    if fmt.startswith("uint8"):  # a raw-pixel graph (export/rawpixel.py): uint8 pixels in its own layout
+        dtype = "TYPE_UINT8"
+    chw = "[ " + ", ".join(map(str, graph_dims(cfg.preprocess, fmt))) + " ]"
+    inp, out = _quoted(art.info.get("input", "pixel_values")), _quoted(art.info.get("output", "logits"))
     batched = max_batch > 0
-    lines = [f'name: "{name}"', f'platform: "{platform}"', f"max_batch_size: {max_batch}",
-             f'input [ {{ name: "{inp}" data_type: {dtype} dims: {chw if batched else _static_dims(bundle)} }} ]',
-             f'output [ {{ name: "{out}" data_type: {dtype} dims: [ {"" if batched else f"{bundle.batch.max}, "}'
-             f'{cfg.num_classes} ] label_filename: "{LABELS_FILE}" }} ]',
+    static = "[ " + ", ".join(map(str, (bundle.batch.max, *graph_dims(cfg.preprocess, fmt)))) + " ]"
+    lines = [f"name: {_quoted(name)}", f"platform: {_quoted(platform)}", f"max_batch_size: {max_batch}",
+             f"input [ {{ name: {inp} data_type: {dtype} dims: {chw if batched else static} }} ]",
+             f'output [ {{ name: {out} data_type: {out_dtype} dims: [ {"" if batched else f"{bundle.batch.max}, "}'
+             f"{cfg.num_classes} ] label_filename: {_quoted(LABELS_FILE)} }} ]",
              f"instance_group [ {{ kind: {kind} count: {options.instances} }} ]"]
     if batched:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
     if options.warmup:
-        lines.append(f'model_warmup [ {{ name: "zeros" batch_size: 1 inputs {{ key: "{inp}" '
-                     f"value: {{ data_type: {dtype} dims: {chw if batched else _static_dims(bundle)} zero_data: true }} }} }} ]")
+        lines.append(f'model_warmup [ {{ name: "zeros" batch_size: 1 inputs {{ key: {inp} '
+                     f"value: {{ data_type: {dtype} dims: {chw if batched else static} zero_data: true }} }} }} ]")
     lines += extra
-    lines.append(f'parameters {{ key: "cvt_deploy.variant" value: {{ string_value: "{cfg.variant}" }} }}')
-    lines.append(f'parameters {{ key: "cvt_deploy.precision" value: {{ string_value: "{art.precision}" }} }}')
+    lines.append(f'parameters {{ key: "cvt_deploy.variant" value: {{ string_value: {_quoted(cfg.variant)} }} }}')
+    lines.append(f'parameters {{ key: "cvt_deploy.precision" value: {{ string_value: {_quoted(art.precision)} }} }}')
     return "\n".join(lines) + "\n"
 
 
-def _static_dims(bundle: Bundle) -> str:
+def _quoted(text: Any) -> str:
+    """A protobuf text-format string literal: what the manifest says (a variant, a tensor name)
+    can never end the string early and add fields of its own to the config."""
+    from google.protobuf import text_encoding
+
+    return '"' + text_encoding.CEscape(str(text), as_utf8=True) + '"'
+
+
+def labels_text(bundle: Bundle) -> str:
+    """``labels.txt``: one label per line, as Triton's classification extension reads it (no escaping
+    exists there, so a label with a line break or another control character is refused)."""
     cfg = bundle.config
-    return f"[ {bundle.batch.max}, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size} ]"
+    labels = [cfg.label(i) for i in range(cfg.num_classes)]
+    for i, label in enumerate(labels):
+        if not label.isprintable():
+            raise CvtDeployError(f"label {i} of the bundle is {label!r}: a control character or line break in it would "
+                                 f"shift every later class in Triton's {LABELS_FILE}",
+                                 "re-export with labels of printable characters only (fix id2label or --labels)")
+    return "\n".join(labels) + "\n"
+
+
+def check_graph(bundle: Bundle, art: Artifact) -> None:
+    """Refuse a graph whose input or output does not match the model the manifest describes:
+    Triton would load it, and answer every request with another model's shapes or classes."""
+    import onnx
+
+    from ..preprocess import graph_dims
+
+    path = bundle.verified_path(art)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    cfg = bundle.config
+    weights = {t.name for t in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in weights}
+    outputs = {o.name: o for o in graph.output}
+
+    def dims(value: Any) -> list[int | None]:
+        return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+    name_in, name_out = art.info.get("input", "pixel_values"), art.info.get("output", "logits")
+    want_in = list(graph_dims(cfg.preprocess, art.info.get("input_format", "float")))
+    problem = None
+    if name_in not in inputs or name_out not in outputs:
+        problem = (f"its inputs are {sorted(inputs)} and outputs {sorted(outputs)}, the manifest says {name_in!r} "
+                   f"and {name_out!r}")
+    elif dims(inputs[name_in])[1:] != want_in:
+        problem = f"its input {name_in!r} is {dims(inputs[name_in])}, the manifest's model takes [N, {want_in}]"
+    elif dims(outputs[name_out])[-1:] != [cfg.num_classes]:
+        problem = f"its output {name_out!r} is {dims(outputs[name_out])}, the manifest's model has {cfg.num_classes} classes"
+    if problem:
+        raise CvtDeployError(f"{path.name} does not match the bundle's manifest: {problem}",
+                             "re-export the bundle with cvt-export (its graph and manifest are from different exports)")
 
 
 def validate_config(text: str, where: str) -> Any:
@@ -141,7 +207,8 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     options = options or RepositoryOptions()
     bundle = bundle if isinstance(bundle, _Bundle) else _Bundle.open(bundle)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    if out.exists() and (not out.is_dir() or (any(p.name != INNER_LOCK for p in out.iterdir())
+                                              and repository_files(out) is None)):
         raise CvtDeployError(f"{out} exists and is not a model repository cvt-export wrote; refusing to replace it",
                              "choose a new or empty --out folder")
     precisions = list(options.precisions or [p for p in PRECISIONS if bundle.find("onnx", p) or bundle.find("tensorrt", p)])
@@ -170,16 +237,21 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
                          'parameters { key: "trt_engine_cache_enable" value: "1" } '
                          'parameters { key: "trt_engine_cache_path" value: "/tmp/cvt-trt-cache" } } ] } }')
         name = f"{options.model_name}-onnx-{p}"
+        check_graph(bundle, art)
         models.append((name, _config_text(name, "onnxruntime_onnx", art, bundle, options, max_batch, kind, extra),
                        bundle.verified_path(art), "model.onnx"))
     for art, meta in _plan_models(bundle, precisions):
+        expected = (bundle.config.in_chans, bundle.config.img_size, bundle.config.img_size)
+        if tuple(meta.chw) != expected:
+            raise CvtDeployError(f"the {art.precision} engine takes {tuple(meta.chw)} images, the bundle's manifest "
+                                 f"{expected}", "rebuild the engine: cvt-export --format trt --bundle BUNDLE")
         cc = f"{meta.compute_capability[0]}.{meta.compute_capability[1]}"
         source = bundle.find("onnx", meta.precision) if art.info.get("source") is None else bundle.artifacts.get(art.info["source"])
         io_art = source or art
         name = f"{options.model_name}-trt-{art.precision}"
         text = _config_text(name, "tensorrt_plan", _with_io(art, io_art, meta), bundle, options,
                             min(max_batch, meta.batch.max), "KIND_GPU",
-                            [f'cc_model_filenames [ {{ key: "{cc}" value: "model.plan" }} ]'])
+                            [f"cc_model_filenames [ {{ key: {_quoted(cc)} value: {_quoted('model.plan')} }} ]"])
         models.append((name, text, bundle.verified_path(art), "model.plan"))
     if not models:
         raise CvtDeployError(f"bundle {bundle.root} has no ONNX or TensorRT artifact at {', '.join(precisions)}",
@@ -187,25 +259,94 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     for name, text, _, _ in models:  # every config against Triton's schema before anything is written
         validate_config(text, f"{name}/config.pbtxt")
 
-    labels = "\n".join(bundle.config.label(i) for i in range(bundle.config.num_classes)) + "\n"
-    with scratch_dir(out.parent, out.name) as tmp:
+    labels = labels_text(bundle)
+    out = Path(out)
+    with output_lock(out):  # one export at a time into out
+        return _write(bundle, out, models, labels, options)
+
+
+def _write(bundle: Bundle, out: Path, models: list[tuple[str, str, Path, str]], labels: str,
+           options: RepositoryOptions) -> list[str]:
+    if out.exists() and not out.is_dir():
+        raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
+    owned = repository_files(out)
+    if out.is_dir() and owned is None and any(p.name != INNER_LOCK for p in out.iterdir()):
+        raise CvtDeployError(f"{out} exists and is not a model repository cvt-export wrote; refusing to write into it",
+                             "choose a new or empty --out folder")
+    require_writable(out)
+    for folder in (out, out.parent):  # what killed runs left
+        for stale in stale_partials(folder, "" if folder == out else out.name)[0]:
+            remove_path(stale)
+    existing = out.is_dir()
+    with scratch_dir(out if existing else out.parent, "cvt-triton" if existing else out.name) as tmp:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a repository is meant to be served
+        new = ["README.md"]
         for name, text, src, file in models:
             (tmp / name / "1").mkdir(parents=True)
             (tmp / name / "config.pbtxt").write_text(text)
             (tmp / name / LABELS_FILE).write_text(labels)
             shutil.copyfile(src, tmp / name / "1" / file)
+            new += [f"{name}/config.pbtxt", f"{name}/{LABELS_FILE}", f"{name}/1/{file}"]
             external = src.with_name(src.name + ".data")  # weights saved beside a large graph
             if external.is_file():
                 shutil.copyfile(external, tmp / name / "1" / external.name)
+                new.append(f"{name}/1/{external.name}")
         (tmp / "README.md").write_text(_readme(bundle, [m[0] for m in models], options))
-        (tmp / MARKER).write_text(f"written by cvt-export --format triton from {bundle.root}\n")
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if existing:
+            _install(tmp, out, new, owned or set())
+        else:
+            _write_marker(tmp, new)
+            tmp.rename(out)
     return [m[0] for m in models]
+
+
+def repository_files(out: Path) -> set[str] | None:
+    """The files cvt-export wrote in ``out`` (by its :data:`MARKER`), or None when it wrote none."""
+    marker = out / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        raw = read_json(marker)
+        files = raw["files"] if isinstance(raw, dict) and raw.get("format") == MARKER_FORMAT else None
+    except (OSError, ValueError, KeyError):
+        files = None
+    if not isinstance(files, list):  # an older cvt-deploy's one-line marker: its models carry our parameters
+        files = ["README.md"] + [str(f.relative_to(out)) for d in out.iterdir()
+                                 if d.is_dir() and "cvt_deploy.variant" in _text(d / "config.pbtxt")
+                                 for f in d.rglob("*") if f.is_file()]
+    return {f for f in files if isinstance(f, str) and plain_name(f)} | {MARKER}
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return ""
+
+
+def _write_marker(folder: Path, files: Iterable[str]) -> None:
+    atomic_write_text(folder / MARKER, json.dumps({"format": MARKER_FORMAT, "files": sorted(set(files))}, indent=1) + "\n")
+
+
+def _install(tmp: Path, out: Path, new: list[str], owned: set[str]) -> None:
+    """Move the new files from ``tmp`` into ``out``; remove the old files of ours the new set lacks;
+    keep everything else. The marker lists both sets while files move (a kill leaves them ours)."""
+    clashes = [f for f in new if f not in owned and ((out / f).exists() or any(
+        (out / parent).exists() and not (out / parent).is_dir() for parent in map(str, Path(f).parents) if parent != "."))]
+    if clashes:
+        raise CvtDeployError(f"{out} holds files that cvt-export did not write where it writes now: {', '.join(clashes[:5])}; "
+                             "refusing to overwrite them", "move them elsewhere, or use another --model-name / --out")
+    _write_marker(out, set(new) | (owned - {MARKER}))
+    with signals_held():
+        for f in new:
+            (out / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / f, out / f)
+        for f in sorted(owned - set(new) - {MARKER}):
+            remove_path(out / f)
+            for parent in Path(f).parents:  # folders only we had files in, now empty
+                if str(parent) != "." and (out / parent).is_dir() and not any((out / parent).iterdir()):
+                    (out / parent).rmdir()
+        _write_marker(out, new)
 
 
 def _with_io(engine: Artifact, source: Artifact, meta: Any) -> Artifact:
