@@ -29,7 +29,9 @@ from .outlock import INNER_LOCK, check_unlocked, output_lock
 from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
-from .util import PARTIAL_SUFFIX, partial_name, read_json, require_writable, signals_held, remove_path, stale_partials, temp_files_in, write_errors, write_failure
+from .jsonio import read_json
+from .util import (PARTIAL_SUFFIX, partial_name, remove_path, require_writable, signals_held, stale_partials, temp_files_in,
+                   write_errors, write_failure)
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"

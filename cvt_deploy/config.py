@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn
 
 from .errors import CvtDeployError
-from .util import parse_json
+from .jsonio import parse_json
 from .geometry import check_sizes, check_stages, conv_out, mlp_hidden, pool_out, stage_maps  # noqa: F401  (re-exported)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,7 +21,7 @@ from cvt_deploy import geometry  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.config import ARCH_FIELDS, CvtConfig, get_config  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
-from cvt_deploy.util import MAX_JSON_BYTES, read_json  # noqa: E402
+from cvt_deploy.jsonio import MAX_JSON_BYTES, read_json  # noqa: E402
 
 DEMO_SAMPLES = Path(__file__).resolve().parent.parent / "cvt_deploy" / "demo" / "samples"
 # A refusal happens after imports (torch, onnxruntime: a few hundred MB); an attempt to build

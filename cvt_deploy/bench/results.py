@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..table import format_table
-from ..util import atomic_output, read_json
+from ..jsonio import read_json
+from ..util import atomic_output
 
 SCHEMA = "cvt-deploy-bench"
 SCHEMA_VERSION = 1

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..config import ARCH_FIELDS, CUSTOM_VARIANT, CvtConfig, get_config, list_variants, named
 from ..errors import CvtDeployError, require
-from ..util import CONFIG_KEY, atomic_output, file_sha256, read_json_object
+from ..jsonio import read_json_object
+from ..util import CONFIG_KEY, atomic_output, file_sha256
 from .arch import WeightsArch, apply_overrides, infer_config, match_variant_for, show, wrong_variant
 from .hf import HUB_ID, hf_config, hf_to_official, read_hf_config, resolve_hub
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from ..config import CUSTOM_VARIANT, CvtConfig, PreprocessConfig, get_config, match_variant, named
 from ..errors import CvtDeployError, require
-from ..util import read_json_object
+from ..jsonio import read_json_object
 from .arch import WeightsArch
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

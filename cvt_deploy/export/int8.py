@@ -17,7 +17,8 @@ import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..progress import track
-from ..util import atomic_output, encode_metadata, file_sha256, read_json, scratch_dir, write_failure
+from ..jsonio import read_json
+from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
 from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _quiet, _verify

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from ..errors import CvtDeployError, require
 from ..outlock import INNER_LOCK, output_lock
 from ..sandbox import plain_name
-from ..util import (PRECISIONS, atomic_write_text, current_umask, read_json, remove_path, require_writable, scratch_dir,
+from ..jsonio import read_json
+from ..util import (PRECISIONS, atomic_write_text, current_umask, remove_path, require_writable, scratch_dir,
                     signals_held, stale_partials)
 from .protocol import DEFAULT_MODEL_NAME
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CvtDeployError
-from ..util import PRECISIONS, BatchRange, atomic_output, read_json
+from ..jsonio import read_json
+from ..util import PRECISIONS, BatchRange, atomic_output
 from .util import DEFAULT_WORKSPACE_MIB, version_tuple
 
 SIDECAR_FORMAT = "cvt-deploy-engine"
