@@ -493,3 +493,14 @@ def test_numbers_that_only_look_like_numbers_are_refused(no_work, command, args,
     assert "Traceback" not in proc.stderr and "error" in proc.stderr
     for w in words:
         assert w in proc.stderr, (w, proc.stderr)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--bundle", "b", "--concurrency", "1,2"], ["--concurrency has no effect here", "no --url is given"]),
+    (["--bundle", "b", "--protocol", "grpc", "--send", "images"], ["--protocol, --send have no effect"]),
+    (["--url", "http://localhost:8000", "--backend", "openvino"], ["--backend has no effect here: with --url"]),
+    (["--url", "http://localhost:8000", "--torch-compile"], ["--torch-compile has no effect"]),
+    (["--bundle", "b", "--quick", "--min-time", "1", "--warmup", "1", "--rounds", "2"], ["--quick has no effect"]),
+])
+def test_a_bench_flag_that_changes_nothing_is_refused_before_any_work(no_work, args, words):
+    refused(run_cli("cvt-bench", *args), *words)

@@ -364,15 +364,18 @@ def test_memory_stays_bounded_under_bursts_of_large_bad_requests(served, referen
     junk = np.random.default_rng(0).bytes(4 << 20)  # 4 MiB that are not an image
     client = thttp.InferenceServerClient(served.http, concurrency=16)
     rss = []
-    for _ in range(4):
+    for _ in range(10):
         pending = [client.async_infer("cvt", request_inputs(thttp, images=[junk])) for _ in range(16)]
         for p in pending:
             with pytest.raises(RequestError):
                 check_result(p.get_result())
         rss.append(_tree_rss_mb(served.proc.pid))
     print("server RSS after each burst (MB):", [round(r) for r in rss])
-    # The first burst may grow pools that are then reused; later ones must not add to it.
-    assert rss[-1] - rss[0] < 64, f"server memory after each burst of 16 x 4 MiB bad requests: {rss} MB"
+    # Pools grow while the first bursts find their size, then are reused: a leak of what the
+    # requests carried would add ~64 MB a burst (~256 MB between the two means). Compare the last
+    # bursts with the middle ones.
+    early, late = sum(rss[2:6]) / 4, sum(rss[6:]) / 4
+    assert late - early < 96, f"server memory after each burst of 16 x 4 MiB bad requests: {rss} MB"
     _assert_good(thttp, thttp.InferenceServerClient(served.http), Path(files[0]).read_bytes(), pred)
 
 

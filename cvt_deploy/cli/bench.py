@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CvtDeployError
 from .common import (ListOption, add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, decimal_number, deprecated_alias, warn_deprecated, whole_number)
+                     cli_entry, decimal_number, deprecated_alias, refuse_unused, warn_deprecated, whole_number)
 
 if TYPE_CHECKING:
     from ..bench import BenchResult
@@ -172,8 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..bench import BenchOptions, benchmark, check_batches, default_threads
     from ..bundle import Bundle
 
-    args = build_parser().parse_args(argv)
-    if args.url is not None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    served = args.url is not None
+    refuse_unused(parser, args, [
+        (("model_name", "concurrency", "protocol", "send", "images_per_request", "metrics_url"), served,
+         "they describe a served model, and no --url is given", "add --url http://HOST:8000 (a running cvt-serve)"),
+        (("backend", "precision", "device", "iterations", "no_hf", "torch_compile", "no_reference"), not served,
+         "with --url the served model is timed (and --bundle's in-process rows on ONNX Runtime)",
+         "drop it, or time the bundle in-process without --url"),
+        (("quick",), not (args.min_time is not None and args.warmup is not None and args.rounds is not None),
+         "--min-time, --warmup and --rounds are all given", "drop --quick"),
+    ])
+    if served:
         return _served(args)
     if args.bundle is None:
         raise CvtDeployError("nothing to benchmark", "pass --bundle DIR, or --url URL for a served model")

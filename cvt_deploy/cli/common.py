@@ -280,3 +280,19 @@ def add_json_arg(ap: argparse.ArgumentParser, what: str, instead: str = "the tab
     kw: dict[str, Any] = {"action": "store_true", **overrides}
     ap.add_argument("--json", help=f"print {what} as JSON on stdout" + (f" instead of {instead}" if instead else ""),
                     **kw)
+
+
+# (flag dests, whether they change anything in this command, why not, what would make them count)
+UnusedRule = tuple[Sequence[str], bool, str, str]
+
+
+def refuse_unused(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: Sequence[UnusedRule]) -> None:
+    """A flag given where it changes nothing is refused before any work: the user meant
+    something that would not happen. ``rules`` are the command's own."""
+    # An older spelling shares its dest with a SUPPRESS default: the real default is the other's.
+    defaults = {a.dest: a.default for a in reversed(parser._actions) if a.default is not argparse.SUPPRESS}
+    for dests, effect, why, fix in rules:
+        given = [d for d in dests if getattr(args, d, None) != defaults.get(d)]
+        if given and not effect:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            raise CvtDeployError(f"{flags} {'has' if len(given) == 1 else 'have'} no effect here: {why}", fix)

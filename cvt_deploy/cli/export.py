@@ -12,7 +12,8 @@ from ..errors import CvtDeployError
 from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
 from .common import (add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, decimal_number, deprecated_alias, load_model_from_args, whole_number)
+                     cli_entry, decimal_number, deprecated_alias, load_model_from_args, refuse_unused,
+                     whole_number)
 
 if TYPE_CHECKING:
     from ..deepstream import DeepStreamOptions
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, precisions: Sequence[str]) -> None:
-    """A flag given where it changes nothing is refused: the user meant something that would not happen."""
+    """cvt-export's flags that change nothing in the command given (see common.refuse_unused)."""
     exporting = args.bundle is None and args.format != "triton"  # a model is loaded and exported
     checking = not args.no_check and args.format != "triton"
     # flag dests -> (has an effect, why not, what would make it count)
@@ -217,13 +218,7 @@ def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, 
           "no_ort_cpu", "input_format", "output"), exporting,
          "--bundle is used as it is (nothing is exported)", "drop it, or export anew without --bundle"),
     ]
-    # An older spelling shares its dest with a SUPPRESS default: the real default is the other's.
-    defaults = {a.dest: a.default for a in reversed(parser._actions) if a.default is not argparse.SUPPRESS}
-    for dests, effect, why, fix in rules:
-        given = [d for d in dests if getattr(args, d, None) != defaults.get(d)]
-        if given and not effect:
-            flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            raise CvtDeployError(f"{flags} {'has' if len(given) == 1 else 'have'} no effect here: {why}", fix)
+    refuse_unused(parser, args, rules)
 
 
 def _triton(args: argparse.Namespace) -> int:
