@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Iterable, Iterator, TypeVar
 
+from .interrupt import raise_if_interrupted
+
 T = TypeVar("T")
 
 
@@ -23,6 +25,7 @@ def track(items: Iterable[T], total: int, label: str, show: bool = True) -> Iter
     draw = show and enabled() and total > 1
     for i, item in enumerate(items, 1):
         yield item
+        raise_if_interrupted()
         if draw:
             filled = int(30 * i / total)
             sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (30 - filled)}] {i}/{total} "
@@ -41,6 +44,7 @@ def stage(label: str, show: bool = True) -> Iterator[None]:
         sys.stderr.flush()
     try:
         yield
+        raise_if_interrupted()  # a signal whose exception a library inside the stage swallowed
     except BaseException:
         if show:
             sys.stderr.write(" failed\n")

@@ -74,3 +74,28 @@ def test_bench_under_load(demo_bundle, tmp_path, sig):
     assert "Traceback" not in err
     assert not save.exists() and leftovers(tmp_path) == []
 
+
+
+def test_ctrl_c_that_a_library_swallows_still_stops_the_export(tmp_path, monkeypatch):
+    """A native library calling back into Python can catch the KeyboardInterrupt on its way
+    through C++ and carry on (seen: an export that ran to its end after Ctrl-C). The signal is
+    noted too, and the next stage boundary stops the command."""
+    import cvt_deploy.export.pipeline as pipeline
+    from conftest import run_cli
+
+    real = pipeline.simplify
+
+    def swallowing(path, *args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler raises here...
+        except BaseException:  # ...and "the library" drops it, as a C++ catch-all would
+            pass
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "simplify", swallowing)
+    out = tmp_path / "bundle"
+    proc = run_cli("cvt-export", "--out", str(out), "--no-check")
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "interrupted; nothing was left half-written" in proc.stderr
+    assert not out.exists() and leftovers(tmp_path) == []

@@ -12,22 +12,11 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
+from ..interrupt import Terminated, clear, on_signal, received
 from ..table import printable
 from ..util import PRECISIONS, parse_decimal, parse_whole
 
 EXIT_ERROR = 2  # bad input or environment; 1 is reserved for "ran, but a check failed"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM/SIGHUP, raised like Ctrl-C so that every ``finally`` removes its temporary files."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -36,12 +25,15 @@ def _cleanup_on_signals() -> Iterator[None]:
         yield
         return
     wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    previous = {s: signal.signal(s, _terminate) for s in wanted}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        wanted.append(signal.SIGINT)
+    previous = {s: signal.signal(s, on_signal) for s in wanted}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        clear()
 
 
 def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[str] | None], int]:
@@ -63,7 +55,7 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
                 print("  fix: " + "\n".join(map(printable, e.hint.split("\n"))), file=sys.stderr)
             return getattr(e, "exit_code", EXIT_ERROR)
         except KeyboardInterrupt as e:
-            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
+            signum = e.signum if isinstance(e, Terminated) else (received() or signal.SIGINT)
             print(f"{'interrupted' if signum == signal.SIGINT else signal.Signals(signum).name}; "
                   "nothing was left half-written", file=sys.stderr)
             return 128 + int(signum)
