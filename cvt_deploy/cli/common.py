@@ -25,7 +25,7 @@ def _cleanup_on_signals() -> Iterator[None]:
         yield
         return
     wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored in a background job: left so
         wanted.append(signal.SIGINT)
     previous = {s: signal.signal(s, on_signal) for s in wanted}
     try:
