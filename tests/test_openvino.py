@@ -242,3 +242,39 @@ def test_the_export_records_openvinos_own_figures_and_cvt_bench_shows_them(demo_
     result = run(copy)
     assert result.row("openvino", "int8", 1).accuracy is None  # never checked there: no figure, not ORT's
     assert result.row("onnxruntime", "int8", 1).accuracy is not None
+
+
+@pytest.fixture(scope="module")
+def wide_int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model whose stage-1 width is CvT-13's (64, one head): its portable int8 graph is one that
+    OpenVINO 2026.4 compiles only with a static batch."""
+    pytest.importorskip("torch")
+    from cvt_deploy.config import get_config
+    from cvt_deploy.export.pipeline import export_bundle
+    from cvt_deploy.model import create_model
+
+    import torch
+
+    torch.manual_seed(0)  # the failure depends on the weights (randomize_weights' give a graph that compiles)
+    model = create_model(get_config("cvt-tiny").replace(embed_dims=(64, 32, 64), num_heads=(1, 2, 4), img_size=112))
+    out = tmp_path_factory.mktemp("wide-int8") / "bundle"
+    export_bundle(model.eval(), out, precisions=("fp32", "int8"), check=False, ort_cpu=False, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_an_int8_graph_that_compiles_only_with_a_static_batch_runs_per_batch_size(wide_int8_bundle: Path) -> None:
+    import openvino as ov
+
+    path = wide_int8_bundle / "model.int8.onnx"
+    core = ov.Core()
+    with pytest.raises(Exception, match="ReshapeTransformation"):  # what OpenVINO does with the dynamic batch
+        core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    runtime = load(wide_int8_bundle, backend="openvino", precision="int8", threads=1)
+    assert "compiled per batch size" in runtime.describe()
+    ort = load(wide_int8_bundle, backend="onnxruntime", precision="int8", threads=1)
+    for n in (1, 3, 8):
+        x = np.random.default_rng(n).standard_normal((n, 3, 112, 112)).astype(np.float32)
+        a, b = runtime.run(x), ort.run(x)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert a.shape == b.shape == (n, 1000) and cosine.min() > 0.999, (n, cosine.min())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import queue
+import threading
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 DEVICES = {"cpu": "CPU"}
 # OpenVINO's own words for the arithmetic the CPU plugin is asked to use.
 F32, F16 = "f32", "f16"
+MAX_STATIC_BATCHES = 8  # batch sizes kept compiled for a graph that compiles only with a static batch
 
 
 def _message(e: BaseException) -> str:
@@ -94,14 +96,30 @@ class OpenVinoRuntime(Runtime):
         core = ov.Core()
         self.compute = F16 if precision == "fp16" and "FP16" in _capabilities(core) else F32
         self.compiled: Any = None
-        try:
-            self.compiled = core.compile_model(model, DEVICES[device], compile_config(threads, self.compute))
-        except Exception as e:
-            raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(e)}",
-                                 "run cvt-check on the bundle with --backend onnxruntime; if that passes, "
-                                 "report the graph and the OpenVINO version") from None
+        self._compile = lambda m: core.compile_model(m, DEVICES[device], compile_config(threads, self.compute))  # noqa: E731
+        # Per batch size, when the graph compiles only with a static batch (see _compiled_for).
+        self._model: Any = None
+        self._by_batch: dict[int, tuple[Any, queue.SimpleQueue[Any]]] = {}
+        self._lock = threading.Lock()
         self.threads = threads
         self.path = str(path)
+        try:
+            self.compiled = self._compile(model)
+        except Exception as e:
+            error = e
+            # OpenVINO 2026.4's low-precision passes fail on some int8 graphs with a dynamic batch
+            # (a dequantizing Multiply moved through a head-splitting Reshape) and compile them
+            # with a static one: then the runtime compiles one model per batch size it is given.
+            if in_shape[0] is None:
+                try:
+                    self._model = model
+                    self._compiled_for(1)
+                except Exception:
+                    self._model = None
+            if self._model is None:
+                raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(error)}",
+                                     "run cvt-check on the bundle with --backend onnxruntime; if that passes, "
+                                     "report the graph and the OpenVINO version") from None
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     @classmethod
@@ -132,26 +150,44 @@ class OpenVinoRuntime(Runtime):
     def describe(self) -> str:
         if self.precision == "fp16" and self.compute == F32:
             return super().describe() + " (computed in f32: this CPU has no fp16 arithmetic)"
+        if self._model is not None:
+            return super().describe() + " (compiled per batch size: OpenVINO cannot compile this graph with a dynamic batch)"
         return super().describe()
 
+    def _compiled_for(self, n: int) -> tuple[Any, queue.SimpleQueue[Any]]:
+        """The model compiled for batches of exactly ``n`` and its idle requests (made once, kept;
+        the oldest is dropped beyond :data:`MAX_STATIC_BATCHES` sizes)."""
+        with self._lock:
+            if n not in self._by_batch:
+                model = self._model.clone()
+                model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:]]})
+                if len(self._by_batch) >= MAX_STATIC_BATCHES:
+                    self._by_batch.pop(next(iter(self._by_batch)))
+                self._by_batch[n] = (self._compile(model), queue.SimpleQueue())
+            return self._by_batch[n]
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        compiled, idle = (self.compiled, self._idle) if self.compiled is not None else self._compiled_for(len(batch))
         try:
-            request = self._idle.get_nowait()
+            request = idle.get_nowait()
         except queue.Empty:  # every request is busy in another thread (or none made yet)
-            request = self.compiled.create_infer_request()
+            request = compiled.create_infer_request()
         try:
             # share_outputs=False: the result is a copy, not the request's buffer the next call reuses.
             out = request.infer({0: batch}, share_inputs=True, share_outputs=False)[0]
         except Exception as e:
             raise CvtDeployError(f"OpenVINO failed on a batch of shape {batch.shape} with {self.path}: {_message(e)}",
                                  "run cvt-check on the bundle; if it fails too, re-export it with cvt-export") from None
-        self._idle.put(request)
+        idle.put(request)
         return np.asarray(out)
 
     def close(self) -> None:
         while not self._idle.empty():
             self._idle.get_nowait()
         self.compiled = None
+        with self._lock:
+            self._by_batch.clear()
+        self._model = None
 
 
 def _dims(shape: Any) -> list[int | None]:
