@@ -44,15 +44,16 @@ def inside_path(root: Path, name: Any, what: str) -> Path:
     return path
 
 
-def check_external_data(root: Path, graph: Path) -> bool:
+def check_external_data(root: Path, graph: Path, data: bytes | None = None) -> bool:
     """Refuse an ONNX graph whose external-data locations lead out of the bundle.
 
     ONNX Runtime and OpenVINO open whatever path a tensor's ``location`` names, so a graph from
     someone else could make them read any file; the graph's bytes are scanned for the locations
-    before any runtime sees it. Returns whether the graph has external data at all.
+    before any runtime sees it (``data``: its bytes, when the caller has read them). Returns whether
+    the graph has external data at all.
     """
     folder = graph.parent.relative_to(root) if graph.parent != root else Path()
-    locations = _external_locations(graph)
+    locations = _external_locations(graph) if data is None else _scanned_locations(data)
     for location in sorted(locations, key=str):
         inside_path(root, str(folder / location) if plain_name(location) else location,
                     f"{graph.name}: the external data of one of its tensors is at")

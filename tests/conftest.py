@@ -490,3 +490,12 @@ def cpu_load(processes: int | None = None) -> Iterator[None]:
             p.kill()
         for p in procs:
             p.wait(10)
+
+
+def default_signals() -> None:
+    """``preexec_fn`` for a command a test signals: a shell's background job inherits SIGINT
+    ignored, and Python keeps it so; a user's terminal delivers Ctrl-C to a foreground process,
+    which is what this stands for."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

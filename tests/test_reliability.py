@@ -28,7 +28,7 @@ pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
 
-from conftest import refused, run_cli, script, snapshot, tmpfs  # noqa: E402
+from conftest import default_signals, refused, run_cli, script, snapshot, tmpfs  # noqa: E402
 from cvt_deploy.bundle import JOURNAL, Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 
@@ -182,15 +182,9 @@ def test_immutable_out_folder(tmp_path, no_work):
 
 # --- leftovers of killed runs -------------------------------------------------------------------
 
-def _default_signals() -> None:
-    # A shell's background job inherits SIGINT ignored, and Python keeps it so: a user's
-    # terminal delivers Ctrl-C to a foreground process, which is what this stands for.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_export(out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([script("cvt-export"), "--out", str(out), "--precision", "fp16,int8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

@@ -14,18 +14,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from conftest import cpu_load, script  # noqa: E402
+from conftest import cpu_load, default_signals, script  # noqa: E402
 
 WITHIN_S = 15  # a loaded 2-core machine: the signal lands between two native calls
 
 
-def _default_signals() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job inherits SIGINT ignored
-
-
 def start(*cmd: str, cwd: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([script(cmd[0]), *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=cwd, preexec_fn=_default_signals, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            cwd=cwd, preexec_fn=default_signals, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 def leftovers(*folders: Path) -> list[str]:
@@ -105,7 +101,7 @@ def test_ctrl_c_that_a_library_swallows_still_stops_the_export(tmp_path):
 
     out = tmp_path / "bundle"
     proc = subprocess.run([sys.executable, "-c", SWALLOWING, "--out", str(out), "--no-check"], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, preexec_fn=_default_signals,
+                          text=True, timeout=300, cwd=tmp_path, preexec_fn=default_signals,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
     assert "interrupted; nothing was left half-written" in proc.stderr

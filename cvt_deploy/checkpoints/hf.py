@@ -108,7 +108,7 @@ def _hf_labels(raw: dict[str, Any], num_classes: int, path: Path) -> tuple[str, 
 # center crop below 384, a squash at 384 and up); "feature extractor" is their older name.
 _PROCESSORS = ("ConvNextImageProcessor", "ConvNextImageProcessorFast", "ConvNextImageProcessorPil",
                "ConvNextFeatureExtractor")
-_HF_MEAN = _HF_STD = (0.5, 0.5, 0.5)  # ConvNextImageProcessor's own defaults, for a file that sets none
+_HF_MEAN_STD = 0.5  # ConvNextImageProcessor's own mean and std per channel, for a file that sets none
 _RESCALE = 1 / 255
 
 
@@ -131,17 +131,15 @@ def _hf_preprocess(folder: Path, img_size: int) -> PreprocessConfig:
                                  "reproduce (every image is resized and cropped by crop_pct to the model's size)",
                                  f"remove {key} from the file, or set it {str(not unsupported).lower()}")
     channels = len(base.mean)
-    mean = raw.get("image_mean", list(_HF_MEAN[:1] * channels))
-    std = raw.get("image_std", list(_HF_STD[:1] * channels))
+    mean = raw.get("image_mean", [_HF_MEAN_STD] * channels)
+    std = raw.get("image_std", [_HF_MEAN_STD] * channels)
     if raw.get("do_normalize", True) is False:
         mean, std = [0.0] * channels, [1.0] * channels
     changes: dict[str, Any] = {"mean": tuple(mean) if isinstance(mean, list) else mean,
                                "std": tuple(std) if isinstance(std, list) else std}
-    rescale = _RESCALE if raw.get("do_rescale", True) is not False else 1.0
-    if raw.get("do_rescale", True) is not False and "rescale_factor" in raw:
-        rescale = raw["rescale_factor"]
-        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < float("inf"):
-            raise CvtDeployError(f"{path}: rescale_factor {rescale!r} is not a positive number", "1/255 is CvT's")
+    rescale = 1.0 if raw.get("do_rescale", True) is False else raw.get("rescale_factor", _RESCALE)
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 < rescale < float("inf"):
+        raise CvtDeployError(f"{path}: rescale_factor {rescale!r} is not a positive number", "1/255 is CvT's")
     if abs(rescale - _RESCALE) > 1e-12 and all(isinstance(v, (int, float)) for v in (*changes["mean"], *changes["std"])):
         # (x * r - mean) / std  ==  (x / 255 - mean / (255 r)) / (std / (255 r)): the same input
         scale = 255.0 * rescale

@@ -50,9 +50,9 @@ def cli_entry(fn: Callable[[Sequence[str] | None], int]) -> Callable[[Sequence[s
                 return fn(argv)
         except CvtDeployError as e:
             # Messages quote names from files and requests: what a terminal acts on is shown escaped.
-            print("error: " + "\n".join(map(printable, e.message.split("\n"))), file=sys.stderr)
+            print(f"error: {printable(e.message, lines=True)}", file=sys.stderr)
             if e.hint:
-                print("  fix: " + "\n".join(map(printable, e.hint.split("\n"))), file=sys.stderr)
+                print(f"  fix: {printable(e.hint, lines=True)}", file=sys.stderr)
             return getattr(e, "exit_code", EXIT_ERROR)
         except KeyboardInterrupt as e:
             signum = e.signum if isinstance(e, Terminated) else (received() or signal.SIGINT)

@@ -106,7 +106,6 @@ class OpenVinoRuntime(Runtime):
         try:
             self.compiled = self._compile(model)
         except Exception as e:
-            error = e
             # OpenVINO 2026.4's low-precision passes fail on some int8 graphs with a dynamic batch
             # (a dequantizing Multiply moved through a head-splitting Reshape) and compile them
             # with a static one: then the runtime compiles one model per batch size it is given.
@@ -117,7 +116,7 @@ class OpenVinoRuntime(Runtime):
                 except Exception:
                     self._model = None
             if self._model is None:
-                raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(error)}",
+                raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(e)}",
                                      "run cvt-check on the bundle with --backend onnxruntime; if that passes, "
                                      "report the graph and the OpenVINO version") from None
         self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()

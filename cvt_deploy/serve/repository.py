@@ -208,10 +208,7 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     options = options or RepositoryOptions()
     bundle = bundle if isinstance(bundle, _Bundle) else _Bundle.open(bundle)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(p.name != INNER_LOCK for p in out.iterdir())
-                                              and repository_files(out) is None)):
-        raise CvtDeployError(f"{out} exists and is not a model repository cvt-export wrote; refusing to replace it",
-                             "choose a new or empty --out folder")
+    _check_out(out)  # before the graphs are read; again under the lock
     precisions = list(options.precisions or [p for p in PRECISIONS if bundle.find("onnx", p) or bundle.find("tensorrt", p)])
     max_batch = options.max_batch or bundle.batch.max
     if bundle.batch.dynamic and bundle.batch.min > 1:
@@ -261,19 +258,13 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
         validate_config(text, f"{name}/config.pbtxt")
 
     labels = labels_text(bundle)
-    out = Path(out)
     with output_lock(out):  # one export at a time into out
         return _write(bundle, out, models, labels, options)
 
 
 def _write(bundle: Bundle, out: Path, models: list[tuple[str, str, Path, str]], labels: str,
            options: RepositoryOptions) -> list[str]:
-    if out.exists() and not out.is_dir():
-        raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
-    owned = repository_files(out)
-    if out.is_dir() and owned is None and any(p.name != INNER_LOCK for p in out.iterdir()):
-        raise CvtDeployError(f"{out} exists and is not a model repository cvt-export wrote; refusing to write into it",
-                             "choose a new or empty --out folder")
+    owned = _check_out(out)
     require_writable(out)
     for folder in (out, out.parent):  # what killed runs left
         for stale in stale_partials(folder, "" if folder == out else out.name)[0]:
@@ -299,6 +290,18 @@ def _write(bundle: Bundle, out: Path, models: list[tuple[str, str, Path, str]], 
             _write_marker(tmp, new)
             tmp.rename(out)
     return [m[0] for m in models]
+
+
+def _check_out(out: Path) -> set[str] | None:
+    """Refuse an ``out`` that is a file, or a folder with files cvt-export did not write; the
+    files it did write there (None: none)."""
+    if out.exists() and not out.is_dir():
+        raise CvtDeployError(f"output {out} exists and is not a folder", "choose another --out")
+    owned = repository_files(out)
+    if out.is_dir() and owned is None and any(p.name != INNER_LOCK for p in out.iterdir()):
+        raise CvtDeployError(f"{out} exists and is not a model repository cvt-export wrote; refusing to write into it",
+                             "choose a new or empty --out folder")
+    return owned
 
 
 def repository_files(out: Path) -> set[str] | None:

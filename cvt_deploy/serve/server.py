@@ -142,8 +142,8 @@ def _error_response(request: Any, message: str) -> dict[str, np.ndarray]:
     return {ERROR: np.array([[message.encode("utf-8", "replace")]] * _rows(request), dtype=np.object_)}
 
 
-def _problem(e: CvtDeployError) -> str:
-    return e.message + (f" (fix: {e.hint})" if e.hint else "")
+def _problem(message: str, hint: str | None) -> str:
+    return message + (f" (fix: {hint})" if hint else "")
 
 
 def infer_batch(runtime: Runtime, requests: Sequence[Any], topk: int) -> list[dict[str, np.ndarray]]:
@@ -155,31 +155,28 @@ def infer_batch(runtime: Runtime, requests: Sequence[Any], topk: int) -> list[di
     """
     from ..runtimes.base import Prediction
 
-    batches: list[np.ndarray | None] = []
-    errors: dict[int, str] = {}
-    for i, request in enumerate(requests):
+    read: list[np.ndarray | str] = []  # per request: its preprocessed batch, or what is wrong with it
+    for request in requests:
         try:
-            batches.append(_request_pixels(request, runtime.config))
+            read.append(_request_pixels(request, runtime.config))
         except CvtDeployError as e:
-            batches.append(None)
-            errors[i] = _problem(e)
+            read.append(_problem(e.message, e.hint))
         except Exception as e:  # a request the checks did not foresee: its kind only, details to the log
-            batches.append(None)
-            errors[i] = f"the server could not read this request ({type(e).__name__})"
+            read.append(f"the server could not read this request ({type(e).__name__})")
             print(f"cvt-serve: a request failed unexpectedly: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    good = [b for b in batches if b is not None]
+    good = [b for b in read if not isinstance(b, str)]
     logits = runtime.run(np.concatenate(good)) if good else np.zeros((0, runtime.config.num_classes), np.float32)
     pred = Prediction.from_logits(logits, runtime.config, topk)
     out, start = [], 0
-    for i, (request, b) in enumerate(zip(requests, batches)):
-        if b is None:
-            out.append(_error_response(request, errors[i]))
+    for request, b in zip(requests, read):
+        if isinstance(b, str):
+            out.append(_error_response(request, b))
             continue
         end = start + len(b)
         if not np.isfinite(logits[start:end]).all():
-            out.append(_error_response(request, _problem(CvtDeployError(
+            out.append(_error_response(request, _problem(
                 f"the {runtime.backend} {runtime.precision} model produced NaN/inf logits for this request's input",
-                "the precision overflowed on this input: check with cvt-check, or use a higher precision"))))
+                "the precision overflowed on this input: check with cvt-check, or use a higher precision")))
         else:
             out.append({LOGITS: logits[start:end],
                         CLASSES: pred.indices[start:end].astype(np.int64),
