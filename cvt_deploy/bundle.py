@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,7 +29,7 @@ from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 from .jsonio import read_json
-from .util import (PARTIAL_SUFFIX, partial_name, remove_path, require_writable, signals_held, stale_partials, temp_files_in,
+from .util import (PARTIAL_SUFFIX, make_temporary_dir, remove_path, require_writable, signals_held, stale_partials, temp_files_in,
                    write_errors, write_failure)
 
 MANIFEST = "manifest.json"
@@ -219,15 +218,13 @@ class Bundle:
         or a clear error, never the new graph under the old config and labels.
         """
         path = inside_path(self.root, art.file, f"artifact {art.name!r} has file")
-        if check_external_data(self.root, path):
-            self.verified_path(art)
-            return None
         data = path.read_bytes()
+        external = check_external_data(self.root, path, data)
         if art.sha256:
             import hashlib
 
             self._check_hash(art, path, hashlib.sha256(data).hexdigest())
-        return data
+        return None if external else data
 
     def _check_hash(self, art: Artifact, path: Path, actual: str) -> None:
         if actual == art.sha256:
@@ -300,18 +297,18 @@ class Bundle:
             notes = _clean_partials(out)
             owned = check_output(out, planned, overwrite)
             existing = out.is_dir()
+            parent = out if existing else out.parent
+            made: list[Path] = []
             try:
-                parent = out if existing else out.parent
-                parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=partial_name("cvt-export" if existing else out.name),
-                                            suffix=PARTIAL_SUFFIX, dir=parent))
-                os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
-            except OSError as e:
-                raise write_failure(e, out) or CvtDeployError(
-                    f"cannot write to {out}: {e.strerror}", "choose an --out folder you can write to") from None
-            bundle = cls(tmp, config, batch, {}, dict(extra))
-            bundle.notes = notes
-            try:
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                    tmp = make_temporary_dir(parent, "cvt-export" if existing else out.name, made)
+                    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; bundles are meant to be shared
+                except OSError as e:
+                    raise write_failure(e, out) or CvtDeployError(
+                        f"cannot write to {out}: {e.strerror}", "choose an --out folder you can write to") from None
+                bundle = cls(tmp, config, batch, {}, dict(extra))
+                bundle.notes = notes
                 # Libraries' own temporary files (ONNX Runtime's quantizer, onnxsim...) go beside
                 # the bundle too, so what a SIGKILL leaves is found and removed by the next export.
                 with write_errors(out), scratch_dir(parent, "cvt-export" if existing else out.name) as scratch, \
@@ -325,7 +322,8 @@ class Bundle:
                         tmp.rename(out)
                 bundle.root = out
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+                for path in made:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 # While files move into an existing --out, this file lists every file of the old and the new

@@ -242,17 +242,29 @@ def remove_path(p: Path) -> None:
 def scratch_dir(parent: str | os.PathLike[str], label: str = "tmp") -> Iterator[Path]:
     """A private temporary folder inside ``parent`` (same file system, so renames out of it are atomic)."""
     parent = Path(parent)
+    made: list[Path] = []
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=partial_name(label), suffix=PARTIAL_SUFFIX, dir=parent))
-    except OSError as e:
-        raise write_failure(e, parent) or CvtDeployError(
-            f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
-    try:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = make_temporary_dir(parent, label, made)
+        except OSError as e:
+            raise write_failure(e, parent) or CvtDeployError(
+                f"cannot write to {parent}: {e.strerror}", "choose an output location you can write to") from None
         with write_errors(parent):
             yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def make_temporary_dir(parent: Path, label: str, made: list[Path]) -> Path:
+    """``mkdtemp`` for a writer's temporary folder (``.LABEL.PID.RANDOM.partial``), appended to
+    ``made``, which the caller's ``finally`` removes. Signals wait until it is in ``made``: a
+    Ctrl-C between the folder's creation and its name reaching the caller would leave it behind."""
+    with signals_held():
+        path = Path(tempfile.mkdtemp(prefix=partial_name(label), suffix=PARTIAL_SUFFIX, dir=parent))
+        made.append(path)
+    return path
 
 
 @contextlib.contextmanager
