@@ -15,6 +15,7 @@ only when complete. Torch-free: edge runtimes open bundles.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -28,23 +29,27 @@ from .outlock import INNER_LOCK, check_unlocked, output_lock
 from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
+from .interrupt import signals_held
 from .jsonio import read_json
-from .util import (PARTIAL_SUFFIX, make_temporary_dir, remove_path, require_writable, signals_held, stale_partials, temp_files_in,
+from .util import (PARTIAL_SUFFIX, make_temporary_dir, remove_path, require_writable, stale_partials, temp_files_in,
                    write_errors, write_failure)
 
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
-ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream")  # deepstream: an nvinfer config
+ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream", "openvino")  # deepstream: an nvinfer config; openvino: an IR
 # What a graph is built for (its "target" in the manifest; absent = portable): "portable"
 # graphs use standard ONNX ops and are what TensorRT and every execution provider compile;
 # "onnxruntime-cpu" graphs (export/ort_cpu.py) use ONNX Runtime contrib ops and dynamic
 # quantization and only ever run on its CPU provider; "tensorrt-10" graphs (the int8+fp16 graph,
 # export/fp16.py) use opset-19 fp16 Q/DQ scales and are what strongly typed TensorRT >= 10 builds.
 TARGETS = ("portable", "onnxruntime-cpu", "tensorrt-10")
+# Files an artifact's manifest entry names besides its own ``file`` (each checked by the sandbox rule).
+SIDE_FILES = ("sidecar", "labels", "weights_file")
 # The backend whose parity report an artifact's "parity" entry holds (what the export and the
 # engine build check on); reports measured by other backends sit under "parity_on" by name.
-GATE_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "deepstream": "tensorrt"}
+GATE_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "deepstream": "tensorrt",
+                 "openvino": "openvino"}
 
 
 @dataclass
@@ -160,7 +165,7 @@ class Bundle:
                 raise ValueError("'artifacts' is not a mapping")
             artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
             for art in artifacts.values():
-                for key, name in (("file", art.file), ("sidecar", art.info.get("sidecar")), ("labels", art.info.get("labels"))):
+                for key, name in (("file", art.file), *((k, art.info.get(k)) for k in SIDE_FILES)):
                     if name is None and key != "file":
                         continue
                     if not isinstance(name, str) or not name:
@@ -183,9 +188,10 @@ class Bundle:
             raise CvtDeployError(f"{manifest} is damaged ({type(e).__name__}: {e})",
                                  "re-export the bundle with cvt-export") from None
         for art in bundle.artifacts.values():
-            if not (root / art.file).is_file():
-                raise CvtDeployError(f"bundle {root} lists {art.file} ({art.name}) but the file is missing",
-                                     f"copy the whole bundle folder, or re-export it (cvt-export --out {root})")
+            for file in (art.file, art.info.get("weights_file")):
+                if file is not None and not (root / file).is_file():
+                    raise CvtDeployError(f"bundle {root} lists {file} ({art.name}) but the file is missing",
+                                         f"copy the whole bundle folder, or re-export it (cvt-export --out {root})")
         bundle._manifest_identity = identity
         return bundle
 
@@ -221,10 +227,18 @@ class Bundle:
         data = path.read_bytes()
         external = check_external_data(self.root, path, data)
         if art.sha256:
-            import hashlib
-
             self._check_hash(art, path, hashlib.sha256(data).hexdigest())
         return None if external else data
+
+    def verified_ir(self, art: Artifact) -> tuple[bytes, bytes]:
+        """An OpenVINO IR's .xml and .bin bytes, each checked against the manifest (as :meth:`verified_bytes`)."""
+        xml = inside_path(self.root, art.file, f"artifact {art.name!r} has file").read_bytes()
+        self._check_hash(art, self.root / art.file, hashlib.sha256(xml).hexdigest())
+        name = str(art.info.get("weights_file"))
+        weights = inside_path(self.root, name, f"artifact {art.name!r} has weights_file").read_bytes()
+        shadow = Artifact(f"{art.name} weights", name, art.kind, art.precision, str(art.info.get("weights_sha256", "")))
+        self._check_hash(shadow, self.root / name, hashlib.sha256(weights).hexdigest())
+        return xml, weights
 
     def _check_hash(self, art: Artifact, path: Path, actual: str) -> None:
         if actual == art.sha256:
@@ -376,7 +390,7 @@ def bundle_files(root: Path) -> set[str] | None:
             arts = raw.get("artifacts")
             for art in (arts.values() if isinstance(arts, dict) else ()):
                 if isinstance(art, dict):
-                    files |= {str(f) for f in (art.get("file"), art.get("sidecar"), art.get("labels")) if plain_name(f)}
+                    files |= {str(f) for f in (art.get("file"), *(art.get(k) for k in SIDE_FILES)) if plain_name(f)}
     return files if found else None
 
 

@@ -5,14 +5,18 @@ The commands turn Ctrl-C, SIGTERM and SIGHUP into an exception (``KeyboardInterr
 that calls back into Python can catch that exception on its way through C++ and carry on (an
 export then ran to its end after Ctrl-C). So the signal is also noted here, and every
 progress stage raises it again at its end (:func:`raise_if_interrupted`): the command stops
-at the next stage boundary at the latest. Imports nothing of cvt-deploy.
+at the next stage boundary at the latest. :func:`signals_held` puts the exception off for
+the few steps that must not be cut in two. Imports nothing of cvt-deploy.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
-from typing import NoReturn
+import threading
+from typing import Iterator, NoReturn
 
 _pending: list[int] = []  # signals received by the handler and not yet handled by the command
+_holding = 0  # signals_held() blocks open in the main thread
 
 
 class Terminated(KeyboardInterrupt):
@@ -30,7 +34,37 @@ def _raise(signum: int) -> NoReturn:
 def on_signal(signum: int, frame: object) -> None:
     """The handler the commands install for SIGINT, SIGTERM and SIGHUP."""
     _pending.append(signum)
-    _raise(signum)
+    if not _holding:
+        _raise(signum)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM/SIGHUP for the few renames of an install or a temporary folder's
+    creation and recording: they arrive after it, so a stopped command leaves the old files or
+    the new ones, not a mix, and no folder its ``finally`` does not know of.
+
+    Blocking the signals in the main thread is not enough once other threads run (ONNX
+    Runtime's, torch's): the kernel hands the signal to one of them and Python still runs the
+    handler in the main thread, inside the block. So the commands' handler also notes the
+    signal without raising while a hold is open, and it is raised when the hold ends.
+    """
+    global _holding
+    held = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = len(_pending)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+        if previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one blocked in this thread is handled here
+    if not _holding and len(_pending) > before:
+        _raise(_pending[-1])
 
 
 def raise_if_interrupted() -> None:

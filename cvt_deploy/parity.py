@@ -200,7 +200,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     for backend in backends:
         cls = backend_class(backend)
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
-            if art.kind == cls.artifact_kind and (not precisions or art.precision in precisions) \
+            if art.kind in cls.kinds() and (not precisions or art.precision in precisions) \
                     and not (backend == "onnxruntime" and art is ref_artifact) \
                     and (art.target == "portable" or (backend == "onnxruntime" and (device or "cpu") == "cpu")):
                 plan.append((backend, art))
@@ -225,16 +225,20 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
 
 
 def _runtime_for(bundle: Bundle, backend: str, art: Artifact, device: str | None) -> Runtime:
-    """The runtime that runs exactly ``art``: a bundle can hold several ONNX graphs of one
-    precision (one per target), and ``load`` picks one of them."""
-    from .runtimes import load
+    """The runtime that runs exactly ``art``: a bundle can hold several graphs of one precision
+    (one per target, an ONNX graph and its OpenVINO IR), and ``load`` picks one of them."""
+    from .runtimes import backend_class, load
 
-    runtime = load(bundle, backend=backend, device=device, precision=art.precision)
-    if backend == "onnxruntime" and getattr(runtime, "path", None) != str(bundle.path(art)):
+    if backend in ("onnxruntime", "openvino"):  # the backends that run any one of several graphs
         from .runtimes.ort import OrtRuntime
+        from .runtimes.openvino import OpenVinoRuntime
 
-        runtime = OrtRuntime.from_bundle(bundle, device=device, artifact=art.name)
-    return runtime
+        cls: type[OrtRuntime] | type[OpenVinoRuntime] = OrtRuntime if backend == "onnxruntime" else OpenVinoRuntime
+        reason = backend_class(backend).unavailable_reason(device)
+        if reason is not None:
+            raise CvtDeployError(f"backend {backend} cannot run here: {reason}", cls.install_hint)
+        return cls.from_bundle(bundle, device=device, artifact=art.name)
+    return load(bundle, backend=backend, device=device, precision=art.precision)
 
 
 def comparable(reference: np.ndarray, candidate: np.ndarray, runtime: Runtime) -> tuple[np.ndarray, np.ndarray]:
@@ -284,9 +288,13 @@ def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: 
     bundle.save()
     if show:
         print(summary_table(reports), file=sys.stderr)
+    def is_advisory(rep: ParityReport) -> bool:  # a graph is gated by its own backend (bundle.GATE_BACKENDS) only
+        art = bundle.artifacts.get(rep.artifact or "")
+        return rep.backend in advisory and (art is None or GATE_BACKENDS.get(art.kind) != rep.backend)
+
     for rep in reports:
-        if not rep and rep.backend in advisory:
+        if not rep and is_advisory(rep):
             print(f"  warning: {rep.candidate} missed its gates ({'; '.join(rep.failed)}); the bundle is written for "
                   f"the other backends, but do not deploy this graph on {rep.backend}", file=sys.stderr)
-    if not all(r for r in reports if r.backend not in advisory):
+    if not all(r for r in reports if not is_advisory(r)):
         raise ParityFailure(reports)

@@ -172,8 +172,10 @@ def demo_export(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) -> De
     from cvt_deploy.demo import DEMO_WEIGHTS
     from cvt_deploy.export.pipeline import export_bundle
 
+    # time_cpu=False in the shared bundles: what load() picks must not hang on a timing taken
+    # while other tests load the cores; test_choice.py times bundles of its own.
     folder = shared_build(tmp_path_factory, "demo-export", lambda f: export_bundle(
-        demo_model, f / "bundle", source=str(DEMO_WEIGHTS), progress=False))
+        demo_model, f / "bundle", source=str(DEMO_WEIGHTS), progress=False, time_cpu=False))
     return DemoExport(demo_model, folder / "bundle")
 
 
@@ -188,6 +190,7 @@ def export_to(tmp_path_factory: pytest.TempPathFactory, model: Any, name: str, s
     ``shared``: one export per test run, whichever process asks first (session fixtures)."""
     from cvt_deploy.export.pipeline import export_bundle
 
+    options.setdefault("time_cpu", False)  # as in demo_export
     if shared:
         return shared_build(tmp_path_factory, name, lambda f: export_bundle(model, f / "bundle", progress=False,
                                                                            **options)) / "bundle"

@@ -57,8 +57,8 @@ def test_runs_the_portable_graph_in_the_graphs_precision(ov_runtimes: dict[str, 
     for p, rt in ov_runtimes.items():
         assert rt.precision == p and rt.backend == "openvino" and rt.batch_range is None  # dynamic batch
         assert rt.path == str(bundle.path(bundle.require("onnx", p)))  # not the ONNX Runtime CPU graph
-        assert rt.compiled.get_property("INFERENCE_NUM_THREADS") == 1
-        hint = str(rt.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        assert rt.compiled_model().get_property("INFERENCE_NUM_THREADS") == 1
+        hint = str(rt.compiled_model().get_property("INFERENCE_PRECISION_HINT"))
         # fp32 and int8 in f32, never the bf16 OpenVINO picks by itself on AMX / AVX512-BF16 CPUs
         assert ("float16" if rt.compute == "f16" else "float32") in hint, hint
         assert (p == "fp16") or rt.compute == "f32"
@@ -271,10 +271,27 @@ def test_an_int8_graph_that_compiles_only_with_a_static_batch_runs_per_batch_siz
     with pytest.raises(Exception, match="ReshapeTransformation"):  # what OpenVINO does with the dynamic batch
         core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     runtime = load(wide_int8_bundle, backend="openvino", precision="int8", threads=1)
-    assert "compiled per batch size" in runtime.describe()
     ort = load(wide_int8_bundle, backend="onnxruntime", precision="int8", threads=1)
-    for n in (1, 3, 8):
+    for n in (1, 3, 8, 2, 5):  # beyond MAX_STATIC_BATCHES sizes: the oldest is dropped (no dynamic model here)
         x = np.random.default_rng(n).standard_normal((n, 3, 112, 112)).astype(np.float32)
         a, b = runtime.run(x), ort.run(x)
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert a.shape == b.shape == (n, 1000) and cosine.min() > 0.999, (n, cosine.min())
+    assert runtime.compiled_batches == [3, 8, 2, 5]
+
+
+def test_each_batch_size_gets_its_own_compiled_model_then_one_shared(ov_runtimes: dict[str, OpenVinoRuntime],
+                                                                      demo_full_bundle: Path) -> None:
+    """The first MAX_STATIC_BATCHES sizes are compiled with the size fixed (faster: see the module
+    docstring), later sizes share the model compiled dynamic; all give ONNX Runtime's logits."""
+    from cvt_deploy.runtimes.openvino import MAX_STATIC_BATCHES
+
+    runtime = OpenVinoRuntime.from_bundle(Bundle.open(demo_full_bundle), "fp32", threads=1, artifact="onnx-fp32")
+    ort = OrtRuntime.from_bundle(Bundle.open(demo_full_bundle), "fp32", threads=1, artifact="onnx-fp32")
+    sizes = [1, 4, 2, 7, 3, 6]
+    for n in sizes:
+        x = np.random.default_rng(n).standard_normal((n, 3, 64, 64)).astype(np.float32)
+        np.testing.assert_allclose(runtime.run(x), ort.run(x), atol=2e-4)
+    assert runtime.compiled_batches == sizes[:MAX_STATIC_BATCHES]
+    shape = runtime.compiled_model(6).inputs[0].get_partial_shape()
+    assert shape[0].is_dynamic and runtime.compiled_model(2).inputs[0].get_partial_shape()[0].get_length() == 2

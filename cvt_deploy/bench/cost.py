@@ -36,3 +36,16 @@ def mac_breakdown(cfg: CvtConfig) -> dict[str, int]:
 def count_macs(cfg: CvtConfig) -> int:
     """MACs per image (CvT-13 at 224: 4.57 G; the paper rounds to 4.5 G). GFLOPs = 2 x GMACs."""
     return sum(mac_breakdown(cfg).values())
+
+
+def linear_gemms(cfg: CvtConfig) -> list[tuple[int, int, int, int]]:
+    """The model's Linear layers as GEMMs, ``(rows per image, K, N, how many)``: the q/k/v and
+    output projections and the MLP of every block (what each int8 graph here runs in int8; the
+    convolutions and the two attention matmuls stay float in the ONNX Runtime CPU int8 graph)."""
+    shapes: dict[tuple[int, int, int], int] = {}
+    for i, (h, hk) in enumerate(stage_maps(cfg)):
+        dim, depth, cls = cfg.embed_dims[i], cfg.depths[i], int(cfg.cls_token[i])
+        n_q, n_kv, hidden = h * h + cls, hk * hk + cls, mlp_hidden(dim, cfg.mlp_ratios[i])
+        for shape, count in (((n_q, dim, dim), 2), ((n_kv, dim, dim), 2), ((n_q, dim, hidden), 1), ((n_q, hidden, dim), 1)):
+            shapes[shape] = shapes.get(shape, 0) + count * depth
+    return [(m, k, n, count) for (m, k, n), count in shapes.items()]

@@ -42,31 +42,82 @@ class Ceiling:
         return self.ops / (summarize(self.case.times).p50 / 1e3) / 1e9
 
 
-def _ort_gemm(size: int, threads: int, integer: bool) -> Case:
-    """A size x size MatMul (fp32) or MatMulInteger (u8 x s8 -> s32) in ONNX Runtime's CPU provider."""
+def _ort_gemm(size: int, threads: int, integer: bool, k: int | None = None, n: int | None = None,
+              spin: bool = True) -> Case:
+    """A size x K by K x N MatMul (fp32) or MatMulInteger (u8 x s8 -> s32) in ONNX Runtime's CPU
+    provider (K and N default to ``size``: a square GEMM; ``spin``: see util.ort_session)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from ..util import ort_session
 
+    m, k, n = size, k or size, n or size
     rng = np.random.default_rng(0)
     a: np.ndarray
     b: np.ndarray
     if integer:
-        a = rng.integers(0, 256, (size, size), dtype=np.uint8)
-        b = rng.integers(-128, 128, (size, size), dtype=np.int8)
+        a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+        b = rng.integers(-128, 128, (k, n), dtype=np.int8)
         node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
         a_type, y_type = TensorProto.UINT8, TensorProto.INT32
     else:
-        a = rng.standard_normal((size, size), np.float32)
-        b = rng.standard_normal((size, size), np.float32)
+        a = rng.standard_normal((m, k), np.float32)
+        b = rng.standard_normal((k, n), np.float32)
         node = helper.make_node("MatMul", ["a", "b"], ["y"])
         a_type = y_type = TensorProto.FLOAT
-    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", a_type, [size, size])],
-                              [helper.make_tensor_value_info("y", y_type, [size, size])],
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("a", a_type, [m, k])],
+                              [helper.make_tensor_value_info("y", y_type, [m, n])],
                               initializer=[numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    session = ort_session(model.SerializeToString(), threads, ["CPUExecutionProvider"])
-    return Case("ort " + ("int8" if integer else "fp32") + " gemm", lambda: session.run(None, {"a": a}))
+    session = ort_session(model.SerializeToString(), threads, ["CPUExecutionProvider"], spin=spin)
+    return Case(f"ort {'int8' if integer else 'fp32'} gemm {m}x{k}x{n}", lambda: session.run(None, {"a": a}))
+
+
+@dataclass(eq=False)
+class LinearGemms:
+    """The model's Linear layers at one batch size as ONNX Runtime GEMMs, fp32 and u8 x s8, each
+    timed alone (``cases``: (fp32, int8, how many in the model)); see :func:`int8_attainable`."""
+
+    batch: int
+    cases: list[tuple[Case, Case, int]]
+
+    def total_ms(self, integer: bool) -> float | None:
+        """Milliseconds all of them take once per call (None until timed)."""
+        picked = [(c[1] if integer else c[0], c[2]) for c in self.cases]
+        if not picked or any(not case.times for case, _ in picked):
+            return None
+        return sum(count * summarize(case.times).p50 for case, count in picked)
+
+
+def linear_gemm_cases(shapes: list[tuple[int, int, int, int]], batches: list[int], threads: int,
+                      iterations: int = 10) -> list[LinearGemms]:
+    """:class:`LinearGemms` per batch size for the model's ``shapes`` (bench/cost.linear_gemms);
+    none without ONNX Runtime. A fixed count of calls each: there are dozens of small GEMMs."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return []
+    out = []
+    for b in batches:
+        cases = []
+        for m, k, n, count in shapes:
+            pair = [_ort_gemm(b * m, threads, integer, k, n, spin=False) for integer in (False, True)]
+            for case in pair:
+                case.iterations = iterations
+            cases.append((pair[0], pair[1], count))
+        out.append(LinearGemms(b, cases))
+    return out
+
+
+def int8_attainable(fp32_ms: float, gemms: LinearGemms) -> float | None:
+    """The int8 speed-up of a graph whose fp32 call takes ``fp32_ms`` if its Linear layers ran at
+    this CPU's u8 x s8 GEMM speed at their own shapes and everything else stayed as in fp32:
+    fp32 / (fp32 - Linear fp32 + Linear int8). What no int8 graph that quantizes only its Linear
+    layers can beat (above 1.0 of it: the graph also gains elsewhere, e.g. int8 convolutions or
+    fused kernels). Where the Linear GEMMs alone take longer than the whole call (fused kernels),
+    the rest is taken as 0 and the GEMMs as scaled down to the call."""
+    g32, g8 = gemms.total_ms(False), gemms.total_ms(True)
+    if not g32 or g8 is None or fp32_ms <= 0:
+        return None
+    rest = max(fp32_ms - g32, 0.0)
+    return fp32_ms / (rest + g8 * min(1.0, fp32_ms / g32))
 
 
 def _torch_gemm(size: int, device: str, dtype: str) -> tuple[Case, str]:

@@ -63,6 +63,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("int8_speedup_of_limit", "float", "int8 rows: int8_speedup / the CPU's own int8 limit, the fastest u8 x s8 GEMM's "
                                        "GOP/s over the fastest fp32 GEMM's, both timed in this run (meta.matmul.int8_limit); "
                                        "1.0 = int8 gains all the GEMMs allow"),
+    ("int8_attainable", "float", "int8 rows: the int8 speed-up if the model's Linear layers ran at this CPU's u8 x s8 "
+                                 "GEMM speed at their own shapes (timed alone in this run) and the rest stayed as in "
+                                 "the same backend's fp32 row: fp32 p50 / (fp32 p50 - Linear fp32 + Linear int8)"),
+    ("int8_speedup_of_attainable", "float", "int8 rows: int8_speedup / int8_attainable; above 1: the graph gains "
+                                            "beyond its Linear layers (int8 convolutions, fused kernels)"),
+    ("graph", "str", "the bundle artifact the row ran, e.g. onnx-int8-onnxruntime-cpu, openvino-int8 (blank: the "
+                     "reference rows, which run the model itself)"),
 )
 COLUMN_NAMES = tuple(name for name, _, _ in COLUMNS)
 
@@ -103,6 +110,9 @@ class BenchRow:
     server_batch: float | None = None
     int8_speedup: float | None = None
     int8_speedup_of_limit: float | None = None
+    int8_attainable: float | None = None
+    int8_speedup_of_attainable: float | None = None
+    graph: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -189,7 +199,9 @@ def header(result: BenchResult) -> str:
     else:  # a result written before the per-precision ceilings
         peak = f"fp32 matmul {mm['size']}x{mm['size']} ({mm['impl']}): " + (
             f"{mm['gflops']:.1f} GFLOP/s" if mm.get("gflops") else f"not measured ({mm.get('error')})")
-    return (f"{m['model']} at {m['img_size']}px ({m['gmacs']:.3g} GMACs/image) on {m['device']}, "
+    cpu = (m.get("host") or {}).get("cpu")
+    where = f"{m['device']} ({cpu})" if cpu and m["device"] == "cpu" else m["device"]
+    return (f"{m['model']} at {m['img_size']}px ({m['gmacs']:.3g} GMACs/image) on {where}, "
             f"{m['threads']} threads; {peak}")
 
 
@@ -203,6 +215,16 @@ def _cache_note(result: BenchResult) -> str | None:
     where = f"the last-level cache ({llc / 2**20:.0f} MiB)" if llc else "the last-level cache (size unknown here)"
     return (f"weights within {where}: {what}. Steady-state timings of weights that fit are warmer than a "
             "first call or a busy machine will see; 'first ms' is the first call after load")
+
+
+def _graph_note(graph: str | None) -> str:
+    """What a row's artifact name adds to its backend: which of the bundle's graphs it ran."""
+    if not graph:
+        return ""
+    if graph.startswith("openvino-"):
+        return " (IR)"
+    target = graph.split("-", 2)[2] if graph.startswith("onnx-") and graph.count("-") >= 2 else ""
+    return {"onnxruntime-cpu": " (ort-cpu)", "": " (portable)"}.get(target, f" ({target})") if graph.startswith("onnx-") else ""
 
 
 def table(result: BenchResult) -> str:
@@ -219,21 +241,22 @@ def table(result: BenchResult) -> str:
             status = f"{r.status} [{notes.index(note) + 1}]"
         else:
             status = "ok" if r.role == "backend" else r.role
-        rows.append([r.backend, r.precision, str(r.batch), status, _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p99_ms),
+        rows.append([r.backend + _graph_note(r.graph), r.precision, str(r.batch), status, _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p99_ms),
                      _ms(r.mean_ms), _ms(r.min_ms), _ms(r.max_ms), _num(r.throughput_ips, 1),
                      "" if r.ratio_vs_torch is None else f"{r.ratio_vs_torch:.2f}x", _num(r.gflops, 1),
                      "" if r.pct_matmul_peak is None else f"{r.pct_matmul_peak:.0f}%",
                      _pct(r.accuracy), _pct(r.top1_agreement), str(r.iterations) if r.iterations else "",
                      _ms(r.first_call_ms)])
         if int8:
-            rows[-1].insert(14, "" if r.int8_speedup_of_limit is None
-                            else f"{r.int8_speedup_of_limit:.2f} ({r.int8_speedup:.2f}x)")
+            rows[-1][14:14] = ["" if r.int8_speedup_of_limit is None else f"{r.int8_speedup_of_limit:.2f} ({r.int8_speedup:.2f}x)",
+                               "" if r.int8_speedup_of_attainable is None
+                               else f"{r.int8_speedup_of_attainable:.2f} ({r.int8_attainable:.2f}x)"]
         if served:
             rows[-1][3:3] = ["" if r.concurrency is None else str(r.concurrency), _num(r.server_batch, 2)]
     head = ["backend", "precision", "batch", "status", "p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms",
             "img/s", "vs torch", "GFLOP/s", "% peak", "accuracy", "agree", "n", "first ms"]
     if int8:
-        head.insert(14, "int8/limit")
+        head[14:14] = ["int8/limit", "int8/attainable"]
     if served:
         head[3:3] = ["in flight", "srv batch"]
     text = format_table(head, rows, title=header(result))
@@ -257,6 +280,9 @@ def table(result: BenchResult) -> str:
         foot.append(f"int8/limit = int8 speed-up (same backend's fp32 p50 / int8 p50, same batch; in brackets) / this "
                     f"CPU's int8 limit, its fastest u8 x s8 GEMM over its fastest fp32 GEMM in this run = {limit:.2f}x; "
                     "1.00 = the int8 graph gains all that its GEMMs allow")
+        foot.append("int8/attainable = int8 speed-up / the speed-up if only the model's Linear layers ran at this CPU's "
+                    "u8 x s8 GEMM speed at their own shapes (timed alone in this run; in brackets) and the rest stayed as "
+                    "in the fp32 row; above 1.00 the graph gains beyond its Linear layers")
     if "peak_rss_mb" in result.meta:
         foot.append(f"peak RSS of this process (all runtimes together): {result.meta['peak_rss_mb']:.0f} MB"
                     + (f"; peak CUDA memory: {result.meta['peak_cuda_mb']:.0f} MB" if result.meta.get("peak_cuda_mb") else ""))

@@ -18,9 +18,11 @@ from ..errors import CvtDeployError
 from ..preprocess import normalize
 from ..progress import stage
 from ..runtimes.base import Runtime
-from ..util import PRECISIONS, tool_versions
-from .cost import count_macs
-from .limits import SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, int8_limit, llc_bytes
+from ..runtimes.choice import cpu_key
+from ..util import PRECISIONS, default_threads, tool_versions
+from .cost import count_macs, linear_gemms
+from .limits import (SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, int8_attainable, int8_limit, linear_gemm_cases,
+                     llc_bytes)
 from .results import BenchResult, BenchRow
 from .timing import Case, check_settings, measure_interleaved, summarize
 
@@ -28,14 +30,6 @@ if TYPE_CHECKING:
     from ..util import BatchRange
 
 BASELINE = ("torch", "fp32")  # what ratio_vs_torch divides by: our model, PyTorch eager, fp32
-
-
-def default_threads() -> int:
-    """CPUs this process may run on (its affinity mask; a container's share, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _loadavg() -> float | None:
@@ -106,6 +100,10 @@ def _recorded_parity(bundle: Bundle, backend: str, precision: str,
     return first("accuracy_candidate", "accuracy"), first("top1_agreement", "agreement")
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def _ceiling_name(gemms: list[Any], precision: str) -> str | None:
     found = best(gemms, precision)
     return None if found is None else found.name
@@ -116,6 +114,9 @@ def _weights_mb(bundle: Bundle, runtime: Runtime | str) -> float | None:
     if isinstance(runtime, str):
         return None
     path = getattr(runtime, "path", None)
+    ran = bundle.artifacts.get(runtime.artifact or "")
+    if ran is not None and ran.info.get("weights_file"):  # an OpenVINO IR: its .bin, not its .xml
+        path = bundle.root / str(ran.info["weights_file"])
     if path is None:
         try:
             art = bundle.find(rt.backend_class(runtime.backend).artifact_kind, runtime.precision)
@@ -165,6 +166,8 @@ class BenchOptions:
     ``hf_reference``: add Hugging Face transformers' CvT at fp32 (a skipped row when it cannot run).
     ``compiled_reference``: add our model through ``torch.compile`` (inductor) at fp32; off by
     default, since each batch size compiles for tens of seconds first.
+    ``openvino_reference``: add OpenVINO on the portable graphs as a user's code runs them (one
+    dynamic-batch compile: runtimes/openvino.py PlainOpenVinoRuntime) at every precision.
     """
 
     backends: Sequence[str] | None = None
@@ -181,6 +184,7 @@ class BenchOptions:
     reference: bool = True
     hf_reference: bool = True
     compiled_reference: bool = False
+    openvino_reference: bool = False
     matmul_size: int = 2048
 
     def __post_init__(self) -> None:
@@ -262,12 +266,14 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
 
     # combinations: the baseline and the references first at each batch, then the backends asked for
     references = [name for name, wanted in (("hf-transformers", hf_reference),
-                                            ("torch-compile", options.compiled_reference)) if wanted]
+                                            ("torch-compile", options.compiled_reference),
+                                            ("openvino-plain", options.openvino_reference)) if wanted]
     combos: list[tuple[str, str, int, str]] = []
     for b in batches:
         if reference or (BASELINE[0] in backends and BASELINE[1] in precisions):
             combos.append((*BASELINE, b, "baseline"))
-        combos += [(name, "fp32", b, "reference") for name in references]
+        combos += [(name, p, b, "reference") for name in references
+                   for p in (precisions if name in rt.GRAPH_REFERENCES else ["fp32"])]
         combos += [(be, p, b, "backend") for be in backends for p in precisions if (be, p) != BASELINE]
 
     reasons = _backend_reasons(bundle, device, backends)
@@ -295,6 +301,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         runtimes = [runtime_for(backend, precision) for backend, precision, _, _ in combos]
     for (backend, precision, b, role), runtime in zip(combos, runtimes):
         row = BenchRow(cfg.variant, backend, precision, b, device, threads, role=role)
+        row.graph = getattr(runtime, "artifact", None)
         row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision, runtime)
         if isinstance(runtime, str):
             row.status, row.reason = "skipped", runtime
@@ -321,10 +328,14 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             row_of[id(case)].peak_cuda_mb = _peak_cuda_mb(device)
 
     gemms = ceilings(matmul_size, device, threads)
+    # The model's own Linear GEMMs, where int8 rows are measured against them (int8_attainable).
+    int8_batches = sorted({rows[i].batch for i in cases if rows[i].precision == "int8"})
+    linear = linear_gemm_cases(linear_gemms(cfg), int8_batches, threads) if device == "cpu" else []
     if progress:
         print(f"benchmarking {len(all_cases)} combinations ({len(rows) - len(all_cases)} skipped) of {cfg.variant} "
               f"on {device} with {threads} threads, {rounds} interleaved rounds", file=sys.stderr)
-    measure_interleaved(all_cases + [c.case for c in gemms], iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
+    linear_cases = [case for group in linear for pair in group.cases for case in pair[:2]]
+    measure_interleaved(all_cases + [c.case for c in gemms] + linear_cases, iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
                         settle=settle, min_iterations=min_iterations, progress=progress, after_warmup=note_memory)
 
     macs = count_macs(cfg)
@@ -359,6 +370,11 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
         if row.precision == "int8" and row.p50_ms and fp32 is not None and fp32.p50_ms:
             row.int8_speedup = round(fp32.p50_ms / row.p50_ms, 3)
             row.int8_speedup_of_limit = None if limit is None else round(row.int8_speedup / limit, 3)
+            group = next((g for g in linear if g.batch == row.batch), None)
+            attainable = int8_attainable(fp32.p50_ms, group) if group is not None else None
+            if attainable:
+                row.int8_attainable = round(attainable, 3)
+                row.int8_speedup_of_attainable = round(row.int8_speedup / attainable, 3)
 
     meta = {"model": cfg.variant, "img_size": cfg.img_size, "num_classes": cfg.num_classes, "macs": macs,
             "gmacs": macs / 1e9, "bundle": str(bundle.root), "device": device, "threads": threads,
@@ -367,12 +383,14 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
             "matmul": {"size": matmul_size, "ceilings": ceilings_meta(gemms),
                        **{p: _ceiling_name(gemms, p) for p in PRECISIONS},
-                       "int8_limit": None if limit is None else round(limit, 3)},
+                       "int8_limit": None if limit is None else round(limit, 3),
+                       "linear_gemms": {str(g.batch): {"fp32_ms": _round(g.total_ms(False)), "int8_ms": _round(g.total_ms(True)),
+                                                       "shapes": len(g.cases)} for g in linear}},
             "llc_bytes": llc, "llc_source": str(SYSFS_CACHE) if llc else "unknown (no sysfs cache information)",
             "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
             "loadavg_1min": {"before": load_before, "after": _loadavg()},
             "host": {"platform": platform.platform(), "machine": platform.machine(), "cpus_usable": default_threads(),
-                     "cpus_total": os.cpu_count()},
+                     "cpus_total": os.cpu_count(), "cpu": cpu_key()},
             "versions": _versions(), "started": started,
             "timing": "per-iteration time.perf_counter around runtime.run (+ synchronize), interleaved rounds; "
                       "percentiles interpolate linearly"}

@@ -138,9 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "combination); repeatable")
     ap.add_argument("--plot", type=Path, metavar="FILE.png", help="latency and throughput vs batch (needs the 'plot' extra)")
     ap.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers reference row")
+    ap.add_argument("--plain-openvino", action="store_true",
+                    help="add reference rows: OpenVINO reading the portable ONNX as your own code would (one compile, "
+                         "batch left dynamic), at each --precision; the openvino rows are cvt-deploy's own path")
     ap.add_argument("--torch-compile", action="store_true",
                     help="add our model through torch.compile (inductor) as a reference row; each batch size "
                          "compiles first (tens of seconds, shown as 'first ms')")
+    ap.add_argument("--record", action="store_true",
+                    help="first time every CPU path of the bundle (ONNX Runtime on each graph, OpenVINO) at --batch "
+                         "(default 1 and 8) and record the fastest in its manifest for this CPU: what cvt-predict and "
+                         "runtimes.load then pick here (cvt-export does this on the machine it exports on)")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
     ap.add_argument("--quick", action="store_true",
@@ -178,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     refuse_unused(parser, args, [
         (("model_name", "concurrency", "protocol", "send", "images_per_request", "metrics_url"), served,
          "they describe a served model, and no --url is given", "add --url http://HOST:8000 (a running cvt-serve)"),
-        (("backend", "precision", "device", "iterations", "no_hf", "torch_compile", "no_reference"), not served,
+        (("record",), args.device == "cpu", "it times the CPU paths, and --device is not cpu", "drop --device, or --record"),
+        (("backend", "precision", "device", "iterations", "no_hf", "torch_compile", "plain_openvino", "no_reference",
+          "record"), not served,
          "with --url the served model is timed (and --bundle's in-process rows on ONNX Runtime)",
          "drop it, or time the bundle in-process without --url"),
         (("quick",), not (args.min_time is not None and args.warmup is not None and args.rounds is not None),
@@ -196,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
                            min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),
                            reference=not args.no_reference, hf_reference=not args.no_hf,
-                           compiled_reference=args.torch_compile)
+                           compiled_reference=args.torch_compile, openvino_reference=args.plain_openvino)
     bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
     if options.batches:  # sizes the bundle was not exported for, before the banner and the model loads
         check_batches(bundle, options.batches)
@@ -214,6 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         require("matplotlib", "plot", "--plot")
 
+    if args.record:
+        from ..outlock import output_lock
+        from ..runtimes.choice import BATCHES, record_cpu_timings
+
+        with output_lock(bundle.root):  # no export replaces the bundle while its manifest is rewritten
+            if record_cpu_timings(bundle, batches=options.batches or BATCHES, threads=args.threads, progress=show) is None:
+                print(f"note: nothing recorded: {bundle.root} has one CPU path per precision (nothing to choose)",
+                      file=sys.stderr)
     result = benchmark(bundle, options=options, progress=show)
     _report(result, args)
     if not result.measured:

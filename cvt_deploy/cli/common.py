@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import CvtDeployError
-from ..interrupt import Terminated, clear, on_signal, received
+from ..interrupt import Terminated, clear, on_signal, raise_if_interrupted, received
 from ..table import printable
 from ..util import PRECISIONS, parse_decimal, parse_whole
 
@@ -30,6 +30,11 @@ def _cleanup_on_signals() -> Iterator[None]:
     previous = {s: signal.signal(s, on_signal) for s in wanted}
     try:
         yield
+    except Exception:
+        # A library turned the signal's exception into its own on the way out (an extension
+        # module's init interrupted: ImportError "initialization failed"): still a stop by signal.
+        raise_if_interrupted()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

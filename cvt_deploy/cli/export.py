@@ -29,6 +29,8 @@ examples:
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
   cvt-export --model cvt-13 --tensorrt 8.5 --precision fp16 --out build/xavier   graphs JetPack 5.1 parses
+  cvt-export --format openvino --precision int8 --out build/cpu   the bundle plus OpenVINO IR (fp32, int8)
+  cvt-export --format openvino --bundle build/cvt13   add OpenVINO IR to a bundle (needs only openvino)
   cvt-export --format triton --bundle build/cvt13 --out build/triton-repo   a Triton model repository
   cvt-export --input-format uint8-nhwc --output probs --out build/edge   graphs that take camera pixels
   cvt-export --format deepstream --out build/ds          float-pixels + probs graphs and nvinfer_config.txt
@@ -36,8 +38,11 @@ examples:
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
-bundle is only written when everything succeeded. Run a bundle with cvt-predict, re-check
-it with cvt-check, time it with cvt-bench.
+bundle is only written when everything succeeded. Then each CPU path of the bundle (ONNX
+Runtime on each graph, OpenVINO where installed) is timed briefly on this CPU at batch 1 and 8,
+and the manifest records the fastest for cvt-predict and runtimes.load on this CPU
+(--no-timing: skip; cvt-bench --record measures it again on another machine). Run a bundle
+with cvt-predict, re-check it with cvt-check, time it with cvt-bench.
 """
 
 
@@ -45,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--format", choices=("onnx", "trt", "deepstream", "triton"), default="onnx",
+    ap.add_argument("--format", choices=("onnx", "trt", "openvino", "deepstream", "triton"), default="onnx",
                     help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU); "
+                         "openvino: that bundle plus an OpenVINO IR of each graph (.xml + .bin, gated on OpenVINO); "
                          "deepstream: the bundle plus an nvinfer classifier config and label file; "
                          "triton: a Triton model repository from --bundle, written to --out")
     add_precision_arg(ap, many=True, default="fp32 for --format onnx, fp16 for trt",
@@ -69,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
     add_limit_arg(g, "the check")
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
+    ap.add_argument("--no-timing", action="store_true",
+                    help="do not time the CPU paths after the export (load then keeps its fixed order on this CPU)")
     ap.add_argument("--no-ort-cpu", action="store_true",
                     help="write the portable graphs only (by default ONNX Runtime CPU graphs are added: faster there, "
                          "see docs/precision.md)")
@@ -135,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             calib_method=args.calib_method, calib_count=args.calib_count, calib_cache=args.calib_cache,
                             ort_cpu=not args.no_ort_cpu,
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
-                            output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt)
+                            output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt,
+                            openvino=args.format == "openvino" and args.bundle is None, time_cpu=not args.no_timing)
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
@@ -152,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = _deepstream_options(args, options) if deepstream else None
     if args.bundle is not None:
         if args.format == "onnx":
-            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt) "
-                                 "or writes its DeepStream config (--format deepstream)",
-                                 "add --format trt or --format deepstream")
-        if ds is not None:
+            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt), "
+                                 "adds OpenVINO IR (--format openvino) or writes its DeepStream config (--format deepstream)",
+                                 "add --format trt, openvino or deepstream")
+        if args.format == "openvino":
+            _add_openvino(Bundle.open(args.bundle), options, args.precision, progress)
+        elif ds is not None:
             _write_deepstream(Bundle.open(args.bundle), ds, progress)
         else:
             _build_engines(Bundle.open(args.bundle), options, build, progress)
@@ -212,6 +223,8 @@ def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, 
          f"no Triton repository is written (--format {args.format})", "add --format triton"),
         (("classifier_mode", "operate_on_gie_id", "classifier_threshold"), args.format == "deepstream",
          f"no DeepStream config is written (--format {args.format})", "add --format deepstream"),
+        (("no_timing",), args.format != "triton" and (exporting or args.format == "openvino"),
+         "nothing is exported here, so nothing is timed", "drop --no-timing"),
         (("operate_on_gie_id",), args.classifier_mode == "secondary", "only a secondary classifier reads a detector's "
          "objects", "add --classifier-mode secondary"),
         (("model", "weights", "heads", "config", "img_size", "activation", "opset", "tensorrt", "batch_range",
@@ -240,6 +253,42 @@ def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, 
 
     build_engines(bundle, list(options.precisions), build, check=options.check, data=options.data,
                   check_limit=options.check_limit, progress=progress)
+
+
+def _add_openvino(bundle: Bundle, options: ExportOptions, precisions: Sequence[str] | None, progress: bool) -> None:
+    """--format openvino --bundle: an IR of the bundle's portable graphs (those asked for, default
+    all), gated on OpenVINO, then the CPU paths timed again with the IR among them."""
+    from ..errors import require
+    from ..export.openvino import write_openvino_irs
+    from ..outlock import output_lock
+    from ..parity import ParityFailure, check_bundle, record_parity
+    from ..util import PRECISIONS
+
+    require("openvino", "openvino", "--format openvino")
+    wanted = list(precisions or [p for p in PRECISIONS if p in {a.precision for a in bundle.artifacts.values()
+                                                                  if a.kind == "onnx" and a.target == "portable"}])
+    with output_lock(bundle.root):  # no export replaces the bundle meanwhile
+        arts = write_openvino_irs(bundle, wanted, progress)
+        if options.check:
+            reports = check_bundle(bundle, data=options.data, limit=options.check_limit, backends=["openvino"],
+                                   precisions=[a.precision for a in arts], progress=progress)
+            reports = [r for r in reports if r.artifact in {a.name for a in arts}]
+            try:
+                record_parity(bundle, "openvino", reports, show=progress)
+            except ParityFailure:  # an IR that misses its gates is not left for load() to pick
+                for art in arts:
+                    bundle.artifacts.pop(art.name, None)
+                bundle.save()
+                for art in arts:
+                    for name in (art.file, art.info["weights_file"]):
+                        (bundle.root / name).unlink(missing_ok=True)
+                print(f"no OpenVINO IR was added to {bundle.root}", file=sys.stderr)
+                raise
+        if options.time_cpu:
+            from ..runtimes.choice import record_cpu_timings
+
+            record_cpu_timings(bundle, progress=progress)
+    print(f"wrote {', '.join(bundle.path(a).name for a in arts)} into {bundle.root}", file=sys.stderr)
 
 
 def _deepstream_options(args: argparse.Namespace, options: ExportOptions) -> DeepStreamOptions:

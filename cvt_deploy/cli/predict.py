@@ -19,8 +19,11 @@ if TYPE_CHECKING:
     from ..config import PreprocessConfig
 
 EPILOG = """\
-IMAGE may be a file or a folder (searched recursively). Without --backend the first of
-tensorrt, onnxruntime, openvino, torch that is installed and present in the bundle is used.
+IMAGE may be a file or a folder (searched recursively). Without --backend: TensorRT where it
+runs; else, on the CPU, the backend and graph that cvt-export (or cvt-bench --record) measured
+fastest on this CPU at this many images (a note says which); else the first of onnxruntime,
+openvino, torch that is installed. With --backend onnxruntime the same measurement picks
+between its graphs.
 
 examples:
   cvt-predict --bundle build/demo examples/digits/*.png
@@ -56,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     files: list[str] = []
     for item in args.images:
         files += [str(f) for f in find_images(item)] if Path(item).is_dir() else [item]
-    runtime = load(args.bundle, backend=args.backend, device=args.device, precision=args.precision)
+    runtime = load(args.bundle, backend=args.backend, device=args.device, precision=args.precision,
+                   batch=max(1, min(len(files), CHUNK)))
+    if runtime.choice and not args.quiet:
+        print(f"note: {printable(runtime.choice)}", file=sys.stderr)
     # Chunk by chunk: a folder of any size runs in bounded memory (only the top-k are kept).
     parts, kept = [], []
     chunks = range(0, len(files), CHUNK)

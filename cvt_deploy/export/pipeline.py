@@ -53,6 +53,8 @@ class ExportOptions:
     ``input_format``/``output``: what every graph takes and gives (export/rawpixel.py).
     ``tensorrt``: the oldest TensorRT the portable graphs are written for ("8.5", "8.6", "10";
     export/portable.py); every portable graph passes the readiness check for it and each newer one.
+    ``openvino``: also write an OpenVINO IR of each portable graph (export/openvino.py), gated on OpenVINO.
+    ``time_cpu``: time the bundle's CPU paths on this CPU and record the fastest for ``load`` (runtimes/choice.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -69,6 +71,8 @@ class ExportOptions:
     input_format: str = "float"
     output: str = "logits"
     tensorrt: str = DEFAULT_TENSORRT
+    openvino: bool = False
+    time_cpu: bool = True
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
@@ -89,16 +93,22 @@ class ExportOptions:
                                  f"use --opset 17, or --tensorrt 10 if the graphs never meet TensorRT 8.x")
         if self.calib_cache is not None:
             check_cache_location(Path(self.calib_cache))
+        if self.openvino:
+            from ..errors import require
+
+            require("openvino", "openvino", "--format openvino")  # before minutes of export, not after
 
 
 def planned_files(options: ExportOptions) -> list[str]:
     """The files an export with ``options`` writes (checked against a user's files in --out first)."""
+    from .openvino import FILES as IR_FILES, weights_file
     from .ort_cpu import FILES as ORT_CPU_FILES
 
     wanted = {"fp32", *options.precisions}
     return ["model.safetensors", *(f for p, f in ONNX_FILES.items() if p in wanted),
             *([INT8_FP16_FILE] if "int8" in wanted else []),
-            *(f for p, f in ORT_CPU_FILES.items() if p in wanted and options.ort_cpu)]
+            *(f for p, f in ORT_CPU_FILES.items() if p in wanted and options.ort_cpu),
+            *(f for p, xml in IR_FILES.items() if p in wanted and options.openvino for f in (xml, weights_file(xml)))]
 
 
 def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOptions | None = None, *,
@@ -169,6 +179,10 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             from .rawpixel import embed_bundle_io
 
             embed_bundle_io(bundle, options.input_format, options.output, progress)
+        if options.openvino:  # of the graphs as they are now: an IR is made of the final portable graph
+            from .openvino import write_openvino_irs
+
+            write_openvino_irs(bundle, precisions, progress)
         with stage(f"checking the portable graphs against the ONNX parsers of TensorRT {', '.join(portable['tensorrt'])}",
                    progress):
             require_ready(bundle)
@@ -179,9 +193,14 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             from ..runtimes import backend_class
 
             also = [b for b in ADVISORY_BACKENDS if backend_class(b).unavailable_reason() is None]
+            # an IR is gated on OpenVINO (its own backend), the portable graphs there only advised on
             result.reports = check_bundle(bundle, data=eval_data, progress=progress, reference_model=model,
                                           backends=("onnxruntime", *also))
             record_parity(bundle, "onnx", result.reports, show=progress, advisory=ADVISORY_BACKENDS)
+        if options.time_cpu:
+            from ..runtimes.choice import record_cpu_timings
+
+            record_cpu_timings(bundle, progress=progress)
     if bundle.kept and progress:
         print(f"  note: kept {len(bundle.kept)} file(s) in {out} that are not part of the bundle: "
               + ", ".join(bundle.kept[:5]) + (" ..." if len(bundle.kept) > 5 else ""), file=sys.stderr)

@@ -20,7 +20,7 @@ from .base import Prediction, Runtime
 if TYPE_CHECKING:
     from ..bundle import Bundle
 
-__all__ = ["BACKENDS", "PREFERENCE", "REFERENCES", "Prediction", "Runtime", "backend_class", "load", "available_backends"]
+__all__ = ["BACKENDS", "GRAPH_REFERENCES", "PREFERENCE", "REFERENCES", "Prediction", "Runtime", "backend_class", "load", "available_backends"]
 
 # name -> "module:Class"; the order of PREFERENCE is what load() tries when no backend is named.
 BACKENDS = {
@@ -38,7 +38,10 @@ PREFERENCE = ("tensorrt", "onnxruntime", "openvino", "torch")
 REFERENCES = {
     "hf-transformers": "cvt_deploy.runtimes.hf:HFReferenceRuntime",
     "torch-compile": "cvt_deploy.runtimes.pytorch:TorchCompiledRuntime",
+    "openvino-plain": "cvt_deploy.runtimes.openvino:PlainOpenVinoRuntime",
 }
+# References timed at every precision of the run (the others run the model itself, at fp32).
+GRAPH_REFERENCES = ("openvino-plain",)
 
 
 def backend_class(name: str) -> type[Runtime]:
@@ -67,15 +70,20 @@ def available_backends(bundle: Bundle | None = None, device: str | None = None) 
 
 
 def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, device: str | None = None,
-         precision: str | None = None, threads: int | None = None) -> Runtime:
+         precision: str | None = None, threads: int | None = None, batch: int | None = None) -> Runtime:
     """A runtime for a bundle folder (or a single exported ``.onnx``).
 
-    ``backend``: "tensorrt", "onnxruntime", "openvino" or "torch"; None picks the first of PREFERENCE
-    that is installed and has an artifact in the bundle. ``precision``: "fp32", "fp16" or
-    "int8"; None takes the most precise one the bundle holds for that backend.
+    ``backend``: "tensorrt", "onnxruntime", "openvino" or "torch"; None picks TensorRT where it
+    runs, else on the CPU the path measured fastest on this CPU (choice.py: recorded at export),
+    else the first of PREFERENCE that is installed and has an artifact in the bundle.
+    ``precision``: "fp32", "fp16" or "int8"; None takes the most precise one the bundle holds for
+    that backend. ``batch``: the batch size you will mostly run (default 1), for that choice.
+    The runtime's ``choice`` says what was chosen and why (None when nothing was measured here).
     """
     from ..bundle import Bundle
+    from .choice import check_batch
 
+    check_batch(batch)
     if backend is not None:
         backend_class(backend)  # unknown names fail before any file is read
     if not isinstance(source, Bundle) and Path(source).suffix == ".onnx":
@@ -101,9 +109,34 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
             detail = "; ".join(f"{n}: {r or f'no {precision} artifact'}" for n, r in reasons.items())
             raise CvtDeployError(f"no backend can run bundle {bundle.root} here ({detail})",
                                  "install one: pip install 'cvt-deploy[onnx]' (onnxruntime) or 'cvt-deploy[torch]'")
+        chosen = _measured_choice(bundle, usable, precision, device, batch, threads) if usable[0] != "tensorrt" else None
+        if chosen is not None:
+            return chosen
         backend = usable[0]
     cls = backend_class(backend)
     reason = cls.unavailable_reason(device)
     if reason is not None:
         raise CvtDeployError(f"backend {backend} cannot run here: {reason}", cls.install_hint)
-    return cls.from_bundle(bundle, precision=precision, device=device, threads=threads)
+    return _measured_choice(bundle, [backend], precision, device, batch, threads) \
+        or cls.from_bundle(bundle, precision=precision, device=device, threads=threads)
+
+
+def _measured_choice(bundle: Bundle, backends: list[str], precision: str | None, device: str | None,
+                     batch: int | None, threads: int | None = None) -> Runtime | None:
+    """The fastest of ``backends``' CPU paths recorded for this CPU (choice.py), loaded; None when
+    none is recorded here (the caller's fixed order decides then)."""
+    from .choice import CPU_BACKENDS, fastest, open_path
+
+    if (device or "cpu") != "cpu" or not any(b in CPU_BACKENDS for b in backends):
+        return None
+    # The precision the first backend would take by itself: the most precise its artifacts hold.
+    kinds = backend_class(backends[0]).kinds()
+    found = next((a for k in kinds if (a := bundle.find(k, precision)) is not None), None)
+    if found is None:
+        return None
+    choice = fastest(bundle, found.precision, batch, backends)
+    if choice is None:
+        return None
+    runtime = open_path(bundle, choice.backend, choice.artifact, threads)
+    runtime.choice = choice.sentence()
+    return runtime

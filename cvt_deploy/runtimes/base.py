@@ -102,6 +102,8 @@ class Runtime(ABC):
 
     #: The bundle artifact kind this backend runs ("torch", "onnx", "tensorrt").
     artifact_kind: ClassVar[str]
+    #: Every kind it runs, preferred first, where that is more than ``artifact_kind`` (OpenVINO: IR, then ONNX).
+    artifact_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: CvtConfig, precision: str, device: str, batch_range: BatchRange | None = None) -> None:
         self.config = config
@@ -110,6 +112,13 @@ class Runtime(ABC):
         self.batch_range = batch_range  # the batch sizes one call takes; None: any
         self.input_format = "float"  # what the artifact takes (util.INPUT_FORMATS); loaders set it
         self.output_kind = "logits"  # "probs": the artifact ends in a softmax
+        self.choice: str | None = None  # why load() picked this backend and graph, when it measured (choice.py)
+        self.artifact: str | None = None  # the bundle artifact it runs, where from_bundle knows it
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """The bundle artifact kinds this backend runs."""
+        return cls.artifact_kinds or (cls.artifact_kind,)
 
     @classmethod
     @abstractmethod

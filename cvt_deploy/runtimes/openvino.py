@@ -13,6 +13,14 @@ hint f32 (int8: the ops left unquantized, as on ONNX Runtime). fp16 graphs compu
 where the CPU has fp16 arithmetic (AVX512-FP16, AMX-FP16) and in f32 elsewhere; describe()
 says which, since f32 is then more precise than the graph.
 
+Batch sizes: a graph with a dynamic batch is compiled once per batch size it is given, with that
+size fixed (kept for :data:`MAX_STATIC_BATCHES` sizes; further sizes share one model compiled
+with the batch left dynamic). Measured on CvT-13, 2 threads, an AMX CPU: the int8 graph ran
+16.4 ms at batch 1 compiled for it, 28.2 ms compiled dynamic (109 vs 175 ms at batch 8), fp32
+38.0 vs 44.2 ms (268 vs 297); each compile takes about a second, on the first call of a size.
+It is also what some int8 graphs need: OpenVINO 2026.4's low-precision passes fail on them with
+a dynamic batch (a dequantizing Multiply moved through a head-splitting Reshape).
+
 Thread safety: a compiled model serves any number of infer requests at once; one request
 runs one call at a time. ``run`` takes an idle request from a pool (making one when all are
 busy) and puts it back afterwards, so one runtime serves several threads, each call on its
@@ -40,7 +48,7 @@ if TYPE_CHECKING:
 DEVICES = {"cpu": "CPU"}
 # OpenVINO's own words for the arithmetic the CPU plugin is asked to use.
 F32, F16 = "f32", "f16"
-MAX_STATIC_BATCHES = 8  # batch sizes kept compiled for a graph that compiles only with a static batch
+MAX_STATIC_BATCHES = 4  # batch sizes compiled each with its size fixed (each holds its own weights)
 
 
 def _message(e: BaseException) -> str:
@@ -61,24 +69,20 @@ def compile_config(threads: int | None, precision_hint: str) -> dict[str, Any]:
 class OpenVinoRuntime(Runtime):
     backend: ClassVar[str] = "openvino"
     artifact_kind: ClassVar[str] = "onnx"
+    artifact_kinds: ClassVar[tuple[str, ...]] = ("openvino", "onnx")  # what it runs of a bundle, preferred first
+    per_batch: ClassVar[bool] = True  # compile a dynamic-batch graph per batch size (module docstring)
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[openvino]'"
 
     def __init__(self, path: str | os.PathLike[str], config: CvtConfig | None = None, precision: str | None = None,
-                 device: str = "cpu", threads: int | None = None) -> None:
-        """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props."""
+                 device: str = "cpu", threads: int | None = None, ir: tuple[bytes, bytes] | None = None) -> None:
+        """``config``/``precision`` None: read from the graph's cvt-deploy metadata_props.
+        ``path``: an ONNX graph, or (with ``ir``: its .xml and .bin bytes, checked by the caller) an IR."""
         require("openvino", "openvino", "The OpenVINO backend")
         import openvino as ov
-        from openvino.frontend import FrontEndManager
 
-        try:
-            # The ONNX frontend itself, not Core.read_model: that one tries every other frontend
-            # (TensorFlow, PaddlePaddle ...) on a file ONNX cannot parse, and they print to stderr.
-            frontend = FrontEndManager().load_by_framework("onnx")
-            model = frontend.convert(frontend.load(str(path)))
-        except Exception as e:  # OpenVINO raises GeneralFailure, RuntimeError ...
-            raise CvtDeployError(f"OpenVINO cannot read {path}: {_message(e)}",
-                                 "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
-        # OpenVINO hands the graph's metadata_props over as the model's "framework" rt_info.
+        model = read_onnx(path) if ir is None else read_ir(path, *ir)
+        # OpenVINO hands the graph's metadata_props over as the model's "framework" rt_info
+        # (an IR keeps them: export/openvino.py).
         meta = {k: v.astype(str) for k, v in model.get_rt_info(["framework"]).astype(dict).items()} \
             if model.has_rt_info(["framework"]) else {}
         config, precision = graph_identity(meta, path, config, precision)
@@ -95,31 +99,25 @@ class OpenVinoRuntime(Runtime):
             self.batch_range = BatchRange(in_shape[0], in_shape[0], in_shape[0])
         core = ov.Core()
         self.compute = F16 if precision == "fp16" and "FP16" in _capabilities(core) else F32
-        self.compiled: Any = None
         self._compile = lambda m: core.compile_model(m, DEVICES[device], compile_config(threads, self.compute))  # noqa: E731
-        # Per batch size, when the graph compiles only with a static batch (see _compiled_for).
-        self._model: Any = None
+        # A static-batch graph: compiled as it is. A dynamic one: per batch size (_compiled_for).
+        self._model: Any = model if in_shape[0] is None and self.per_batch else None
         self._by_batch: dict[int, tuple[Any, queue.SimpleQueue[Any]]] = {}
+        # The model compiled as it is: a static-batch graph, or a dynamic one beyond MAX_STATIC_BATCHES sizes.
+        self._as_is: tuple[Any, queue.SimpleQueue[Any]] | None = None
+        self._as_is_fails = False
         self._lock = threading.Lock()
         self.threads = threads
         self.path = str(path)
-        try:
-            self.compiled = self._compile(model)
-        except Exception as e:
-            # OpenVINO 2026.4's low-precision passes fail on some int8 graphs with a dynamic batch
-            # (a dequantizing Multiply moved through a head-splitting Reshape) and compile them
-            # with a static one: then the runtime compiles one model per batch size it is given.
-            if in_shape[0] is None:
-                try:
-                    self._model = model
-                    self._compiled_for(1)
-                except Exception:
-                    self._model = None
+        try:  # a graph that does not compile fails here, not at its first batch
             if self._model is None:
-                raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(e)}",
-                                     "run cvt-check on the bundle with --backend onnxruntime; if that passes, "
-                                     "report the graph and the OpenVINO version") from None
-        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+                self._as_is = (self._compile(model), queue.SimpleQueue())
+            else:
+                self._compiled_for(1)
+        except Exception as e:
+            raise CvtDeployError(f"OpenVINO cannot compile {path} for its {DEVICES[device]} plugin: {_message(e)}",
+                                 "run cvt-check on the bundle with --backend onnxruntime; if that passes, "
+                                 "report the graph and the OpenVINO version") from None
 
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
@@ -132,14 +130,27 @@ class OpenVinoRuntime(Runtime):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
-                    threads: int | None = None) -> OpenVinoRuntime:
-        """The bundle's portable ONNX graph of ``precision`` (default the most precise one)."""
+                    threads: int | None = None, artifact: str | None = None) -> OpenVinoRuntime:
+        """The bundle's OpenVINO IR of ``precision`` (default the most precise one) where it has
+        one (cvt-export --format openvino), else its portable ONNX graph; ``artifact`` names one."""
         device = device or "cpu"
         reason = cls.unavailable_reason(device)
         if reason is not None:
             raise CvtDeployError(f"backend openvino cannot run here: {reason}", cls.install_hint)
-        art = bundle.require("onnx", precision)
-        return cls(bundle.verified_path(art), bundle.config, art.precision, device, threads)
+        if artifact is not None:
+            art = bundle.artifacts.get(artifact)
+            if art is None or art.kind not in cls.artifact_kinds or art.target != "portable":
+                runnable = [n for n, a in bundle.artifacts.items() if a.kind in cls.artifact_kinds and a.target == "portable"]
+                raise CvtDeployError(f"bundle {bundle.root} has no graph named {artifact!r} that OpenVINO runs",
+                                     f"choose one of: {', '.join(runnable)}")
+        else:
+            art = bundle.find("openvino", precision) or bundle.require("onnx", precision)
+        if art.kind == "openvino":
+            runtime = cls(bundle.path(art), bundle.config, art.precision, device, threads, ir=bundle.verified_ir(art))
+        else:
+            runtime = cls(bundle.verified_path(art), bundle.config, art.precision, device, threads)
+        runtime.artifact = art.name
+        return runtime
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str], device: str | None = None, threads: int | None = None) -> OpenVinoRuntime:
@@ -147,26 +158,49 @@ class OpenVinoRuntime(Runtime):
         return cls(path, None, None, device or "cpu", threads)
 
     def describe(self) -> str:
+        text = super().describe() + (" (IR)" if self.path.endswith(".xml") else "")
         if self.precision == "fp16" and self.compute == F32:
-            return super().describe() + " (computed in f32: this CPU has no fp16 arithmetic)"
-        if self._model is not None:
-            return super().describe() + " (compiled per batch size: OpenVINO cannot compile this graph with a dynamic batch)"
-        return super().describe()
+            return text + " (computed in f32: this CPU has no fp16 arithmetic)"
+        return text
+
+    def compiled_model(self, batch: int = 1) -> Any:
+        """The OpenVINO CompiledModel that runs batches of ``batch`` (compiled on first use)."""
+        return self._as_is[0] if self._model is None and self._as_is is not None else self._compiled_for(batch)[0]
+
+    @property
+    def compiled_batches(self) -> list[int]:
+        """The batch sizes compiled each with its size fixed, oldest first."""
+        with self._lock:
+            return list(self._by_batch)
 
     def _compiled_for(self, n: int) -> tuple[Any, queue.SimpleQueue[Any]]:
-        """The model compiled for batches of exactly ``n`` and its idle requests (made once, kept;
-        the oldest is dropped beyond :data:`MAX_STATIC_BATCHES` sizes)."""
+        """The model compiled for batches of ``n`` and its idle requests: one compiled with ``n``
+        fixed for the first :data:`MAX_STATIC_BATCHES` sizes, the dynamic one for further sizes
+        (or, where that does not compile, one for ``n`` in place of the oldest)."""
         with self._lock:
-            if n not in self._by_batch:
-                model = self._model.clone()
-                model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:]]})
-                if len(self._by_batch) >= MAX_STATIC_BATCHES:
-                    self._by_batch.pop(next(iter(self._by_batch)))
-                self._by_batch[n] = (self._compile(model), queue.SimpleQueue())
+            if n in self._by_batch:
+                return self._by_batch[n]
+            if len(self._by_batch) >= MAX_STATIC_BATCHES and not self._as_is_fails:
+                if self._as_is is None:
+                    try:
+                        self._as_is = (self._compile(self._model), queue.SimpleQueue())
+                    except Exception:
+                        self._as_is_fails = True
+                if self._as_is is not None:
+                    return self._as_is
+            model = self._model.clone()
+            model.reshape({model.inputs[0]: [n, *model.inputs[0].get_partial_shape()[1:]]})
+            if len(self._by_batch) >= MAX_STATIC_BATCHES:
+                self._by_batch.pop(next(iter(self._by_batch)))
+            self._by_batch[n] = (self._compile(model), queue.SimpleQueue())
             return self._by_batch[n]
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        compiled, idle = (self.compiled, self._idle) if self.compiled is not None else self._compiled_for(len(batch))
+        if self._model is None:  # a static-batch graph (the base class pads and splits to its batch)
+            assert self._as_is is not None, "run() after close()"
+            compiled, idle = self._as_is
+        else:
+            compiled, idle = self._compiled_for(len(batch))
         try:
             request = idle.get_nowait()
         except queue.Empty:  # every request is busy in another thread (or none made yet)
@@ -181,12 +215,35 @@ class OpenVinoRuntime(Runtime):
         return np.asarray(out)
 
     def close(self) -> None:
-        while not self._idle.empty():
-            self._idle.get_nowait()
-        self.compiled = None
         with self._lock:
             self._by_batch.clear()
+            self._as_is = None
         self._model = None
+
+
+def read_onnx(path: str | os.PathLike[str]) -> Any:
+    """An ONNX file as an OpenVINO model, or a clear error."""
+    from openvino.frontend import FrontEndManager
+
+    try:
+        # The ONNX frontend itself, not Core.read_model: that one tries every other frontend
+        # (TensorFlow, PaddlePaddle ...) on a file ONNX cannot parse, and they print to stderr.
+        frontend = FrontEndManager().load_by_framework("onnx")
+        return frontend.convert(frontend.load(str(path)))
+    except Exception as e:  # OpenVINO raises GeneralFailure, RuntimeError ...
+        raise CvtDeployError(f"OpenVINO cannot read {path}: {_message(e)}",
+                             "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
+
+
+def read_ir(path: str | os.PathLike[str], xml: bytes, weights: bytes) -> Any:
+    """An IR from its .xml and .bin bytes (``path`` names the .xml in errors)."""
+    import openvino as ov
+
+    try:
+        return ov.Core().read_model(xml.decode("utf-8"), ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+    except Exception as e:
+        raise CvtDeployError(f"OpenVINO cannot read the IR {path}: {_message(e)}",
+                             "the .xml or .bin is truncated or corrupt: write it again with cvt-export --format openvino") from None
 
 
 def _dims(shape: Any) -> list[int | None]:
@@ -199,3 +256,19 @@ def _capabilities(core: Any) -> list[str]:
         return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # an older plugin without the property: assume no fp16 arithmetic
         return []
+
+
+class PlainOpenVinoRuntime(OpenVinoRuntime):
+    """A reference for cvt-bench, not a bundle backend: the bundle's portable ONNX graph on
+    OpenVINO as a user's own code would run it, one compile with the batch left dynamic (with
+    the f32 hint for fp32 and int8 graphs, as any comparison at the graph's precision needs).
+    What the project's fastest CPU path is held against."""
+
+    backend: ClassVar[str] = "openvino-plain"
+    artifact_kinds: ClassVar[tuple[str, ...]] = ("onnx",)
+    per_batch: ClassVar[bool] = False
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
+                    threads: int | None = None, artifact: str | None = None) -> OpenVinoRuntime:
+        return super().from_bundle(bundle, precision, device, threads, artifact or bundle.require("onnx", precision).name)

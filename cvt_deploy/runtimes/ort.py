@@ -90,7 +90,7 @@ class OrtRuntime(Runtime):
             art = (bundle.find("onnx", precision, "onnxruntime-cpu") if device == "cpu" else None) \
                 or bundle.require("onnx", precision)
         runtime = cls(bundle.path(art), bundle.config, art.precision, device, threads, graph=bundle.verified_bytes(art))
-        runtime.target = art.target
+        runtime.target, runtime.artifact = art.target, art.name
         return runtime
 
     def describe(self) -> str:

@@ -38,8 +38,9 @@ from ..errors import CvtDeployError, require
 from ..outlock import INNER_LOCK, output_lock
 from ..sandbox import plain_name
 from ..jsonio import read_json
+from ..interrupt import signals_held
 from ..util import (PRECISIONS, atomic_write_text, current_umask, remove_path, require_writable, scratch_dir,
-                    signals_held, stale_partials)
+                    stale_partials)
 from .protocol import DEFAULT_MODEL_NAME
 
 if TYPE_CHECKING:

@@ -1,0 +1,184 @@
+"""Which of a bundle's CPU paths is fastest on this CPU: timed (at export, or by ``cvt-bench
+--record``), recorded in the manifest per CPU, and followed by :func:`cvt_deploy.runtimes.load`.
+
+A bundle holds several graphs a CPU can run at one precision (the portable graph, the ONNX
+Runtime CPU graph, an OpenVINO IR) and two CPU backends to run them, and no fixed order is
+fastest everywhere. Measured on one 2-core CPU with AMX (CvT-13, 2 threads): OpenVINO ran the
+portable int8 graph in 18.0 ms at batch 1 where ONNX Runtime's CPU int8 graph took 22.3 ms,
+while at fp32 batch 1 ONNX Runtime's CPU graph won (40.8 vs 43.2 ms) and at batch 8 OpenVINO
+did (298 vs 303 ms); on an AVX2 CPU without VNNI, OpenVINO's int8 was the slower one. So the
+order is measured where the bundle runs.
+
+Manifest, ``cpu_timings``: one entry per CPU (:func:`cpu_key`: architecture and the SIMD
+features that decide these kernels), each ``{"threads": N, "measured": ISO time, "versions":
+{...}, "batches": {"8": {"int8": {"openvino:onnx-int8": 111.3, ...}}}}`` in milliseconds
+(p50). A bundle copied to another CPU keeps its entries; ``load`` uses only this CPU's.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..errors import CvtDeployError
+from ..util import PRECISIONS, default_threads, tool_versions
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
+    from .base import Runtime
+    from .openvino import OpenVinoRuntime
+    from .ort import OrtRuntime
+
+MANIFEST_KEY = "cpu_timings"
+CPU_BACKENDS = ("onnxruntime", "openvino")
+# The x86 features that decide which int8/fp32 kernels ONNX Runtime and OpenVINO pick.
+FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
+            "amx_fp16", "asimd", "asimddp", "sve", "i8mm")
+BATCHES = (1, 8)  # timed at export, inside the bundle's batch range
+
+
+def cpu_features() -> list[str]:
+    """This CPU's features among :data:`FEATURES` (from /proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in FEATURES if x in have]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_key() -> str:
+    """What a timing is valid for: the architecture and its kernel-deciding features."""
+    return " ".join([platform.machine() or "unknown", *cpu_features()])
+
+
+def _path_name(backend: str, artifact: str) -> str:
+    return f"{backend}:{artifact}"
+
+
+def cpu_paths(bundle: Bundle, precision: str, backends: Sequence[str] = CPU_BACKENDS) -> list[tuple[str, str]]:
+    """(backend, artifact) pairs that run ``precision`` of the bundle on this CPU: ONNX Runtime on each
+    CPU-capable graph, OpenVINO on its IR where there is one (else the portable graph: the same network)."""
+    out = []
+    for backend in backends:
+        if backend not in CPU_BACKENDS or _runtime_class(backend).unavailable_reason("cpu") is not None:
+            continue
+        if backend == "onnxruntime":
+            out += [(backend, a.name) for a in bundle.artifacts.values() if a.kind == "onnx" and a.precision == precision
+                    and a.target in ("portable", "onnxruntime-cpu")]
+        else:
+            art = bundle.find("openvino", precision) or bundle.find("onnx", precision)
+            if art is not None:
+                out.append((backend, art.name))
+    return out
+
+
+def open_path(bundle: Bundle, backend: str, artifact: str, threads: int | None = None) -> Runtime:
+    """The runtime of one CPU path of :func:`cpu_paths`."""
+    return _runtime_class(backend).from_bundle(bundle, device="cpu", threads=threads, artifact=artifact)
+
+
+def _runtime_class(backend: str) -> type[OrtRuntime] | type[OpenVinoRuntime]:
+    # The two CPU backends by name (runtimes/__init__ imports this module: no backend_class here).
+    from .openvino import OpenVinoRuntime
+    from .ort import OrtRuntime
+
+    return OrtRuntime if backend == "onnxruntime" else OpenVinoRuntime
+
+
+def record_cpu_timings(bundle: Bundle, precisions: Sequence[str] | None = None, batches: Sequence[int] = BATCHES,
+                       threads: int | None = None, min_time: float = 0.1, progress: bool = True) -> dict[str, Any] | None:
+    """Time every CPU path of the bundle where a precision has more than one, interleaved, and
+    record the p50s in the manifest under this CPU's key; returns the entry (None: nothing to choose)."""
+    from ..bench.timing import Case, measure_interleaved, summarize
+    from ..preprocess import normalize
+    from ..progress import stage
+
+    wanted = [p for p in PRECISIONS if p in (precisions or {a.precision for a in bundle.artifacts.values()})]
+    # fp16 is left out: no CPU backend here computes in fp16 (docs/precision.md), so it is never the fast path.
+    paths = {p: cpu_paths(bundle, p) for p in wanted if p != "fp16"}
+    paths = {p: found for p, found in paths.items() if len(found) > 1}
+    sizes = [b for b in batches if bundle.batch.min <= b <= bundle.batch.max] or [bundle.batch.opt]
+    if not paths:
+        return None
+    cfg = bundle.config
+    threads = threads or default_threads()  # as cvt-bench times by default
+    entry: dict[str, Any] = {"threads": threads, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "versions": tool_versions(("onnxruntime", "openvino")), "batches": {}}
+    count = sum(len(found) for found in paths.values())
+    with stage(f"timing {count} CPU paths at batch {', '.join(map(str, sizes))} (for load's choice on this CPU)", progress):
+        runtimes = {(p, b, a): open_path(bundle, b, a, threads) for p, found in paths.items() for b, a in found}
+        cases: dict[tuple[str, str, str, int], Case] = {}
+        for n in sizes:
+            pixels = np.random.default_rng(n).integers(0, 256, (n, cfg.img_size, cfg.img_size, cfg.in_chans), dtype=np.uint8)
+            x = normalize(pixels, cfg.preprocess)
+            for (p, b, a), runtime in runtimes.items():
+                cases[(p, b, a, n)] = Case.for_runtime(f"{b} {a} b{n}", runtime, x if runtime.input_format == "float" else pixels)
+        measure_interleaved(list(cases.values()), min_time=min_time, warmup=2, rounds=3, min_iterations=3, progress=False)
+        for runtime in runtimes.values():
+            runtime.close()
+    for (p, b, a, n), case in cases.items():
+        if case.times:
+            entry["batches"].setdefault(str(n), {}).setdefault(p, {})[_path_name(b, a)] = round(summarize(case.times).p50, 3)
+    bundle.extra.setdefault(MANIFEST_KEY, {})[cpu_key()] = entry
+    bundle.save()
+    if progress:
+        for n, by_precision in entry["batches"].items():
+            for p, times in by_precision.items():
+                best = min(times, key=times.__getitem__)
+                print(f"  {p} batch {n}: fastest {best} ({times[best]:.2f} ms; "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in times.items() if k != best) + ")", file=sys.stderr)
+    return entry
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The fastest recorded CPU path for one precision and batch size, and what it was measured against."""
+
+    backend: str
+    artifact: str
+    batch: int
+    ms: float
+    others: dict[str, float]
+
+    def sentence(self) -> str:
+        rest = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.others.items(), key=lambda kv: kv[1]))
+        return (f"{self.backend} on {self.artifact}: the fastest path measured on this CPU at batch {self.batch} "
+                f"({self.ms:.2f} ms" + (f"; {rest}" if rest else "") + ")")
+
+
+def fastest(bundle: Bundle, precision: str, batch: int | None = None,
+            backends: Sequence[str] = CPU_BACKENDS) -> Choice | None:
+    """The recorded fastest of ``backends``' CPU paths for ``precision`` at the measured batch size
+    nearest ``batch`` (default 1) on this CPU; None when none is recorded for this CPU or it no
+    longer applies (a path gone from the bundle, a backend not installed)."""
+    entries = bundle.extra.get(MANIFEST_KEY)
+    entry = entries.get(cpu_key()) if isinstance(entries, dict) else None
+    measured = entry.get("batches") if isinstance(entry, dict) else None
+    if not isinstance(measured, dict):
+        return None
+    sizes = [int(n) for n in measured if str(n).isdigit() and isinstance(measured[n], dict) and precision in measured[n]]
+    if not sizes:
+        return None
+    want = batch or 1
+    n = min(sizes, key=lambda s: (abs(np.log(s / want)), s))
+    live = {_path_name(b, a) for b, a in cpu_paths(bundle, precision, backends)}
+    times = {k: float(v) for k, v in measured[str(n)][precision].items() if k in live and isinstance(v, (int, float))}
+    if not times:
+        return None
+    best = min(times, key=times.__getitem__)
+    backend, artifact = best.split(":", 1)
+    return Choice(backend, artifact, n, times[best], {k: v for k, v in times.items() if k != best})
+
+
+def check_batch(batch: object) -> int | None:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise CvtDeployError(f"batch {batch!r} must be a whole number >= 1", "pass the batch size you will run, e.g. 8")
+    return batch
