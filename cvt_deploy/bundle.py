@@ -166,8 +166,8 @@ class Bundle:
             artifacts = {k: Artifact.from_dict(k, v) for k, v in raw["artifacts"].items()}
             for art in artifacts.values():
                 for key, name in (("file", art.file), *((k, art.info.get(k)) for k in SIDE_FILES)):
-                    if name is None and key != "file":
-                        continue
+                    if name is None and key != "file" and not (key == "weights_file" and art.kind == "openvino"):
+                        continue  # an IR without its .bin is refused here, not read as a file named "None"
                     if not isinstance(name, str) or not name:
                         raise ValueError(f"artifact {art.name!r} has {key} {name!r}, not a file name")
                     inside_path(root, name, f"{manifest}: artifact {art.name!r} has {key}")
@@ -233,11 +233,13 @@ class Bundle:
     def verified_ir(self, art: Artifact) -> tuple[bytes, bytes]:
         """An OpenVINO IR's .xml and .bin bytes, each checked against the manifest (as :meth:`verified_bytes`)."""
         xml = inside_path(self.root, art.file, f"artifact {art.name!r} has file").read_bytes()
-        self._check_hash(art, self.root / art.file, hashlib.sha256(xml).hexdigest())
+        if art.sha256:  # as verified_bytes: no hash recorded, none checked
+            self._check_hash(art, self.root / art.file, hashlib.sha256(xml).hexdigest())
         name = str(art.info.get("weights_file"))
         weights = inside_path(self.root, name, f"artifact {art.name!r} has weights_file").read_bytes()
-        shadow = Artifact(f"{art.name} weights", name, art.kind, art.precision, str(art.info.get("weights_sha256", "")))
-        self._check_hash(shadow, self.root / name, hashlib.sha256(weights).hexdigest())
+        shadow = Artifact(f"{art.name} weights", name, art.kind, art.precision, str(art.info.get("weights_sha256") or ""))
+        if shadow.sha256:
+            self._check_hash(shadow, self.root / name, hashlib.sha256(weights).hexdigest())
         return xml, weights
 
     def _check_hash(self, art: Artifact, path: Path, actual: str) -> None:

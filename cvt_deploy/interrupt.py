@@ -55,14 +55,16 @@ def signals_held() -> Iterator[None]:
         yield
         return
     before = len(_pending)
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
-    _holding += 1
+    _holding += 1  # before the mask and after it again: a handler running in between defers too
+    previous = None
     try:
+        if hasattr(signal, "pthread_sigmask"):
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
         yield
     finally:
-        _holding -= 1
         if previous is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one blocked in this thread is handled here
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one blocked in this thread is handled now, deferred
+        _holding -= 1
     if not _holding and len(_pending) > before:
         _raise(_pending[-1])
 

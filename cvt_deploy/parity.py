@@ -183,8 +183,9 @@ class ParityFailure(CvtDeployError):
 
 def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: int | None = None,
                  backends: Sequence[str] = ("onnxruntime",), precisions: Sequence[str] | None = None,
-                 device: str | None = None, progress: bool = True, reference_model: CvT | None = None) -> list[ParityReport]:
-    """Parity of the bundle's artifacts (on ``backends``) against PyTorch fp32 on real data.
+                 device: str | None = None, progress: bool = True, reference_model: CvT | None = None,
+                 artifacts: Sequence[str] | None = None) -> list[ParityReport]:
+    """Parity of the bundle's artifacts (on ``backends``; ``artifacts``: only these names) against PyTorch fp32 on real data.
 
     The reference is PyTorch fp32 when torch and the bundle's weights are present, else the
     fp32 ONNX graph on ONNX Runtime CPU (so an edge device without torch can check its
@@ -201,6 +202,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
         cls = backend_class(backend)
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
             if art.kind in cls.kinds() and (not precisions or art.precision in precisions) \
+                    and (artifacts is None or art.name in artifacts) \
                     and not (backend == "onnxruntime" and art is ref_artifact) \
                     and (art.target == "portable" or (backend == "onnxruntime" and (device or "cpu") == "cpu")):
                 plan.append((backend, art))
@@ -227,17 +229,11 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
 def _runtime_for(bundle: Bundle, backend: str, art: Artifact, device: str | None) -> Runtime:
     """The runtime that runs exactly ``art``: a bundle can hold several graphs of one precision
     (one per target, an ONNX graph and its OpenVINO IR), and ``load`` picks one of them."""
-    from .runtimes import backend_class, load
+    from .runtimes import load
+    from .runtimes.choice import CPU_BACKENDS, open_path
 
-    if backend in ("onnxruntime", "openvino"):  # the backends that run any one of several graphs
-        from .runtimes.ort import OrtRuntime
-        from .runtimes.openvino import OpenVinoRuntime
-
-        cls: type[OrtRuntime] | type[OpenVinoRuntime] = OrtRuntime if backend == "onnxruntime" else OpenVinoRuntime
-        reason = backend_class(backend).unavailable_reason(device)
-        if reason is not None:
-            raise CvtDeployError(f"backend {backend} cannot run here: {reason}", cls.install_hint)
-        return cls.from_bundle(bundle, device=device, artifact=art.name)
+    if backend in CPU_BACKENDS:  # the backends that run any one of several graphs
+        return open_path(bundle, backend, art.name, device=device)
     return load(bundle, backend=backend, device=device, precision=art.precision)
 
 

@@ -97,11 +97,14 @@ def test_load_runs_the_fastest_recorded_path_and_says_so(ir_copy: Path) -> None:
     # a named backend: the fastest of its own paths
     ort8 = load(ir_copy, backend="onnxruntime", precision="int8", batch=8)
     assert isinstance(ort8, OrtRuntime) and ort8.artifact == "onnx-int8-onnxruntime-cpu"
+    assert "fastest of 2 paths" in (ort8.choice or "")
+    ov1 = load(ir_copy, backend="openvino", precision="int8")  # one path of its own: nothing was chosen
+    assert ov1.artifact == "openvino-int8" and ov1.choice is None
     # cvt-predict says what it picked (10 images: batch 8 is the nearest measured)
     samples = sorted(str(p) for p in (Path(__file__).parents[1] / "cvt_deploy" / "demo" / "samples").glob("*.png"))
     r = run_cli("cvt-predict", "--bundle", str(ir_copy), "--precision", "int8", "--topk", "1", *samples)
     assert r.returncode == 0, r.stderr
-    assert "note: openvino on openvino-int8: the fastest path measured on this CPU at batch 8" in r.stderr
+    assert "note: openvino on openvino-int8: the fastest of 3 paths timed on this CPU at batch 8" in r.stderr
     assert "openvino int8 on cpu (IR)" in r.stdout
 
 
@@ -114,9 +117,9 @@ def test_timings_of_another_cpu_or_of_paths_gone_are_not_followed(ir_copy: Path)
     _timings(ir_copy, {"batches": {"1": {"int8": {"openvino:openvino-int16": 0.1, "openvino:openvino-int8": 3.0,
                                                   "onnxruntime:onnx-int8": 5.0}}}})
     assert fastest(Bundle.open(ir_copy), "int8", 1).artifact == "openvino-int8"  # type: ignore[union-attr]
-    # Only onnxruntime asked for: OpenVINO's time is not among the candidates.
-    ort = fastest(Bundle.open(ir_copy), "int8", 1, ["onnxruntime"])
-    assert ort is not None and ort.backend == "onnxruntime" and set(ort.others) == set()
+    # Only onnxruntime asked for: OpenVINO's time is not among the candidates, and one recorded
+    # path of its own leaves nothing to choose.
+    assert fastest(Bundle.open(ir_copy), "int8", 1, ["onnxruntime"]) is None
     with pytest.raises(CvtDeployError, match="batch 0 must be a whole number"):
         load(ir_copy, batch=0)
 
@@ -221,3 +224,71 @@ def test_the_ir_gives_the_onnx_graphs_logits(ir_bundle: Path, demo_test_split: A
         from_ir = OV.from_bundle(bundle, precision, artifact=f"openvino-{precision}")
         from_onnx = OV.from_bundle(bundle, precision, artifact=f"onnx-{precision}")
         np.testing.assert_allclose(from_ir.run(x), from_onnx.run(x), atol=1e-5)
+
+
+def test_a_bare_ir_is_sent_to_its_bundle(ir_bundle: Path) -> None:
+    """Only the bundle's manifest vouches for the IR's .bin: a bare .xml gets that said, not a
+    'not a folder' from the bundle reader."""
+    with pytest.raises(CvtDeployError, match="is an OpenVINO IR: it runs from its bundle") as e:
+        load(ir_bundle / "model.int8.openvino.xml", backend="openvino")
+    assert str(ir_bundle) in (e.value.hint or "")
+
+
+def test_a_path_that_missed_its_gates_or_a_damaged_entry_is_never_chosen(ir_copy: Path) -> None:
+    fast_ort = {"onnxruntime:onnx-fp32": 1.0, "onnxruntime:onnx-fp32-onnxruntime-cpu": 2.0, "openvino:openvino-fp32": 3.0}
+    _timings(ir_copy, {"batches": {"1": {"fp32": fast_ort}}})
+    assert fastest(Bundle.open(ir_copy), "fp32").artifact == "onnx-fp32"
+    # The portable graph missed its gates as ONNX Runtime runs it: the next fastest is chosen.
+    manifest = json.loads((ir_copy / "manifest.json").read_text())
+    manifest["artifacts"]["onnx-fp32"]["parity"]["passed"] = False
+    (ir_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert fastest(Bundle.open(ir_copy), "fp32").artifact == "onnx-fp32-onnxruntime-cpu"
+    # Hand-edited timings: the wrong shapes are passed over, not a traceback.
+    for batches in ({"1": {"fp32": 5.0}}, {"1": 3}, {"08": {"fp32": fast_ort}}, {"0": {"fp32": fast_ort}},
+                    {"1": {"fp32": {"onnxruntime:onnx-fp32-onnxruntime-cpu": "fast", "openvino:openvino-fp32": True}}}):
+        _timings(ir_copy, {"batches": batches})
+        choice = fastest(Bundle.open(ir_copy), "fp32")
+        assert choice is None or choice.batch == 8 and choice.artifact == "onnx-fp32-onnxruntime-cpu", batches
+
+
+@pytest.mark.parametrize("how", ["missed gate", "unreadable --data"])
+def test_a_failed_re_add_keeps_the_irs_the_bundle_had(ir_copy: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Whatever stops `--format openvino --bundle` after the IRs are written (a gate, the
+    evaluation data read only then), the old IRs and their manifest entries are back."""
+    import cvt_deploy.export.openvino as ir
+
+    def snapshot() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(ir_copy.glob("*.openvino.*")) + [ir_copy / "manifest.json"]}
+
+    before = snapshot()
+    args = ["--limit", "64", "--no-timing"]
+    if how == "missed gate":  # the fp32 IR made of the int8 graph
+        real = ir.convert_openvino
+        monkeypatch.setattr(ir, "convert_openvino", lambda src, dst: real(Path(src).with_name("model.int8.onnx"), dst))
+    else:
+        args += ["--data", str(ir_copy / "no-such-folder")]
+    r = run_cli("cvt-export", "--format", "openvino", "--bundle", str(ir_copy), *args)
+    assert r.returncode == (1 if how == "missed gate" else 2), r.stderr
+    assert "no OpenVINO IR was added" in r.stderr and "it is as it was" in r.stderr
+    assert snapshot() == before
+    assert not list(ir_copy.glob("*.partial")) and load(ir_copy, backend="openvino", precision="int8").artifact == "openvino-int8"
+
+
+def test_a_path_that_cannot_open_is_not_timed_and_the_rest_are(ir_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The timing is a speed-up: one graph OpenVINO cannot compile does not fail an export."""
+    import cvt_deploy.runtimes.choice as choice
+
+    real = choice.open_path
+
+    def open_path(bundle: Bundle, backend: str, artifact: str, threads: int | None = None, device: str | None = "cpu"):
+        if artifact == "openvino-int8":
+            raise CvtDeployError("OpenVINO cannot compile model.int8.openvino.xml for its CPU plugin: made up", "")
+        return real(bundle, backend, artifact, threads, device)
+
+    monkeypatch.setattr(choice, "open_path", open_path)
+    entry = record_cpu_timings(Bundle.open(ir_copy), batches=(1,), threads=1, min_time=0.01)
+    assert entry is not None
+    assert set(entry["batches"]["1"]["int8"]) == {"onnxruntime:onnx-int8", "onnxruntime:onnx-int8-onnxruntime-cpu"}
+    assert "openvino:openvino-fp32" in entry["batches"]["1"]["fp32"]
+    assert "note: not timed, so never chosen: openvino openvino-int8: OpenVINO cannot compile" in capsys.readouterr().err

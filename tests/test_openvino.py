@@ -295,3 +295,18 @@ def test_each_batch_size_gets_its_own_compiled_model_then_one_shared(ov_runtimes
     assert runtime.compiled_batches == sizes[:MAX_STATIC_BATCHES]
     shape = runtime.compiled_model(6).inputs[0].get_partial_shape()
     assert shape[0].is_dynamic and runtime.compiled_model(2).inputs[0].get_partial_shape()[0].get_length() == 2
+
+
+def test_a_batch_size_that_does_not_compile_is_a_clean_error(demo_bundle: Path, images: np.ndarray) -> None:
+    runtime = OpenVinoRuntime.from_bundle(Bundle.open(demo_bundle), "fp32")
+    real = runtime._compile
+
+    def compile_but_batches_of_3(model: Any) -> Any:
+        if model.inputs[0].get_partial_shape()[0].get_length() == 3:
+            raise RuntimeError("Exception from src/plugins/intel_cpu/src/graph.cpp:42: made up")
+        return real(model)
+
+    runtime._compile = compile_but_batches_of_3  # type: ignore[method-assign]
+    with pytest.raises(CvtDeployError, match="OpenVINO cannot compile .* for a batch of 3: .*made up"):
+        runtime.run(images[:3])
+    assert runtime.run(images[:2]).shape[0] == 2  # other sizes still run

@@ -278,16 +278,20 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
 
     reasons = _backend_reasons(bundle, device, backends)
     reasons.update({name: rt.backend_class(name).unavailable_reason(device) for name in references})
-    loaded: dict[tuple[str, str], Runtime | str] = {}
+    loaded: dict[tuple[str, str, str], Runtime | str] = {}
 
-    def runtime_for(backend: str, precision: str) -> Runtime | str:
-        """The runtime, loaded once per backend/precision and shared by its batch sizes; or why not."""
-        key = (backend, precision)
+    def runtime_for(backend: str, precision: str, batch: int) -> Runtime | str:
+        """The runtime as load() gives it for this batch size (the graph measured fastest for it),
+        loaded once per graph and shared by the batch sizes that run it; or why not."""
+        from ..runtimes.choice import fastest
+
+        choice = fastest(bundle, precision, batch, [backend]) if (device or "cpu") == "cpu" else None
+        key = (backend, precision, choice.artifact if choice else "")
         if key not in loaded:
             why = reasons.get(backend)
             if why is None:
                 try:
-                    loaded[key] = rt.load(bundle, backend, device, precision, threads)
+                    loaded[key] = rt.load(bundle, backend, device, precision, threads, batch=batch)
                 except CvtDeployError as e:  # e.g. no int8 artifact, fp16 torch on CPU: a skipped row
                     loaded[key] = e.message
             else:
@@ -298,7 +302,7 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
     cases: dict[int, Case] = {}  # row index -> case
     inputs: dict[int, np.ndarray] = {}
     with stage(f"loading {len({c[:2] for c in combos})} runtimes", progress):
-        runtimes = [runtime_for(backend, precision) for backend, precision, _, _ in combos]
+        runtimes = [runtime_for(backend, precision, b) for backend, precision, b, _ in combos]
     for (backend, precision, b, role), runtime in zip(combos, runtimes):
         row = BenchRow(cfg.variant, backend, precision, b, device, threads, role=role)
         row.graph = getattr(runtime, "artifact", None)

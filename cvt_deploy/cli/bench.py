@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..runtimes.choice import BATCHES, record_cpu_timings
 
         with output_lock(bundle.root):  # no export replaces the bundle while its manifest is rewritten
+            bundle = Bundle.open(bundle.root)  # re-read under the lock: an export may have just finished
             if record_cpu_timings(bundle, batches=options.batches or BATCHES, threads=args.threads, progress=show) is None:
                 print(f"note: nothing recorded: {bundle.root} has one CPU path per precision (nothing to choose)",
                       file=sys.stderr)

@@ -30,7 +30,7 @@ examples:
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
   cvt-export --model cvt-13 --tensorrt 8.5 --precision fp16 --out build/xavier   graphs JetPack 5.1 parses
   cvt-export --format openvino --precision int8 --out build/cpu   the bundle plus OpenVINO IR (fp32, int8)
-  cvt-export --format openvino --bundle build/cvt13   add OpenVINO IR to a bundle (needs only openvino)
+  cvt-export --format openvino --bundle build/cvt13   add OpenVINO IR to a bundle (openvino + onnxruntime)
   cvt-export --format triton --bundle build/cvt13 --out build/triton-repo   a Triton model repository
   cvt-export --input-format uint8-nhwc --output probs --out build/edge   graphs that take camera pixels
   cvt-export --format deepstream --out build/ds          float-pixels + probs graphs and nvinfer_config.txt
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "openvino: that bundle plus an OpenVINO IR of each graph (.xml + .bin, gated on OpenVINO); "
                          "deepstream: the bundle plus an nvinfer classifier config and label file; "
                          "triton: a Triton model repository from --bundle, written to --out")
-    add_precision_arg(ap, many=True, default="fp32 for --format onnx, fp16 for trt",
+    add_precision_arg(ap, many=True, default="fp32 for --format onnx and openvino, fp16 for trt and deepstream",
                       extra=". The fp32 graph is always written: it is the reference")
     ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
     ap.add_argument("--bundle", type=Path, metavar="BUNDLE",
@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     deepstream = args.format == "deepstream"
-    precisions = args.precision or ["fp32" if args.format == "onnx" else "fp16"]
+    # fp32 for the CPU formats (no CPU backend computes fp16 faster); fp16 where GPUs build engines.
+    precisions = args.precision or ["fp32" if args.format in ("onnx", "openvino") else "fp16"]
     refuse_no_effect(parser, args, precisions)
     progress = not args.quiet
     # DeepStream feeds float planar pixels and thresholds probabilities: its graphs default to both.
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "adds OpenVINO IR (--format openvino) or writes its DeepStream config (--format deepstream)",
                                  "add --format trt, openvino or deepstream")
         if args.format == "openvino":
-            _add_openvino(Bundle.open(args.bundle), options, args.precision, progress)
+            _add_openvino(Path(args.bundle), options, args.precision, progress)
         elif ds is not None:
             _write_deepstream(Bundle.open(args.bundle), ds, progress)
         else:
@@ -255,35 +256,31 @@ def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, 
                   check_limit=options.check_limit, progress=progress)
 
 
-def _add_openvino(bundle: Bundle, options: ExportOptions, precisions: Sequence[str] | None, progress: bool) -> None:
+def _add_openvino(root: Path, options: ExportOptions, precisions: Sequence[str] | None, progress: bool) -> None:
     """--format openvino --bundle: an IR of the bundle's portable graphs (those asked for, default
     all), gated on OpenVINO, then the CPU paths timed again with the IR among them."""
     from ..errors import require
-    from ..export.openvino import write_openvino_irs
+    from ..export.openvino import irs_restored_on_failure, write_openvino_irs
     from ..outlock import output_lock
-    from ..parity import ParityFailure, check_bundle, record_parity
+    from ..parity import check_bundle, record_parity
     from ..util import PRECISIONS
 
     require("openvino", "openvino", "--format openvino")
-    wanted = list(precisions or [p for p in PRECISIONS if p in {a.precision for a in bundle.artifacts.values()
-                                                                  if a.kind == "onnx" and a.target == "portable"}])
-    with output_lock(bundle.root):  # no export replaces the bundle meanwhile
-        arts = write_openvino_irs(bundle, wanted, progress)
-        if options.check:
-            reports = check_bundle(bundle, data=options.data, limit=options.check_limit, backends=["openvino"],
-                                   precisions=[a.precision for a in arts], progress=progress)
-            reports = [r for r in reports if r.artifact in {a.name for a in arts}]
-            try:
-                record_parity(bundle, "openvino", reports, show=progress)
-            except ParityFailure:  # an IR that misses its gates is not left for load() to pick
-                for art in arts:
-                    bundle.artifacts.pop(art.name, None)
-                bundle.save()
-                for art in arts:
-                    for name in (art.file, art.info["weights_file"]):
-                        (bundle.root / name).unlink(missing_ok=True)
-                print(f"no OpenVINO IR was added to {bundle.root}", file=sys.stderr)
-                raise
+    with output_lock(root):  # no export replaces the bundle meanwhile
+        bundle = Bundle.open(root)  # read under the lock: as it is now that nothing else writes it
+        wanted = list(precisions or [p for p in PRECISIONS if p in {a.precision for a in bundle.artifacts.values()
+                                                                      if a.kind == "onnx" and a.target == "portable"}])
+        try:
+            with irs_restored_on_failure(bundle):
+                arts = write_openvino_irs(bundle, wanted, progress)
+                if options.check:
+                    reports = check_bundle(bundle, data=options.data, limit=options.check_limit, backends=["openvino"],
+                                           precisions=[a.precision for a in arts], artifacts=[a.name for a in arts],
+                                           progress=progress)
+                    record_parity(bundle, "openvino", reports, show=progress)
+        except BaseException:
+            print(f"no OpenVINO IR was added to {bundle.root}: it is as it was", file=sys.stderr)
+            raise
         if options.time_cpu:
             from ..runtimes.choice import record_cpu_timings
 

@@ -15,12 +15,15 @@ calibration keeps (39% vs 87.5% on flat random logits), and nothing here install
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..errors import CvtDeployError, require
+from ..interrupt import signals_held
 from ..progress import stage
 from ..util import current_umask, file_sha256, scratch_dir
 
@@ -67,12 +70,14 @@ def write_openvino_irs(bundle: Bundle, precisions: Sequence[str], progress: bool
     return their artifacts; checked by the caller (parity on the openvino backend)."""
     from ..bundle import Artifact, artifact_name
 
-    arts = []
-    for precision in [p for p in FILES if p in {"fp32", *precisions}]:
-        src = bundle.find("onnx", precision)
+    sources = {p: bundle.find("onnx", p) for p in FILES if p in {"fp32", *precisions}}
+    for precision, src in sources.items():  # all refused before any IR is written
         if src is None:
             raise CvtDeployError(f"bundle {bundle.root} has no {precision} ONNX graph to convert to OpenVINO IR",
                                  f"export it with: cvt-export --precision {precision} --out {bundle.root}")
+    arts = []
+    for precision, src in sources.items():
+        assert src is not None
         name = FILES[precision]
         with stage(f"writing the OpenVINO IR of {src.file} ({name} + {weights_file(name)})", progress):
             info = convert_openvino(bundle.verified_path(src), bundle.root / name)
@@ -84,3 +89,38 @@ def write_openvino_irs(bundle: Bundle, precisions: Sequence[str], progress: bool
         print(f"  OpenVINO IR: {', '.join(a.file for a in arts)} (runs with: cvt-predict --backend openvino)",
               file=sys.stderr)
     return arts
+
+
+@contextlib.contextmanager
+def irs_restored_on_failure(bundle: Bundle) -> Iterator[None]:
+    """Adding IRs to a bundle in place (``--format openvino --bundle``): if the block fails for
+    any reason (a missed gate, unreadable --data, a signal), the IR files and their manifest
+    entries are put back as they were, so ``load()`` never finds an IR that was not checked and
+    a good old IR is not lost to a failed new one."""
+    from ..bundle import artifact_name
+
+    before = {n: bundle.artifacts.get(n) for n in (artifact_name("openvino", p) for p in FILES)}
+    files = [f for xml in FILES.values() for f in (xml, weights_file(xml))]
+    with scratch_dir(bundle.root, "openvino-previous") as aside:
+        for f in files:
+            if (bundle.root / f).is_file():
+                try:  # a second name for the old file: the new one replaces the name, not the data
+                    os.link(bundle.root / f, aside / f)
+                except OSError:  # file systems without hard links
+                    shutil.copy2(bundle.root / f, aside / f)
+        try:
+            yield
+        except BaseException:
+            with signals_held():
+                for f in files:
+                    if (aside / f).is_file():
+                        os.replace(aside / f, bundle.root / f)
+                    else:
+                        (bundle.root / f).unlink(missing_ok=True)
+                for n, art in before.items():
+                    if art is None:
+                        bundle.artifacts.pop(n, None)
+                    else:
+                        bundle.artifacts[n] = art
+                bundle.save()
+            raise

@@ -100,6 +100,11 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
             raise CvtDeployError(f"backend {cls.backend} cannot run here: {reason}", cls.install_hint)
         runtime: Runtime = from_onnx(source, device=device, threads=threads)
         return runtime
+    if not isinstance(source, Bundle) and Path(source).suffix == ".xml":
+        # The IR's .bin is checked against the manifest's sha256: only its bundle can vouch for it.
+        raise CvtDeployError(f"{str(source)!r} is an OpenVINO IR: it runs from its bundle, not on its own",
+                             f"pass the bundle folder ({str(Path(source).parent)!r}) with backend='openvino', "
+                             "or the bundle's .onnx file")
     bundle = source if isinstance(source, Bundle) else Bundle.open(source)
     if backend is None:
         reasons = available_backends(bundle, device)

@@ -3,11 +3,12 @@
 
 A bundle holds several graphs a CPU can run at one precision (the portable graph, the ONNX
 Runtime CPU graph, an OpenVINO IR) and two CPU backends to run them, and no fixed order is
-fastest everywhere. Measured on one 2-core CPU with AMX (CvT-13, 2 threads): OpenVINO ran the
-portable int8 graph in 18.0 ms at batch 1 where ONNX Runtime's CPU int8 graph took 22.3 ms,
-while at fp32 batch 1 ONNX Runtime's CPU graph won (40.8 vs 43.2 ms) and at batch 8 OpenVINO
-did (298 vs 303 ms); on an AVX2 CPU without VNNI, OpenVINO's int8 was the slower one. So the
-order is measured where the bundle runs.
+fastest everywhere. Measured with 2 threads: on CvT-13 OpenVINO's IR won fp32 and int8 at
+batch 1 and 8 on an AMX and on a VNNI CPU (docs/openvino.md), but with the portable graph and
+no IR ONNX Runtime's CPU graph won fp32 at batch 1 on the AMX CPU (40.8 vs 43.2 ms); on the
+demo model ONNX Runtime's CPU int8 graph wins at batch 1; on an AVX2 CPU without VNNI,
+OpenVINO's int8 was the slower one. So the order is measured where the bundle runs, and a path
+that missed its gates on its backend is never among them.
 
 Manifest, ``cpu_timings``: one entry per CPU (:func:`cpu_key`: architecture and the SIMD
 features that decide these kernels), each ``{"threads": N, "measured": ISO time, "versions":
@@ -71,18 +72,25 @@ def cpu_paths(bundle: Bundle, precision: str, backends: Sequence[str] = CPU_BACK
         if backend not in CPU_BACKENDS or _runtime_class(backend).unavailable_reason("cpu") is not None:
             continue
         if backend == "onnxruntime":
-            out += [(backend, a.name) for a in bundle.artifacts.values() if a.kind == "onnx" and a.precision == precision
-                    and a.target in ("portable", "onnxruntime-cpu")]
+            found = [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.precision == precision
+                     and a.target in ("portable", "onnxruntime-cpu")]
         else:
             art = bundle.find("openvino", precision) or bundle.find("onnx", precision)
-            if art is not None:
-                out.append((backend, art.name))
+            found = [art] if art is not None else []
+        # A graph that missed its gates as this backend runs it (the advisory check at export) is never chosen.
+        out += [(backend, a.name) for a in found if (a.parity_on(backend) or {}).get("passed") is not False]
     return out
 
 
-def open_path(bundle: Bundle, backend: str, artifact: str, threads: int | None = None) -> Runtime:
-    """The runtime of one CPU path of :func:`cpu_paths`."""
-    return _runtime_class(backend).from_bundle(bundle, device="cpu", threads=threads, artifact=artifact)
+def open_path(bundle: Bundle, backend: str, artifact: str, threads: int | None = None,
+              device: str | None = "cpu") -> Runtime:
+    """The runtime of ``backend`` (onnxruntime or openvino) on exactly the graph ``artifact``:
+    one path of :func:`cpu_paths`, or (``device``) the graph a parity check names."""
+    cls = _runtime_class(backend)
+    reason = cls.unavailable_reason(device)
+    if reason is not None:
+        raise CvtDeployError(f"backend {backend} cannot run here: {reason}", cls.install_hint)
+    return cls.from_bundle(bundle, device=device, threads=threads, artifact=artifact)
 
 
 def _runtime_class(backend: str) -> type[OrtRuntime] | type[OpenVinoRuntime]:
@@ -113,22 +121,37 @@ def record_cpu_timings(bundle: Bundle, precisions: Sequence[str] | None = None, 
     entry: dict[str, Any] = {"threads": threads, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              "versions": tool_versions(("onnxruntime", "openvino")), "batches": {}}
     count = sum(len(found) for found in paths.values())
+    skipped: list[str] = []  # paths that failed to open or run: left out of the choice, said why
     with stage(f"timing {count} CPU paths at batch {', '.join(map(str, sizes))} (for load's choice on this CPU)", progress):
-        runtimes = {(p, b, a): open_path(bundle, b, a, threads) for p, found in paths.items() for b, a in found}
+        runtimes: dict[tuple[str, str, str], Runtime] = {}
         cases: dict[tuple[str, str, str, int], Case] = {}
-        for n in sizes:
-            pixels = np.random.default_rng(n).integers(0, 256, (n, cfg.img_size, cfg.img_size, cfg.in_chans), dtype=np.uint8)
-            x = normalize(pixels, cfg.preprocess)
-            for (p, b, a), runtime in runtimes.items():
-                cases[(p, b, a, n)] = Case.for_runtime(f"{b} {a} b{n}", runtime, x if runtime.input_format == "float" else pixels)
-        measure_interleaved(list(cases.values()), min_time=min_time, warmup=2, rounds=3, min_iterations=3, progress=False)
-        for runtime in runtimes.values():
-            runtime.close()
+        try:
+            for p, found in paths.items():
+                for b, a in found:
+                    try:
+                        runtimes[(p, b, a)] = open_path(bundle, b, a, threads)
+                    except CvtDeployError as e:  # a speed-up only: a path that cannot open is not timed, the rest are
+                        skipped.append(f"{b} {a}: {e.message}")
+            for n in sizes:
+                pixels = np.random.default_rng(n).integers(0, 256, (n, cfg.img_size, cfg.img_size, cfg.in_chans),
+                                                           dtype=np.uint8)
+                x = normalize(pixels, cfg.preprocess)
+                for (p, b, a), runtime in runtimes.items():
+                    cases[(p, b, a, n)] = Case.for_runtime(f"{b} {a} b{n}", runtime,
+                                                           x if runtime.input_format == "float" else pixels)
+            measure_interleaved(list(cases.values()), min_time=min_time, warmup=2, rounds=3, min_iterations=3,
+                                progress=False)
+        finally:
+            for runtime in runtimes.values():
+                runtime.close()
+    skipped += [f"{b} {a} at batch {n}: {case.error}" for (p, b, a, n), case in cases.items() if case.error]
     for (p, b, a, n), case in cases.items():
         if case.times:
             entry["batches"].setdefault(str(n), {}).setdefault(p, {})[_path_name(b, a)] = round(summarize(case.times).p50, 3)
     bundle.extra.setdefault(MANIFEST_KEY, {})[cpu_key()] = entry
     bundle.save()
+    for line in skipped:
+        print(f"  note: not timed, so never chosen: {line}", file=sys.stderr)
     if progress:
         for n, by_precision in entry["batches"].items():
             for p, times in by_precision.items():
@@ -150,7 +173,8 @@ class Choice:
 
     def sentence(self) -> str:
         rest = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.others.items(), key=lambda kv: kv[1]))
-        return (f"{self.backend} on {self.artifact}: the fastest path measured on this CPU at batch {self.batch} "
+        return (f"{self.backend} on {self.artifact}: the fastest of {len(self.others) + 1} paths timed on this CPU "
+                f"at batch {self.batch} "
                 f"({self.ms:.2f} ms" + (f"; {rest}" if rest else "") + ")")
 
 
@@ -164,14 +188,17 @@ def fastest(bundle: Bundle, precision: str, batch: int | None = None,
     measured = entry.get("batches") if isinstance(entry, dict) else None
     if not isinstance(measured, dict):
         return None
-    sizes = [int(n) for n in measured if str(n).isdigit() and isinstance(measured[n], dict) and precision in measured[n]]
-    if not sizes:
+    # The manifest is a file anyone may edit: what is not {"N": {precision: {path: ms}}} is passed over.
+    by_size = {int(k): v[precision] for k, v in measured.items()
+               if str(k).isdigit() and int(k) > 0 and isinstance(v, dict) and isinstance(v.get(precision), dict)}
+    if not by_size:
         return None
     want = batch or 1
-    n = min(sizes, key=lambda s: (abs(np.log(s / want)), s))
+    n = min(by_size, key=lambda s: (abs(np.log(s / want)), s))
     live = {_path_name(b, a) for b, a in cpu_paths(bundle, precision, backends)}
-    times = {k: float(v) for k, v in measured[str(n)][precision].items() if k in live and isinstance(v, (int, float))}
-    if not times:
+    times = {k: float(v) for k, v in by_size[n].items()
+             if k in live and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+    if len(times) < 2:  # one path left: nothing was chosen
         return None
     best = min(times, key=times.__getitem__)
     backend, artifact = best.split(":", 1)

@@ -200,7 +200,12 @@ class OpenVinoRuntime(Runtime):
             assert self._as_is is not None, "run() after close()"
             compiled, idle = self._as_is
         else:
-            compiled, idle = self._compiled_for(len(batch))
+            try:
+                compiled, idle = self._compiled_for(len(batch))
+            except Exception as e:  # OpenVINO's own types, from the compile of a new batch size
+                raise CvtDeployError(f"OpenVINO cannot compile {self.path} for a batch of {len(batch)}: {_message(e)}",
+                                     "run with another batch size, or on --backend onnxruntime; report the graph "
+                                     "and the OpenVINO version") from None
         try:
             request = idle.get_nowait()
         except queue.Empty:  # every request is busy in another thread (or none made yet)
