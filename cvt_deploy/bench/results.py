@@ -218,13 +218,13 @@ def _cache_note(result: BenchResult) -> str | None:
 
 
 def _graph_note(graph: str | None) -> str:
-    """What a row's artifact name adds to its backend: which of the bundle's graphs it ran."""
-    if not graph:
-        return ""
-    if graph.startswith("openvino-"):
+    """What a row's artifact name (bundle.artifact_name: KIND-PRECISION[-TARGET]) adds to its
+    backend: which of the bundle's graphs it ran."""
+    kind, _, rest = (graph or "").partition("-")
+    target = rest.partition("-")[2] or "portable"
+    if kind == "openvino":
         return " (IR)"
-    target = graph.split("-", 2)[2] if graph.startswith("onnx-") and graph.count("-") >= 2 else ""
-    return {"onnxruntime-cpu": " (ort-cpu)", "": " (portable)"}.get(target, f" ({target})") if graph.startswith("onnx-") else ""
+    return f" ({'ort-cpu' if target == 'onnxruntime-cpu' else target})" if kind == "onnx" else ""
 
 
 def table(result: BenchResult) -> str:
