@@ -292,3 +292,10 @@ def test_a_path_that_cannot_open_is_not_timed_and_the_rest_are(ir_copy: Path, mo
     assert set(entry["batches"]["1"]["int8"]) == {"onnxruntime:onnx-int8", "onnxruntime:onnx-int8-onnxruntime-cpu"}
     assert "openvino:openvino-fp32" in entry["batches"]["1"]["fp32"]
     assert "note: not timed, so never chosen: openvino openvino-int8: OpenVINO cannot compile" in capsys.readouterr().err
+
+
+def test_adding_ir_to_a_bundle_that_is_not_there_makes_no_folders(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "bundle"
+    r = run_cli("cvt-export", "--format", "openvino", "--bundle", str(missing))
+    assert r.returncode == 2 and "is not a folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "no").exists()  # the output lock's parent folders are not made for a wrong path

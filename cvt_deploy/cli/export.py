@@ -266,8 +266,9 @@ def _add_openvino(root: Path, options: ExportOptions, precisions: Sequence[str] 
     from ..util import PRECISIONS
 
     require("openvino", "openvino", "--format openvino")
+    Bundle.open(root)  # a wrong path is refused before the lock (which would make its parent folders)
     with output_lock(root):  # no export replaces the bundle meanwhile
-        bundle = Bundle.open(root)  # read under the lock: as it is now that nothing else writes it
+        bundle = Bundle.open(root)  # read again under the lock: as it is now that nothing else writes it
         wanted = list(precisions or [p for p in PRECISIONS if p in {a.precision for a in bundle.artifacts.values()
                                                                       if a.kind == "onnx" and a.target == "portable"}])
         try:
