@@ -1,6 +1,7 @@
 # Developer entry points. `make demo`, `make test` and `make test-all` each do their own set-up in .venv.
-# `make test` is the everyday suite (big-model tests marked `slow` left out: a few minutes on
-# 2 cores); `make test-all` is everything, slow tests included, and is what CI runs.
+# `make test` is the everyday suite (tests marked `slow` left out: big models and whole-process
+# scenarios; under 5 minutes on 2 cores); `make test-all` is everything, slow tests included, and
+# is what CI runs.
 #
 # CONSTRAINTS pins the CPU build of torch so that set-up on a machine without a GPU never
 # downloads several GB of CUDA wheels. It binds this dev environment only; a user's

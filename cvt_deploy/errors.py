@@ -28,3 +28,8 @@ def require(module: str, extra: str, feature: str) -> None:
             f"{feature} needs the Python package '{module}', which is not installed.",
             f"pip install 'cvt-deploy[{extra}]'",
         )
+
+
+class NotRightHere(CvtDeployError):
+    """This machine cannot run a path right (a CPU feature it lacks): the path is refused here,
+    never run with wrong results, and checks and choices pass over it, saying why."""

@@ -378,16 +378,19 @@ def default_threads() -> int:
 
 
 def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None,
-                providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True) -> Any:
+                providers: Sequence[str] = ("CPUExecutionProvider",), spin: bool = True, optimize: bool = True) -> Any:
     """An ONNX Runtime session with cvt-deploy's settings (quiet log; ``threads`` intra-op
     threads and one inter-op thread when given). The one place sessions are configured.
     ``spin=False``: its idle threads sleep at once, for sessions timed in turn with many others
     in sub-millisecond calls (each one's spinning threads would otherwise hold the cores the
-    next one runs on: measured 4x on the 2-core machine)."""
+    next one runs on: measured 4x on the 2-core machine). ``optimize=False``: the graph runs
+    as written, unfused (what ONNX Runtime's calibrator does: int8 calibration matches it bit for bit)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:

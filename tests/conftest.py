@@ -5,6 +5,7 @@
 # Other parts of the suite may append their own fixtures below this block.
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -155,14 +156,46 @@ def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Cal
         base = base.parent  # <run>/popen-gwN -> <run>, the same for every worker of this run
     folder = base / f"shared-{name}"
     done = base / f"shared-{name}.done"
+    failed = base / f"shared-{name}.failed"  # what the build raised: the other workers fail at once too
     with open(base / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if failed.exists():
+            pytest.fail(f"shared fixture {name!r} failed earlier in this run (not built again): {failed.read_text()}",
+                        pytrace=False)
         if not done.exists():
-            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            shutil.rmtree(folder, ignore_errors=True)  # a worker killed half-way
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except Exception as e:
+                failed.write_text(_summary(e))
+                raise
             done.touch()
     return folder
+
+
+def _summary(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e)[:1500]}"
+
+
+# Fixtures broader than a test that fail (an export that misses a gate on this CPU) fail each of
+# their tests at once with the first error: pytest 9 would set them up again for every test.
+_FAILED_FIXTURES: dict[tuple[str, str, str], str] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: Any) -> Any:
+    if fixturedef.scope == "function":
+        return (yield)
+    key = (fixturedef.baseid, fixturedef.argname, request.node.nodeid)
+    if key in _FAILED_FIXTURES:
+        pytest.fail(f"fixture {fixturedef.argname!r} failed earlier in this run (not set up again): "
+                    f"{_FAILED_FIXTURES[key]}", pytrace=False)
+    try:
+        return (yield)
+    except Exception as e:  # not pytest's skip/fail outcomes (BaseException): a skip is cheap and right again
+        _FAILED_FIXTURES[key] = _summary(e)
+        raise
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +240,28 @@ def demo_full_bundle(tmp_path_factory: pytest.TempPathFactory, demo_model: Any) 
     pytest.importorskip("onnxruntime")
     return export_to(tmp_path_factory, demo_model, "demo-full", shared=True, precisions=("fp32", "fp16", "int8"), calib_count=64,
                      check_limit=128)
+
+
+@pytest.fixture(scope="session")
+def demo_ir_bundle(tmp_path_factory: pytest.TempPathFactory, demo_full_bundle: Path) -> Path:
+    """:func:`demo_full_bundle` plus an OpenVINO IR of each of its precisions (the int8 IR's weights
+    7-bit: it runs right on every x86 CPU), gated on OpenVINO as ``cvt-export --format openvino
+    --bundle`` does. Read only: copy it to change it."""
+    pytest.importorskip("openvino")
+    import shutil
+
+    from cvt_deploy.bundle import Bundle
+    from cvt_deploy.export.openvino import write_openvino_irs
+    from cvt_deploy.parity import check_bundle, record_parity
+
+    def build(folder: Path) -> None:
+        shutil.copytree(demo_full_bundle, folder / "bundle")
+        bundle = Bundle.open(folder / "bundle")
+        arts = write_openvino_irs(bundle, ("fp32", "fp16", "int8"), progress=False)
+        reports = check_bundle(bundle, backends=["openvino"], limit=128, artifacts=[a.name for a in arts], progress=False)
+        record_parity(bundle, "openvino", reports, show=False)
+
+    return shared_build(tmp_path_factory, "demo-ir", build) / "bundle"
 
 
 @pytest.fixture
@@ -308,7 +363,6 @@ def demo_reference(demo_model: Any, demo_test_split: Any) -> Any:
 # Shared test helpers
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from typing import ClassVar, Iterator  # noqa: E402

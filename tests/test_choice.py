@@ -17,8 +17,8 @@ pytest.importorskip("openvino", reason="openvino is not installed: pip install '
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.runtimes import load  # noqa: E402
-from cvt_deploy.runtimes.choice import (FEATURES, MANIFEST_KEY, cpu_features, cpu_key, cpu_paths, fastest,  # noqa: E402
-                                        record_cpu_timings)
+from cvt_deploy.cpu import FEATURES, cpu_features, cpu_key  # noqa: E402
+from cvt_deploy.runtimes.choice import MANIFEST_KEY, cpu_paths, fastest, record_cpu_timings  # noqa: E402
 from cvt_deploy.runtimes.openvino import OpenVinoRuntime  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
 from conftest import run_cli  # noqa: E402
@@ -214,16 +214,25 @@ def test_a_re_export_without_ir_removes_the_old_ir(ir_copy: Path) -> None:
     assert not list(ir_copy.glob("*.openvino.*")) and "not part of the bundle" not in r.stderr
 
 
-def test_the_ir_gives_the_onnx_graphs_logits(ir_bundle: Path, demo_test_split: Any) -> None:
+def test_the_ir_gives_the_onnx_graphs_logits(ir_bundle: Path, demo_test_split: Any, tmp_path: Path) -> None:
+    """The fp32 IR is the portable graph; the int8 IR is the portable graph with its weights
+    narrowed to 7 bits (export.int8.narrow_weights), the same network on every CPU."""
+    import onnx
+
+    from cvt_deploy.cpu import SAFE_INT8_WEIGHT
+    from cvt_deploy.export.int8 import narrow_weights
     from cvt_deploy.preprocess import preprocess
     from cvt_deploy.runtimes.openvino import OpenVinoRuntime as OV
 
     bundle = Bundle.open(ir_bundle)
     x = preprocess(list(demo_test_split.head(8).images), bundle.config.preprocess)
-    for precision in ("fp32", "int8"):
-        from_ir = OV.from_bundle(bundle, precision, artifact=f"openvino-{precision}")
-        from_onnx = OV.from_bundle(bundle, precision, artifact=f"onnx-{precision}")
-        np.testing.assert_allclose(from_ir.run(x), from_onnx.run(x), atol=1e-5)
+    fp32_ir = OV.from_bundle(bundle, "fp32", artifact="openvino-fp32")
+    np.testing.assert_allclose(fp32_ir.run(x), OV.from_bundle(bundle, "fp32", artifact="onnx-fp32").run(x), atol=1e-5)
+    graph = onnx.load(str(bundle.path(bundle.require("onnx", "int8"))))
+    assert narrow_weights(graph, SAFE_INT8_WEIGHT) == bundle.require("openvino", "int8").info["weights_narrowed"]
+    onnx.save(graph, str(tmp_path / "narrowed.onnx"))
+    int8_ir = OV.from_bundle(bundle, "int8", artifact="openvino-int8")
+    np.testing.assert_allclose(int8_ir.run(x), OV.from_onnx(tmp_path / "narrowed.onnx").run(x), atol=1e-5)
 
 
 def test_a_bare_ir_is_sent_to_its_bundle(ir_bundle: Path) -> None:

@@ -14,6 +14,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+# Whole-process scenarios (races between whole processes: eight real exports): about a minute or more on 2 cores, so `make test` leaves them
+# to `make test-all` (CI), as it does the big variants.
+pytestmark = pytest.mark.slow
+
 from conftest import refused, run_cli, run_script, script  # noqa: E402
 from cvt_deploy import runtimes  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
@@ -24,7 +28,7 @@ DIGIT = Path(__file__).resolve().parent.parent / "cvt_deploy" / "demo" / "sample
 
 
 def start_export(out: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([script("cvt-export"), "--out", str(out), "--no-check", "-q", *args],
+    return subprocess.Popen([script("cvt-export"), "--out", str(out), "--no-check", "--no-timing", "-q", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -48,7 +52,7 @@ def assert_whole(out: Path) -> Bundle:
 def test_a_second_export_into_the_same_out_fails_at_once_and_the_first_wins_whole(tmp_path, case):
     out = tmp_path / "bundle"
     if case == "replacing a bundle":
-        assert run_cli("cvt-export", "--out", str(out), "--no-check", "-q", "--no-ort-cpu").returncode == 0
+        assert run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "-q", "--no-ort-cpu").returncode == 0
     first = start_export(out, "--precision", "fp16,int8")
     try:
         wait_for(first, lock_path(out).exists)
@@ -61,7 +65,7 @@ def test_a_second_export_into_the_same_out_fails_at_once_and_the_first_wins_whol
     assert first.returncode == 0, err[-2000:]
     assert {a.precision for a in assert_whole(out).artifacts.values()} == {"fp32", "fp16", "int8"}  # the first's
     # Once the first has finished, the next export takes the folder as usual.
-    assert run_cli("cvt-export", "--out", str(out), "--no-check", "-q", "--no-ort-cpu").returncode == 0
+    assert run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "-q", "--no-ort-cpu").returncode == 0
     assert {a.precision for a in assert_whole(out).artifacts.values()} == {"fp32"}
 
 
@@ -74,7 +78,7 @@ def test_a_lock_left_by_a_killed_export_is_taken_over(tmp_path):
         first.kill()
         first.wait(timeout=60)
     assert lock_path(out).exists()  # SIGKILL runs no cleanup: the file stays, but nobody holds it
-    assert run_cli("cvt-export", "--out", str(out), "--no-check", "-q", "--no-ort-cpu").returncode == 0
+    assert run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "-q", "--no-ort-cpu").returncode == 0
     assert_whole(out)
 
 
@@ -85,7 +89,7 @@ def test_predict_while_an_export_replaces_the_bundle_reads_one_bundle_whole(tmp_
     randomize_weights(other, seed=5)
     weights = save_checkpoint(other, tmp_path / "other.safetensors")
     out = tmp_path / "bundle"
-    assert run_cli("cvt-export", "--out", str(out), "--no-check", "-q").returncode == 0
+    assert run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "-q").returncode == 0
 
     def logits() -> np.ndarray:
         return runtimes.load(out, backend="onnxruntime").predict([DIGIT]).logits[0]

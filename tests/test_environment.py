@@ -14,6 +14,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+# Whole-process scenarios (odd environments through the installed commands: five real exports in fresh processes): about a minute or more on 2 cores, so `make test` leaves them
+# to `make test-all` (CI), as it does the big variants.
+pytestmark = pytest.mark.slow
+
 from PIL import Image  # noqa: E402
 
 from conftest import script, tmpfs  # noqa: E402
@@ -51,7 +55,7 @@ def test_an_int8_export_and_a_prediction_with_an_odd_home(tmp_path, case):
     out = tmp_path / "bundle"
 
     def export_and_predict() -> str:
-        err = clean(run("cvt-export", "--precision", "int8", "--no-check", "-q", "--no-ort-cpu", "--out", str(out),
+        err = clean(run("cvt-export", "--precision", "int8", "--no-check", "--no-timing", "-q", "--no-ort-cpu", "--out", str(out),
                         home=home))
         assert Bundle.open(out).find("onnx", "int8") is not None
         pred = run("cvt-predict", "--bundle", str(out), "--precision", "int8", "--json", str(DIGIT), home=home)
@@ -79,7 +83,7 @@ def test_folders_and_files_with_spaces_and_non_ascii_names(tmp_path):
             Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), np.uint8)).save(
                 data / label / f"image n°{i} — 画像.png")
     out = root / "bundle ü"
-    clean(run("cvt-export", "--precision", "int8", "--calib", str(data), "--data", str(data), "--limit", "8", "-q",
+    clean(run("cvt-export", "--precision", "int8", "--calib", str(data), "--data", str(data), "--limit", "8", "-q", "--no-timing",
               "--no-ort-cpu", "--out", str(out), home=tmp_path))
     image = root / "chiffre un ✓.png"
     image.write_bytes(DIGIT.read_bytes())

@@ -4,6 +4,7 @@ for it (its fp32 GEMM ceiling, the int8 speed-up against the CPU's own limit).""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,24 @@ pytest.importorskip("openvino", reason="openvino is not installed: pip install '
 pytest.importorskip("onnxruntime", reason="the OpenVINO results are compared with ONNX Runtime's")
 
 from cvt_deploy.bundle import Bundle  # noqa: E402
-from cvt_deploy.errors import CvtDeployError  # noqa: E402
+from cvt_deploy.cpu import int8_saturation  # noqa: E402
+from cvt_deploy.errors import CvtDeployError, NotRightHere  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
 from cvt_deploy.runtimes import BACKENDS, PREFERENCE, available_backends, load  # noqa: E402
 from cvt_deploy.runtimes.openvino import OpenVinoRuntime  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
-from conftest import raw_pixel_copy, run_cli  # noqa: E402
+from conftest import raw_pixel_copy, run_cli, run_script  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# Whether OpenVINO's int8 kernels overflow 8-bit weights on this CPU (no VNNI): the portable int8
+# graph is then refused on OpenVINO, naming the feature, and the IR (7-bit weights) runs instead.
+SATURATES = int8_saturation()
+
+
+def assert_refused_for_vnni(err: BaseException) -> None:
+    text = str(err)
+    assert isinstance(err, NotRightHere) and "VNNI" in text and "16 bits" in text, text
+    assert "7-bit" in text and "--format openvino" in text and "--backend onnxruntime" in text, text
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +45,11 @@ def images(demo_test_split: Any, demo_full_bundle: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ov_runtimes(demo_full_bundle: Path) -> dict[str, OpenVinoRuntime]:
+    """OpenVINO on each portable graph of the demo bundle that this CPU runs right (int8 only with VNNI)."""
     out = {}
     for p in PRECISIONS:
+        if p == "int8" and SATURATES:
+            continue
         rt = load(demo_full_bundle, backend="openvino", precision=p, threads=1)
         assert isinstance(rt, OpenVinoRuntime)
         out[p] = rt
@@ -65,21 +79,79 @@ def test_runs_the_portable_graph_in_the_graphs_precision(ov_runtimes: dict[str, 
         assert ("computed in f32" in rt.describe()) == (p == "fp16" and rt.compute == "f32")
 
 
-def test_every_precision_passes_the_parity_gates(demo_full_bundle: Path) -> None:
+def test_every_precision_passes_the_parity_gates(demo_full_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every portable graph this CPU runs right passes; on a CPU without VNNI the int8 one is not
+    run (said, naming the feature), and checking it alone is a clear refusal."""
     from cvt_deploy.parity import check_bundle
 
-    reports = check_bundle(Bundle.open(demo_full_bundle), backends=["openvino"], limit=128, progress=False)
-    assert sorted(r.precision for r in reports) == sorted(PRECISIONS)
+    bundle = Bundle.open(demo_full_bundle)
+    reports = check_bundle(bundle, backends=["openvino"], limit=128, progress=False)
+    runnable = [p for p in PRECISIONS if not (p == "int8" and SATURATES)]
+    assert sorted(r.precision for r in reports) == sorted(runnable)
     for r in reports:
         assert r.candidate.startswith("openvino") and r.reference.startswith("torch fp32"), r.candidate
         assert r, f"{r.candidate}: {r.failed}"
-        assert r.artifact == Bundle.open(demo_full_bundle).require("onnx", r.precision).name
+        assert r.artifact == bundle.require("onnx", r.precision).name
+    if SATURATES:
+        assert "onnx-int8 not checked on openvino: OpenVINO cannot run the int8 graph" in capsys.readouterr().err
+        with pytest.raises(NotRightHere) as err:
+            check_bundle(bundle, backends=["openvino"], precisions=["int8"], limit=8, progress=False)
+        assert_refused_for_vnni(err.value)
+
+
+def test_the_int8_ir_passes_the_gates_on_every_cpu(demo_ir_bundle: Path) -> None:
+    """The int8 IR's weights are 7-bit: OpenVINO runs it right with or without VNNI."""
+    bundle = Bundle.open(demo_ir_bundle)
+    art = bundle.require("openvino", "int8")
+    assert art.info["int8_weight_max"] == 64 and art.info["weights_narrowed"] > 0
+    gate = art.parity_on("openvino")
+    assert gate is not None and gate["passed"] and gate["candidate"] == "openvino int8 on cpu (IR)", gate
+    runtime = load(demo_ir_bundle, backend="openvino", precision="int8")
+    assert runtime.artifact == "openvino-int8"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the 16-bit int8 sums are an x86 matter (oneDNN's instruction-set cap is x86's)")
+def test_without_vnni_openvino_int8_is_refused_and_the_ir_runs(demo_ir_bundle: Path, demo_full_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """What a user on an AVX2 CPU sees, on any x86 CPU: oneDNN capped at AVX2 (its own
+    ONEDNN_MAX_CPU_ISA) runs the kernels such a CPU runs. The portable int8 graph is refused on
+    OpenVINO, naming the feature and what to use; the IR passes its gates; load() and the timing
+    that picks a CPU path never choose the refused one."""
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2"}  # read when oneDNN starts: the kernels' commands run in processes of their own
+    sample = Path(__file__).resolve().parent.parent / "cvt_deploy" / "demo" / "samples" / "digit-7.png"
+    graph = demo_ir_bundle / Bundle.open(demo_ir_bundle).require("onnx", "int8").file
+    # The refusal is decided before any kernel runs: this process, with the cap in its environment, tells.
+    r = run_cli("cvt-predict", "--bundle", str(graph), "--backend", "openvino", str(sample), env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot run the int8 graph" in r.stderr and "ONEDNN_MAX_CPU_ISA" in r.stderr and "VNNI" in r.stderr, r.stderr
+    assert "7-bit" in r.stderr and "--backend onnxruntime" in r.stderr, r.stderr
+    r = run_script("cvt-check", "--bundle", str(demo_ir_bundle), "--backend", "openvino", "--precision", "int8",
+                   "--limit", "32", env=env)
+    assert r.returncode == 0 and "openvino int8 on cpu (IR)" in r.stdout, r.stdout + r.stderr
+    assert "onnx-int8 not checked on openvino" in r.stderr and "ONEDNN_MAX_CPU_ISA" in r.stderr, r.stderr
+    copy = tmp_path / "b"  # no IR: OpenVINO's int8 path is the portable graph
+    shutil.copytree(demo_full_bundle, copy)
+    r = run_script("cvt-bench", "--bundle", str(copy), "--record", "--backend", "onnxruntime,openvino", "--precision",
+                   "int8", "--batch", "1", "--threads", "1", "--no-hf", "--no-reference", "--min-time", "0.05", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "not timed, so never chosen: openvino onnx-int8: OpenVINO cannot run the int8 graph" in r.stderr, r.stderr
+    assert "cannot run the int8 graph" in r.stdout  # its bench row: skipped, with the reason
+    timings = json.loads((copy / "manifest.json").read_text())["cpu_timings"]
+    capped = [k for k in timings if k.endswith("onednn-max-isa=AVX2")]
+    assert len(capped) == 1, timings
+    assert set(timings[capped[0]]["batches"]["1"]["int8"]) == {"onnxruntime:onnx-int8", "onnxruntime:onnx-int8-onnxruntime-cpu"}
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_any_batch_gives_onnxruntimes_logits(ov_runtimes: dict[str, OpenVinoRuntime], demo_full_bundle: Path,
                                              images: np.ndarray, precision: str) -> None:
     bundle = Bundle.open(demo_full_bundle)
+    if precision not in ov_runtimes:  # int8 on a CPU without VNNI: refused, never wrong
+        with pytest.raises(NotRightHere) as err:
+            load(demo_full_bundle, backend="openvino", precision=precision)
+        assert_refused_for_vnni(err.value)
+        return
     ort = OrtRuntime.from_bundle(bundle, artifact=bundle.require("onnx", precision).name, threads=1)
     ov = ov_runtimes[precision]
     full = ov.run(images)
@@ -179,10 +251,11 @@ def test_without_openvino_it_is_a_reason_not_a_crash(demo_bundle: Path, monkeypa
 
 # --- cvt-bench: the ceiling and the int8 ratio to the CPU's limit --------------------------------
 
-def test_benchmark_has_the_openvino_ceiling_and_the_int8_ratio(demo_full_bundle: Path) -> None:
+def test_benchmark_has_the_openvino_ceiling_and_the_int8_ratio(demo_ir_bundle: Path) -> None:
     from cvt_deploy.bench import COLUMN_NAMES, benchmark
 
-    result = benchmark(demo_full_bundle, ["onnxruntime", "openvino"], ["fp32", "int8"], [1], threads=1, iterations=3,
+    # The bundle with IRs: OpenVINO's int8 row runs the IR, right on every CPU.
+    result = benchmark(demo_ir_bundle, ["onnxruntime", "openvino"], ["fp32", "int8"], [1], threads=1, iterations=3,
                        warmup=1, rounds=2, matmul_size=128, reference=False, hf_reference=False, progress=False)
     assert {"int8_speedup", "int8_speedup_of_limit"} <= set(COLUMN_NAMES)
     mm = result.meta["matmul"]
@@ -216,9 +289,12 @@ def test_the_export_records_openvinos_own_figures_and_cvt_bench_shows_them(demo_
     for art in bundle.artifacts.values():
         if art.kind == "onnx" and art.target == "portable":
             ov, ort = art.parity_on("openvino"), art.parity_on("onnxruntime")
+            assert ort is not None and ort["candidate"].startswith("onnxruntime"), art.name
+            if art.precision == "int8" and SATURATES:  # refused on OpenVINO here: not run, so no figure
+                assert ov is None, ov
+                continue
             assert ov is not None and ov["backend"] == "openvino" and ov["candidate"].startswith("openvino"), art.name
             assert ov["passed"], (art.name, ov)
-            assert ort is not None and ort["candidate"].startswith("onnxruntime"), art.name
 
     def run(root: Path) -> Any:
         return benchmark(root, ["onnxruntime", "openvino"], ["fp32", "int8"], [1], threads=1, iterations=2,
@@ -228,7 +304,10 @@ def test_the_export_records_openvinos_own_figures_and_cvt_bench_shows_them(demo_
     for precision in ("fp32", "int8"):
         ov_row, ort_row = result.row("openvino", precision, 1), result.row("onnxruntime", precision, 1)
         ov = bundle.require("onnx", precision).parity_on("openvino")
-        assert (ov_row.accuracy, ov_row.top1_agreement) == (ov["accuracy_candidate"], ov["top1_agreement"])
+        if ov is None:  # int8 without VNNI: a skipped row that says why, no figure
+            assert ov_row.status == "skipped" and "VNNI" in (ov_row.reason or "") and ov_row.accuracy is None
+        else:
+            assert (ov_row.accuracy, ov_row.top1_agreement) == (ov["accuracy_candidate"], ov["top1_agreement"])
         # ONNX Runtime on the CPU runs the bundle's ORT-CPU graph: its own record, not the portable one's.
         ort = bundle.find("onnx", precision, "onnxruntime-cpu").parity_on("onnxruntime")
         assert (ort_row.accuracy, ort_row.top1_agreement) == (ort["accuracy_candidate"], ort["top1_agreement"])
@@ -240,7 +319,7 @@ def test_the_export_records_openvinos_own_figures_and_cvt_bench_shows_them(demo_
         art.pop("parity_on", None)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     result = run(copy)
-    assert result.row("openvino", "int8", 1).accuracy is None  # never checked there: no figure, not ORT's
+    assert result.row("openvino", "fp32", 1).accuracy is None  # never checked there: no figure, not ORT's
     assert result.row("onnxruntime", "int8", 1).accuracy is not None
 
 

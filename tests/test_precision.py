@@ -268,11 +268,14 @@ def test_calibration_cache_hit_skips_calibration(fp32_graph: Path, calib: np.nda
 
     import onnxruntime.quantization  # noqa: F401
 
+    import cvt_deploy.export.int8 as int8_module
+
     ort_quantize = sys.modules["onnxruntime.quantization.quantize"]  # the package exports a function of that name
     assert len(list(int8_cache.glob("*.json"))) == 1
-    calls: list[Any] = []
-    real = ort_quantize.create_calibrator
-    monkeypatch.setattr(ort_quantize, "create_calibrator", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls: list[Any] = []  # either calibrator: ours (percentile, minmax) or ONNX Runtime's (entropy)
+    for module, name in ((ort_quantize, "create_calibrator"), (int8_module, "calibrate")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     info = quantize_int8(fp32_graph, tmp_path / "again.onnx", calib, cache=int8_cache, progress=False)
     assert info["cache"] == "hit" and not calls, "a cache hit must not calibrate"
     assert (tmp_path / "again.onnx").read_bytes() == int8_graph[0].read_bytes()

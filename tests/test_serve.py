@@ -24,6 +24,7 @@ pytest.importorskip("tritonclient.http", reason="serving tests need tritonclient
 
 from conftest import cpu_load  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
+from cvt_deploy.serve.load import Metrics  # noqa: E402
 from cvt_deploy.serve.protocol import request_inputs  # noqa: E402
 
 SAMPLES = sorted((Path(__file__).parents[1] / "cvt_deploy" / "demo" / "samples").glob("*.png"))
@@ -233,20 +234,33 @@ def test_images_and_pixels_give_in_process_predictions(served, reference):
             assert [[b.decode() for b in row] for row in result.as_numpy("labels")] == pred.labels
 
 
+def settled_metrics(url: str) -> Metrics:
+    """Triton's counters for the model once they stop moving: a request just answered (an earlier
+    test's) may be counted a moment after its reply (seen: 33 requests counted for 32 sent)."""
+    from cvt_deploy.serve.load import read_metrics
+
+    last = read_metrics(url, "cvt")
+    for _ in range(40):
+        time.sleep(0.05)
+        now = read_metrics(url, "cvt")
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def test_concurrent_requests_are_batched(served, reference):
     import tritonclient.http as thttp
 
-    from cvt_deploy.serve.load import read_metrics
-
     _, files, pred, _ = reference
     encoded = Path(files[0]).read_bytes()
-    before = read_metrics(served.metrics, "cvt")
+    before = settled_metrics(served.metrics)
     client = thttp.InferenceServerClient(served.http, concurrency=32)
     pending = [client.async_infer("cvt", request_inputs(thttp, images=[encoded])) for _ in range(32)]
     results = [p.get_result() for p in pending]
     for r in results:
         assert np.abs(r.as_numpy("logits")[0] - pred.logits[0]).max() <= 1e-5
-    after = read_metrics(served.metrics, "cvt")
+    after = settled_metrics(served.metrics)
     requests = after.requests - before.requests
     executions = after.executions - before.executions
     assert requests == 32 and after.failures == before.failures
@@ -320,12 +334,11 @@ def test_bad_requests_batched_with_good_ones_fail_alone(served, reference):
     each bad one gets its own error, and the server is not counted as failing."""
     import tritonclient.http as thttp
 
-    from cvt_deploy.serve.load import read_metrics
     from cvt_deploy.serve.protocol import RequestError, check_result
 
     _, files, pred, _ = reference
     encoded = [Path(f).read_bytes() for f in files]
-    before = read_metrics(served.metrics, "cvt")
+    before = settled_metrics(served.metrics)
     client = thttp.InferenceServerClient(served.http, concurrency=24)
     kinds = ["good", "good", "bad"] * 8
     pending = [client.async_infer("cvt", request_inputs(thttp, images=[encoded[i % len(encoded)] if k == "good"
@@ -339,7 +352,7 @@ def test_bad_requests_batched_with_good_ones_fail_alone(served, reference):
         else:
             with pytest.raises(RequestError, match="not a readable image"):
                 check_result(result)
-    after = read_metrics(served.metrics, "cvt")
+    after = settled_metrics(served.metrics)
     assert after.executions - before.executions < len(kinds), "the requests were never batched together"
     assert after.failures == before.failures
 

@@ -14,6 +14,10 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
+# Whole-process scenarios (signals to real processes while every CPU is busy): about a minute or more on 2 cores, so `make test` leaves them
+# to `make test-all` (CI), as it does the big variants.
+pytestmark = pytest.mark.slow
+
 from conftest import cpu_load, default_signals, script  # noqa: E402
 
 WITHIN_S = 15  # a loaded 2-core machine: the signal lands between two native calls

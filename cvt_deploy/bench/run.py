@@ -14,11 +14,11 @@ import numpy as np
 
 from .. import runtimes as rt
 from ..bundle import Bundle
+from ..cpu import cpu_key
 from ..errors import CvtDeployError
 from ..preprocess import normalize
 from ..progress import stage
 from ..runtimes.base import Runtime
-from ..runtimes.choice import cpu_key
 from ..util import PRECISIONS, default_threads, tool_versions
 from .cost import count_macs, linear_gemms
 from .limits import (SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, int8_attainable, int8_limit, linear_gemm_cases,

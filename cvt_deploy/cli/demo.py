@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..checkpoints import load_checkpoint
     from ..demo import DEMO_SAMPLES, DEMO_WEIGHTS
     from ..export.pipeline import export_bundle
+    from ..errors import NotRightHere
     from ..runtimes import available_backends, load
 
     args = build_parser().parse_args(argv)
@@ -51,10 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is not None:
             print(f"  {backend}: skipped ({reason})")
             continue
-        precisions = ["fp32"] if backend == "torch" else [a.precision for a in result.bundle.artifacts.values()
-                                                          if a.kind == "onnx"]
+        precisions = ["fp32"] if backend == "torch" else list(dict.fromkeys(
+            a.precision for a in result.bundle.artifacts.values() if a.kind == "onnx"))
         for precision in precisions:
-            rt = load(result.bundle, backend=backend, precision=precision)
+            try:
+                rt = load(result.bundle, backend=backend, precision=precision)
+            except NotRightHere as e:  # e.g. OpenVINO's 8-bit int8 on a CPU without VNNI: said, never run
+                print(f"  {backend} {precision}: skipped ({e.message})")
+                continue
             pred = rt.predict(images, topk=1)
             columns[f"{backend} {precision}"] = [f"{lab[0]} ({100 * float(s[0]):.0f}%)" for lab, s in zip(pred.labels, pred.scores)]
     from ..table import format_table

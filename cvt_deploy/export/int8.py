@@ -1,5 +1,6 @@
-"""``quantize_int8``: an explicitly quantized (Q/DQ) int8 graph the way TensorRT wants it, with
-calibration by ONNX Runtime and a cache of the ranges (see :mod:`cvt_deploy.export.precision`)."""
+"""``quantize_int8``: an explicitly quantized (Q/DQ) int8 graph the way TensorRT wants it, written
+by ONNX Runtime's quantizer from ranges calibrated by :mod:`cvt_deploy.export.calibrate` (its own
+ranges, in seconds), with a cache of the ranges (see :mod:`cvt_deploy.export.precision`)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import CvtDeployError, require
-from ..progress import track
+from ..progress import Progress, track
 from ..jsonio import read_json
 from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
+from .calibrate import METHODS as CALIBRATED_HERE, calibrate, save_ranges, tensors_to_calibrate
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
 from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _quiet, _verify
@@ -66,7 +68,7 @@ QUANTIZED_OPS: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
 DEFAULT_ATTENTION_MATMULS = False
 CALIB_BATCH = 8  # images per calibration forward pass (bounds the memory of histogram methods)
 CACHE_FORMAT = "cvt-deploy-calibration"
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # export/calibrate.py gives ONNX Runtime's ranges: caches of either serve both
 
 
 
@@ -262,7 +264,12 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     cache_path = _cache_file(Path(cache), key) if cache is not None else None
     cache_supported = _ort_cache_supported()
     cached = _read_cache(cache_path, key) if cache_path is not None and cache_supported else None
-    reader = None if cached is not None else _Reader(input_name, _calib_batches(calib, fixed_batch), progress)
+    # Our calibrator (export/calibrate.py: seconds, bounded memory) hands ONNX Runtime its ranges
+    # through the calibration cache file; entropy, and an onnxruntime without that file, use its own.
+    ours = cache_supported and method in CALIBRATED_HERE
+    batches = _calib_batches(calib, fixed_batch)
+    reader = None if cached is not None or ours else _Reader(input_name, batches, progress)
+    tensors = tensors_to_calibrate(model, QUANTIZED_OPS, excluded) if ours and cached is None else []
 
     # Scratch beside dst (in the bundle being assembled), so a killed run leaves nothing elsewhere.
     with scratch_dir(dst.parent, "int8") as scratch, atomic_output(dst) as tmp:
@@ -271,9 +278,16 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         source = Path(scratch) / "fp32-2d.onnx"
         save_graph(model, source, external)
         del model
-        if cache_path is not None and cache_supported:
-            if cached is not None:
-                ranges_file.write_text(json.dumps(cached))
+        if cached is not None:
+            ranges_file.write_text(json.dumps(cached))
+        elif tensors:
+            bar = Progress(sum(len(b) for b in batches), "  calibrating", progress, unit="images")
+            try:
+                ranges = calibrate(source, batches, tensors, method, percentile=PERCENTILE, progress=bar)
+            finally:
+                bar.close()
+            save_ranges(ranges, method, ranges_file)
+        if cache_supported and (cache_path is not None or ours):
             kwargs["calibration_cache_path"] = str(ranges_file)
         try:
             with _quiet():
@@ -316,15 +330,16 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
             "quantized_ops": list(QUANTIZED_OPS),
             "matmuls_2d": flattened,
             "attention_matmuls": bool(attention_matmuls),
+            "calibrator": "cvt-deploy (export/calibrate.py)" if ours else "onnxruntime",
             "cache": ("hit" if cached is not None else "miss") if cache_path is not None and cache_supported
             else ("unsupported by this onnxruntime" if cache_path is not None else "off"),
             "cache_key": key[:24],
             **_qdq_counts(qmodel),
         }
-        # The graph records what it is, not how this run went (cache hit or miss), so that
-        # a cache hit reproduces the calibrated graph byte for byte.
-        set_metadata_props(qmodel, {**encode_metadata({"precision": "int8",
-                                                       "conversion": {k: v for k, v in info.items() if k != "cache"}}),
+        # The graph records what it is, not how this run went (cache hit or miss, which calibrator
+        # made the same ranges), so that a cache hit reproduces the calibrated graph byte for byte.
+        set_metadata_props(qmodel, {**encode_metadata({"precision": "int8", "conversion": {
+            k: v for k, v in info.items() if k not in ("cache", "calibrator")}}),
                                     **(metadata or {})})
         save_graph(qmodel, tmp)
         _verify(tmp, "int8", chw, fixed_batch)
@@ -350,6 +365,36 @@ def _unquantize_other_consumers(model: Any) -> None:
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
     _drop_unread(model, ("QuantizeLinear", "DequantizeLinear"))  # and then their scales
+
+
+def narrow_weights(model: Any, limit: int) -> int:
+    """Requantize the int8 weights of a Q/DQ graph (in place) to ``-limit..limit``, their scales
+    widened to match: ``q' = round(q * limit / 127)``, ``s' = s * 127 / limit``. Returns how many
+    weight tensors changed. For kernels whose 8-bit products overflow (cvt_deploy.cpu: 7 bits,
+    ``limit`` 64, for OpenVINO on CPUs without VNNI); the ranges of the activations stay as calibrated.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    factor = limit / 127.0
+    done: set[str] = set()
+    scales: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] in done or node.input[0] not in inits:
+            continue
+        q = numpy_helper.to_array(inits[node.input[0]])
+        scale_name = node.input[1]
+        zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else None
+        if q.dtype != np.int8 or scale_name not in inits or (zero is not None and np.any(zero)):
+            continue  # only symmetric int8 weights (all quantize_int8 writes)
+        scale = numpy_helper.to_array(inits[scale_name])
+        narrowed = np.clip(np.round(q.astype(np.float32) * factor), -limit, limit).astype(np.int8)
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(narrowed, node.input[0]))
+        if scale_name not in scales:  # a scale shared by several weights is widened once
+            inits[scale_name].CopyFrom(numpy_helper.from_array((scale / factor).astype(scale.dtype), scale_name))
+        done.add(node.input[0])
+        scales.add(scale_name)
+    return len(done)
 
 
 def _activation_matmuls(model: Any) -> list[str]:

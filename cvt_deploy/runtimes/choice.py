@@ -11,13 +11,12 @@ OpenVINO's int8 was the slower one. So the order is measured where the bundle ru
 that missed its gates on its backend is never among them.
 
 Manifest, ``cpu_timings``: one entry per CPU (:func:`cpu_key`: architecture and the SIMD
-features that decide these kernels), each ``{"threads": N, "measured": ISO time, "versions":
+features that decide these kernels, and a oneDNN instruction-set cap where one is set), each ``{"threads": N, "measured": ISO time, "versions":
 {...}, "batches": {"8": {"int8": {"openvino:onnx-int8": 111.3, ...}}}}`` in milliseconds
 (p50). A bundle copied to another CPU keeps its entries; ``load`` uses only this CPU's.
 """
 from __future__ import annotations
 
-import platform
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..cpu import cpu_key
 from ..errors import CvtDeployError
 from ..util import PRECISIONS, default_threads, tool_versions
 
@@ -36,28 +36,7 @@ if TYPE_CHECKING:
 
 MANIFEST_KEY = "cpu_timings"
 CPU_BACKENDS = ("onnxruntime", "openvino")
-# The x86 features that decide which int8/fp32 kernels ONNX Runtime and OpenVINO pick.
-FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",
-            "amx_fp16", "asimd", "asimddp", "sve", "i8mm")
 BATCHES = (1, 8)  # timed at export, inside the bundle's batch range
-
-
-def cpu_features() -> list[str]:
-    """This CPU's features among :data:`FEATURES` (from /proc/cpuinfo; empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [x for x in FEATURES if x in have]
-    except OSError:
-        pass
-    return []
-
-
-def cpu_key() -> str:
-    """What a timing is valid for: the architecture and its kernel-deciding features."""
-    return " ".join([platform.machine() or "unknown", *cpu_features()])
 
 
 def _path_name(backend: str, artifact: str) -> str:

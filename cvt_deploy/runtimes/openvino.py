@@ -13,6 +13,12 @@ hint f32 (int8: the ops left unquantized, as on ONNX Runtime). fp16 graphs compu
 where the CPU has fp16 arithmetic (AVX512-FP16, AMX-FP16) and in f32 elsewhere; describe()
 says which, since f32 is then more precise than the graph.
 
+int8 on x86 CPUs without VNNI: OpenVINO's int8 kernels sum pairs of 8-bit products in 16 bits
+there, which 8-bit weights overflow (cvt_deploy/cpu.py; the demo model's min logit cosine fell
+to 0.71). A graph with 8-bit weights (the portable Q/DQ graph) is refused on such a CPU with
+:class:`NotRightHere`, naming the feature and what to run instead: the bundle's int8 IR, whose
+weights are 7-bit (export/openvino.py), or ONNX Runtime.
+
 Batch sizes: a graph with a dynamic batch is compiled once per batch size it is given, with that
 size fixed (kept for :data:`MAX_STATIC_BATCHES` sizes; further sizes share one model compiled
 with the batch left dynamic). Measured on CvT-13, 2 threads, an AMX CPU: the int8 graph ran
@@ -37,7 +43,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..config import CvtConfig
-from ..errors import CvtDeployError, require
+from ..cpu import SAFE_INT8_WEIGHT, int8_saturation
+from ..errors import CvtDeployError, NotRightHere, require
 from ..util import INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, BatchRange
 from .base import Runtime
 from .graph import check_graph_io, graph_identity
@@ -86,6 +93,8 @@ class OpenVinoRuntime(Runtime):
         meta = {k: v.astype(str) for k, v in model.get_rt_info(["framework"]).astype(dict).items()} \
             if model.has_rt_info(["framework"]) else {}
         config, precision = graph_identity(meta, path, config, precision)
+        if precision == "int8":
+            _check_int8_weights(model, path)
         super().__init__(config, precision, device)
         self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
         if len(model.inputs) != 1 or len(model.outputs) != 1:
@@ -249,6 +258,25 @@ def read_ir(path: str | os.PathLike[str], xml: bytes, weights: bytes) -> Any:
     except Exception as e:
         raise CvtDeployError(f"OpenVINO cannot read the IR {path}: {_message(e)}",
                              "the .xml or .bin is truncated or corrupt: write it again with cvt-export --format openvino") from None
+
+
+def _check_int8_weights(model: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse an int8 graph whose weights use 8 bits where this CPU's int8 dot products saturate
+    (no VNNI): OpenVINO would run it with silently wrong results (cvt_deploy.cpu)."""
+    reason = int8_saturation()
+    if reason is None:
+        return
+    import openvino as ov
+
+    widest = max((int(np.abs(op.get_data().astype(np.int16)).max()) for op in model.get_ops()
+                  if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8 and op.get_data().size),
+                 default=0)
+    if widest > SAFE_INT8_WEIGHT:
+        raise NotRightHere(f"OpenVINO cannot run the int8 graph {path} right on this CPU: {reason} "
+                           f"(its weights reach {widest}; at most {SAFE_INT8_WEIGHT}, 7 bits, cannot overflow)",
+                           "run the bundle's OpenVINO IR, whose int8 weights are 7-bit (add or renew it with: "
+                           "cvt-export --format openvino --precision int8 --bundle BUNDLE), or --backend onnxruntime, "
+                           "whose int8 kernels do not overflow")
 
 
 def _dims(shape: Any) -> list[int | None]:
