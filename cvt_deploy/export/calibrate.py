@@ -5,7 +5,8 @@ Why not ONNX Runtime's own calibrator (what ``quantize_int8`` used before): it m
 and output of every Conv/MatMul/Gemm a graph output, copies them into numpy per batch, and bins
 them with ``np.histogram`` against an array of edges (a binary search per value). On CvT-13 at
 224 px, 256 images, 2 cores, that took 738 s on an AVX2 EPYC and 360 s on an AVX-512 one,
-mostly on one core, with 2.9 GB resident; this takes 21 s there (the plain forward pass: 15 s).
+mostly on one core, with 2.9 GB resident; this takes 21 s on the AVX-512 one (its plain forward
+pass: 15 s).
 
 Here the fp32 graph gets, for each tensor that will be quantized (the activation inputs of the
 quantized ops, nothing else), a few nodes that reduce it to what the method needs, and only
@@ -17,8 +18,9 @@ forward pass's own.
   percentile of the *whole* calibration set is among them whichever batch it comes from, and
   the first batch's smallest ``|x|``. From these the threshold is the one ONNX Runtime's
   histogram gives (2048 bins over the first batch's ``|x|``, grown batch by batch; the lower edge
-  of the bin that holds the percentile): the same ranges, to within float rounding, as every
-  bundle exported with its calibrator, so the int8 graphs and their accuracy are unchanged.
+  of the bin that holds the percentile): the same ranges, bit for bit (the graph runs unoptimized,
+  as ONNX Runtime's calibrator runs it), as every bundle exported with its calibrator, so the int8
+  graphs and their accuracy are unchanged.
 
 ``entropy`` needs whole histograms: it stays with ONNX Runtime's calibrator (``quantize_int8``).
 Torch-free; needs onnx and onnxruntime.
