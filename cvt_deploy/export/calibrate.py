@@ -64,12 +64,11 @@ def _augmented(model: Any, tensors: Sequence[str], method: str) -> Any:
 
     g = model.graph
     del g.output[:]
-    consts = [helper.make_tensor("cvt_calib_flat", TensorProto.INT64, [1], [-1]),
-              helper.make_tensor("cvt_calib_last", TensorProto.INT64, [1], [-1]),
-              helper.make_tensor("cvt_calib_one", TensorProto.INT64, [1], [1])]
-    g.initializer.extend(consts)
     if method == "percentile":
         g.input.append(helper.make_tensor_value_info(TAIL_INPUT, TensorProto.FLOAT, []))
+        # [-1]: a Reshape's "flatten" and a ReduceSum's "last axis"; [1]: one more
+        g.initializer.extend([helper.make_tensor("cvt_calib_minus_one", TensorProto.INT64, [1], [-1]),
+                              helper.make_tensor("cvt_calib_one", TensorProto.INT64, [1], [1])])
     nodes = []
     outs: list[tuple[str, list[Any] | None]]
     for i, t in enumerate(tensors):
@@ -81,7 +80,7 @@ def _augmented(model: Any, tensors: Sequence[str], method: str) -> Any:
         else:
             # k = min(ceil(size * tail) + 1, size): the batch's share of the set's tail, and one more.
             nodes += [helper.make_node("Abs", [t], [p + "abs"]),
-                      helper.make_node("Reshape", [p + "abs", "cvt_calib_flat"], [p + "flat"]),
+                      helper.make_node("Reshape", [p + "abs", "cvt_calib_minus_one"], [p + "flat"]),
                       helper.make_node("Size", [t], [f"{t}:size"]),
                       helper.make_node("Cast", [f"{t}:size"], [p + "sizef"], to=TensorProto.FLOAT),
                       helper.make_node("Mul", [p + "sizef", TAIL_INPUT], [p + "kf"]),
@@ -96,7 +95,7 @@ def _augmented(model: Any, tensors: Sequence[str], method: str) -> Any:
                       # up outside: ORT's int64 ReduceSum took a third of the pass on CvT-13.
                       helper.make_node("Less", [p + "abs", p + "floor"], [p + "below"]),
                       helper.make_node("Cast", [p + "below"], [p + "belowf"], to=TensorProto.FLOAT),
-                      helper.make_node("ReduceSum", [p + "belowf", "cvt_calib_last"], [f"{t}:below"], keepdims=0)]
+                      helper.make_node("ReduceSum", [p + "belowf", "cvt_calib_minus_one"], [f"{t}:below"], keepdims=0)]
             g.input.append(helper.make_tensor_value_info(p + "floor", TensorProto.FLOAT, []))
             outs = [(f"{t}:top", [None]), (f"{t}:size", []), (f"{t}:absmin", []), (f"{t}:below", None)]
         g.output.extend(helper.make_tensor_value_info(name, TensorProto.INT64 if name.endswith(":size") else
@@ -106,14 +105,16 @@ def _augmented(model: Any, tensors: Sequence[str], method: str) -> Any:
 
 
 def calibrate(src: str | os.PathLike[str], batches: Sequence[np.ndarray], tensors: Sequence[str], method: str, *,
-              percentile: float = 99.999, progress: Progress | None = None) -> dict[str, tuple[float, float]]:
+              percentile: float | None = None, progress: Progress | None = None) -> dict[str, tuple[float, float]]:
     """The range ``(lowest, highest)`` of each of ``tensors`` of the fp32 graph ``src`` over
-    ``batches`` (preprocessed NCHW float32), by ``method`` (:data:`METHODS`). ``percentile``:
-    the share of ``|x|`` inside the symmetric range ``(-t, t)``. ``progress`` advances by images."""
+    ``batches`` (preprocessed NCHW float32), by ``method`` (:data:`METHODS`). ``percentile``
+    (that method's): the share of ``|x|`` inside the symmetric range ``(-t, t)``, e.g. 99.999.
+    ``progress`` advances by images."""
     import onnx
 
-    if method not in METHODS:
-        raise ValueError(f"calibrate() computes {', '.join(METHODS)}, not {method!r}")
+    if method not in METHODS or (method == "percentile") != (percentile is not None):
+        raise ValueError(f"calibrate() computes {', '.join(METHODS)} (percentile with a percentile), "
+                         f"not {method!r} with percentile={percentile!r}")
     model = _augmented(onnx.load(str(src)), tensors, method)
     # Saved beside the source (its external data, if any, resolves there too), then dropped.
     aug = Path(src).with_name(Path(src).stem + ".calibrate.onnx")
@@ -127,7 +128,7 @@ def calibrate(src: str | os.PathLike[str], batches: Sequence[np.ndarray], tensor
     session = ort_session(aug, optimize=False)  # ONNX Runtime's default threads, as its calibrator: every core
     input_name = session.get_inputs()[0].name
     total = sum(len(b) for b in batches)
-    tail = (100.0 - percentile) / 100.0
+    tail = (100.0 - (percentile or 0.0)) / 100.0
     lo = dict.fromkeys(tensors, math.inf)
     hi = dict.fromkeys(tensors, -math.inf)
     tails = {t: _Tail() for t in tensors}
@@ -154,6 +155,7 @@ def calibrate(src: str | os.PathLike[str], batches: Sequence[np.ndarray], tensor
         aug.with_name(aug.name + ".data").unlink(missing_ok=True)
     if method == "minmax":
         return {t: (lo[t], hi[t]) for t in tensors}
+    assert percentile is not None
     return {t: (-edge, edge) for t in tensors for edge in [tails[t].threshold(percentile)]}
 
 

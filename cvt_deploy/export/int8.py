@@ -283,7 +283,8 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         elif tensors:
             bar = Progress(sum(len(b) for b in batches), "  calibrating", progress, unit="images")
             try:
-                ranges = calibrate(source, batches, tensors, method, percentile=PERCENTILE, progress=bar)
+                ranges = calibrate(source, batches, tensors, method, progress=bar,
+                                   percentile=PERCENTILE if method == "percentile" else None)
             finally:
                 bar.close()
             save_ranges(ranges, method, ranges_file)

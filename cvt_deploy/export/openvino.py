@@ -15,9 +15,10 @@ OpenVINO's int8 kernels sum pairs of 8-bit products in 16 bits, which 8-bit weig
 (cvt_deploy/cpu.py), and an IR is checked on one CPU and deployed on others. Measured on the
 demo model (360 held-out images, logit cosine to fp32 min / mean): 7-bit weights 0.9977 /
 0.999958, the same logits on every instruction set; 8-bit 0.9983 / 0.999973 with VNNI and 0.71
-without. NNCF is not used: on the 2-core AVX2 machine
-where this was measured first, NNCF's int8 lost top-1 agreement that our calibration keeps
-(39% vs 87.5% on flat random logits), and nothing here installs it.
+without. NNCF is not used: on the 2-core AVX2 machine where this was measured first, NNCF's
+int8 lost top-1 agreement that our calibration keeps (39% vs 87.5% on flat random logits), and
+nothing here installs it. (That machine has no VNNI, and NNCF's default overflow fix covers the
+first layer only: the figure may say more about the overflow than about NNCF.)
 """
 from __future__ import annotations
 
