@@ -53,7 +53,8 @@ def test_the_cpu_key_is_the_architecture_and_its_kernel_features() -> None:
     import platform
 
     key = cpu_key().split()
-    assert key[0] == platform.machine() and set(key[1:]) <= set(FEATURES)
+    cap = [k for k in key[1:] if k.startswith("onednn-max-isa=")]  # where the environment caps oneDNN
+    assert key[0] == platform.machine() and set(key[1:]) - set(cap) <= set(FEATURES) and len(cap) <= 1
     with open("/proc/cpuinfo") as f:
         flags = set(next(line for line in f if line.startswith(("flags", "Features"))).split(":", 1)[1].split())
     assert cpu_features() == [x for x in FEATURES if x in flags]
