@@ -37,7 +37,7 @@ from .util import (PARTIAL_SUFFIX, make_temporary_dir, remove_path, require_writ
 MANIFEST = "manifest.json"
 FORMAT = "cvt-deploy-bundle"
 FORMAT_VERSION = 1
-ARTIFACT_KINDS = ("onnx", "tensorrt", "torch", "deepstream", "openvino")  # deepstream: an nvinfer config; openvino: an IR
+ARTIFACT_KINDS = ("onnx", "tensorrt", "tensorrt-rtx", "torch", "deepstream", "openvino")  # deepstream: an nvinfer config; openvino: an IR
 # What a graph is built for (its "target" in the manifest; absent = portable): "portable"
 # graphs use standard ONNX ops and are what TensorRT and every execution provider compile;
 # "onnxruntime-cpu" graphs (export/ort_cpu.py) use ONNX Runtime contrib ops and dynamic
@@ -48,7 +48,7 @@ TARGETS = ("portable", "onnxruntime-cpu", "tensorrt-10")
 SIDE_FILES = ("sidecar", "labels", "weights_file")
 # The backend whose parity report an artifact's "parity" entry holds (what the export and the
 # engine build check on); reports measured by other backends sit under "parity_on" by name.
-GATE_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "deepstream": "tensorrt",
+GATE_BACKENDS = {"onnx": "onnxruntime", "tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx", "torch": "torch", "deepstream": "tensorrt",
                  "openvino": "openvino"}
 
 
@@ -268,13 +268,15 @@ class Bundle:
         return None
 
     def require(self, kind: str, precision: str | None = None) -> Artifact:
+        from .trt.util import TOOLKITS
+
         art = self.find(kind, precision)
         if art is None:
             have = ", ".join(sorted(self.artifacts)) or "nothing"
             what = f"{kind} {precision}" if precision else kind
             raise CvtDeployError(f"bundle {self.root} has no {what} artifact (it has: {have})",
-                                 f"build it with: cvt-export --format trt --bundle {self.root}"
-                                 + (f" --precision {precision}" if precision else "") if kind == "tensorrt"
+                                 f"build it with: cvt-export --format {TOOLKITS[kind].format} --bundle {self.root}"
+                                 + (f" --precision {precision}" if precision else "") if kind in TOOLKITS
                                  else "re-export the bundle with that precision: cvt-export --precision P --out "
                                       f"{self.root} (with the same --weights)")
         return art

@@ -21,6 +21,12 @@ LOG_EVERY = 10.0
 _open_stage: list[str] = []
 
 
+def say(line: str) -> None:
+    """Print one line of progress on stderr inside a stage (the stage's open line is ended first)."""
+    _break_stage_line()
+    print(line, file=sys.stderr, flush=True)
+
+
 def enabled() -> bool:
     return sys.stderr.isatty()
 

@@ -233,10 +233,10 @@ def test_what_check_predict_and_serve_pass_on(record: Record) -> None:
 BAD = [
     ("cvt-export", ["--precision", "fp16,fp64"], "--precision 'fp16,fp64': unknown precision 'fp64'", "fp32, fp16, int8"),
     ("cvt-check", ["--precision", "fp8"], "unknown precision 'fp8'", "fp32, fp16, int8"),
-    ("cvt-check", ["--backend", "torch"], "unknown backend 'torch'", "tensorrt, onnxruntime"),
+    ("cvt-check", ["--backend", "torch"], "unknown backend 'torch'", "tensorrt, tensorrt-rtx, onnxruntime"),
     ("cvt-check", ["--tensorrt", "8.5,9"], "unknown TensorRT version '9'", "8.5, 8.6, 10"),
     ("cvt-predict", ["--precision", "fp16,int8"], "--precision 'fp16,int8': takes one precision", "fp32, fp16, int8"),
-    ("cvt-predict", ["--backend", "ort"], "unknown backend 'ort'", "tensorrt, onnxruntime, openvino, torch"),
+    ("cvt-predict", ["--backend", "ort"], "unknown backend 'ort'", "tensorrt, tensorrt-rtx, onnxruntime, openvino, torch"),
     ("cvt-serve", ["--precision", "bf16"], "unknown precision 'bf16'", "fp32, fp16, int8"),
     ("cvt-bench", ["--precisions", "fp64"], "--precisions 'fp64': unknown precision 'fp64'", "--precision fp16,int8"),
     ("cvt-bench", ["--batch", "1,x"], "--batch '1,x': 'x' is not a whole number", "--batch 1,8,32"),

@@ -332,7 +332,7 @@ def test_dla_engine_build_where_tensorrt_exists(tmp_path, static_bundle):
     import tensorrt as trt
 
     from cvt_deploy.bundle import Bundle
-    from cvt_deploy.trt.loader import build_engine
+    from cvt_deploy.trt.loader import BuildOptions, build_engine
 
     bundle_dir = tmp_path / "b"
     shutil.copytree(static_bundle, bundle_dir)
@@ -340,7 +340,7 @@ def test_dla_engine_build_where_tensorrt_exists(tmp_path, static_bundle):
     cores = trt.Builder(trt.Logger()).num_DLA_cores
     if cores == 0:
         with pytest.raises(CvtDeployError, match="no DLA"):
-            build_engine(bundle, "fp16", dla_core=0, progress=False)
+            build_engine(bundle, "fp16", BuildOptions(dla_core=0), progress=False)
     else:
-        art = build_engine(bundle, "fp16", dla_core=0, progress=False)
+        art = build_engine(bundle, "fp16", BuildOptions(dla_core=0), progress=False)
         assert art.info["dla_core"] == 0 and "GPU_FALLBACK" in art.info["builder_flags"]

@@ -268,17 +268,17 @@ def test_version_strings() -> None:
 
 def test_strongly_typed_fp16_needs_the_fp16_graph(onnx_bundle: Bundle) -> None:
     with pytest.raises(CvtDeployError) as e:
-        trt_export._source_graph(onnx_bundle, "fp16", strongly_typed=True, version="10.13.0.35")
+        trt_export.source_graph(onnx_bundle, "fp16", strongly_typed=True, version="10.13.0.35")
     assert "no fp16 ONNX graph" in e.value.message and "strongly typed" in e.value.message
     assert "onnx-fp32" in e.value.message  # says what the bundle does have
     assert "--precision fp16" in (e.value.hint or "")
 
 
 def test_weakly_typed_fp16_uses_the_fp32_graph(onnx_bundle: Bundle) -> None:
-    assert trt_export._source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.6.2").name == "onnx-fp32"
-    assert trt_export._source_graph(onnx_bundle, "fp32", strongly_typed=True, version="10.13.0").name == "onnx-fp32"
+    assert trt_export.source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.6.2").name == "onnx-fp32"
+    assert trt_export.source_graph(onnx_bundle, "fp32", strongly_typed=True, version="10.13.0").name == "onnx-fp32"
     with pytest.raises(CvtDeployError, match="no int8 ONNX graph"):
-        trt_export._source_graph(onnx_bundle, "int8", strongly_typed=False, version="8.6.2")
+        trt_export.source_graph(onnx_bundle, "int8", strongly_typed=False, version="8.6.2")
 
 
 def test_tensorrt_8_5_needs_graphs_written_for_it(onnx_bundle: Bundle) -> None:
@@ -286,9 +286,9 @@ def test_tensorrt_8_5_needs_graphs_written_for_it(onnx_bundle: Bundle) -> None:
     # from before --tensorrt existed) are refused before TensorRT parses them.
     assert "tensorrt" not in onnx_bundle.artifacts["onnx-fp32"].info
     with pytest.raises(CvtDeployError, match="cannot import") as e:
-        trt_export._source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.5.2.2")
+        trt_export.source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.5.2.2")
     assert "cvt-export --tensorrt 8.5" in (e.value.hint or "")
-    assert trt_export._source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.6.2").name == "onnx-fp32"
+    assert trt_export.source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.6.2").name == "onnx-fp32"
 
 
 # ---------------------------------------------------------------------------------------
@@ -523,4 +523,4 @@ def test_engine_runtime_is_thread_safe(exported: Callable[[str], Bundle], tmp_pa
 def test_tensorrt_8_5_takes_graphs_written_for_it(onnx_bundle: Bundle) -> None:
     art = onnx_bundle.artifacts["onnx-fp32"]
     art.info.update(tensorrt=["8.5", "8.6", "10"], fp32_nodes=["n/ReduceMean_0"])
-    assert trt_export._source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.5.2.2") is art
+    assert trt_export.source_graph(onnx_bundle, "fp16", strongly_typed=False, version="8.5.2.2") is art

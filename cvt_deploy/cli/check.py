@@ -31,8 +31,11 @@ examples:
 
 --tensorrt is a static check of the documented ONNX parser of that release (onnx-tensorrt's
 operator table and importer source per release branch), not TensorRT: it needs neither
-TensorRT nor a GPU, and lists every finding with the node, the rule and its source. A graph
-that passes can still fail in TensorRT's builder.
+TensorRT nor a GPU, and lists every finding with the node, the rule and its source. Beside
+it, where the 'rtx' extra is installed (pip install 'cvt-deploy[rtx]'), NVIDIA's own current
+parser and builder (TensorRT-RTX, ahead of time on the CPU) parse and build every graph:
+layers, time, and each parser and builder error and warning. That is real evidence for
+today's parser, not for the 8.5/8.6/10.3 of a Jetson; nothing is run.
 """
 
 
@@ -103,14 +106,29 @@ def _tensorrt(args: argparse.Namespace) -> int:
     if unused:
         raise CvtDeployError(f"{', '.join(unused)} has no effect with --tensorrt (a static check of the graphs: no "
                              "images, no backend)", f"drop {', '.join(unused)}, or run cvt-check without --tensorrt")
-    reports = check_bundle_readiness(Bundle.open(args.bundle), dict.fromkeys(args.tensorrt), args.precision)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    from ..trt import rtx
+
+    bundle = Bundle.open(args.bundle)
+    reports = check_bundle_readiness(bundle, dict.fromkeys(args.tensorrt), args.precision)
+    missing = rtx.rtx_missing()
+    builds = {b.graph: b for b in rtx.check_builds(bundle, args.precision, progress=not args.quiet)} if not missing else {}
+    if args.json:  # the real parser's verdict beside each static report of the same graph
+        real = {g: b.to_dict() for g, b in builds.items()}
+        print(json.dumps([{**r.to_dict(), "real_parser": real.get(r.graph) or {"checked": False, "why": missing}}
+                          for r in reports], indent=2))
     else:
         for rep in reports:
             if rep.findings:
                 print(rep, end="\n\n")
-        print(summary(reports))
+        print(summary(reports), end="\n\n")
+        for build in builds.values():
+            if build.errors or build.warnings:
+                print(build, end="\n\n")
+        print(rtx.summary(list(builds.values())) if builds else f"real parser: not checked: {missing}")
+    refused = [b for b in builds.values() if not b]
+    if refused:
+        print("error: NVIDIA's parser and builder (TensorRT-RTX) refused " + ", ".join(f"{b.graph} ({b.verdict})"
+                                                                              for b in refused), file=sys.stderr)
     failed = [r for r in reports if not r]
     if failed:
         oldest = min((r.version for r in failed), key=TENSORRT_TARGETS.index)
@@ -118,4 +136,4 @@ def _tensorrt(args: argparse.Namespace) -> int:
                                              for r in failed), file=sys.stderr)
         print(f"  fix: re-export the bundle for that TensorRT: cvt-export --tensorrt {oldest} --out {args.bundle} ... "
               "(the findings above name each node, the rule and its source)", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or refused else 0

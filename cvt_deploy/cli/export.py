@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..bundle import Bundle
 from ..errors import CvtDeployError
 from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
+from ..trt.util import TOOLKITS, Toolkit
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
 from .common import (add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg, aliases_note,
                      cli_entry, decimal_number, deprecated_alias, load_model_from_args, refuse_unused,
@@ -28,6 +29,7 @@ examples:
   cvt-export --weights my-finetuned-cvt/ --out build/mine    a Hugging Face folder: any architecture, any classes
   cvt-export --weights mine.pth --heads 2,4,6 --out build/mine   official keys, widths of no registered variant
   cvt-export --format trt --bundle build/cvt13 --precision fp16   build the engine on the target device
+  cvt-export --format trt-rtx --precision fp16,int8 --out build/rtx   engines for RTX / Ampere+ GPUs, built on any CPU
   cvt-export --model cvt-13 --tensorrt 8.5 --precision fp16 --out build/xavier   graphs JetPack 5.1 parses
   cvt-export --format openvino --precision int8 --out build/cpu   the bundle plus OpenVINO IR (fp32, int8)
   cvt-export --format openvino --bundle build/cvt13   add OpenVINO IR to a bundle (openvino + onnxruntime)
@@ -50,16 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-export", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(ap)
-    ap.add_argument("--format", choices=("onnx", "trt", "openvino", "deepstream", "triton"), default="onnx",
+    ap.add_argument("--format", choices=("onnx", "trt", "trt-rtx", "openvino", "deepstream", "triton"), default="onnx",
                     help="onnx: a bundle of ONNX graphs; trt: that bundle plus TensorRT engines (needs TensorRT + GPU); "
+                         "trt-rtx: that bundle plus TensorRT-RTX engines for RTX and Ampere-or-newer GPUs, built ahead "
+                         "of time on this machine, GPU or not (needs the 'rtx' extra; they run where a GPU is); "
                          "openvino: that bundle plus an OpenVINO IR of each graph (.xml + .bin, gated on OpenVINO); "
                          "deepstream: the bundle plus an nvinfer classifier config and label file; "
                          "triton: a Triton model repository from --bundle, written to --out")
-    add_precision_arg(ap, many=True, default="fp32 for --format onnx and openvino, fp16 for trt and deepstream",
+    add_precision_arg(ap, many=True, default="fp32 for --format onnx and openvino, fp16 for trt, trt-rtx and deepstream",
                       extra=". The fp32 graph is always written: it is the reference")
     ap.add_argument("--out", type=Path, help="bundle folder to write (default: build/<variant>)")
     ap.add_argument("--bundle", type=Path, metavar="BUNDLE",
-                    help="with --format trt: build engines for this existing bundle instead of exporting; with "
+                    help="with --format trt or trt-rtx: build engines for this existing bundle instead of exporting; with "
                          "--format deepstream: write its nvinfer config; with --format triton: the bundle to serve")
     ap.add_argument("--opset", type=whole_number, default=17, help="ONNX opset, >= 17 (default 17: TensorRT 8.5 and newer parse it)")
     ap.add_argument("--tensorrt", default=DEFAULT_TENSORRT, metavar="VERSION", choices=TENSORRT_TARGETS,
@@ -77,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-check", action="store_true", help="skip the parity check (and its gates)")
     ap.add_argument("--no-timing", action="store_true",
                     help="do not time the CPU paths after the export (load then keeps its fixed order on this CPU)")
+    ap.add_argument("--no-rtx-build", action="store_true",
+                    help="do not parse and build the TensorRT-bound graphs with TensorRT-RTX (by default, where the "
+                         "'rtx' extra is installed, NVIDIA's own parser and builder check every such graph on the CPU "
+                         "and a graph they refuse fails the export)")
     ap.add_argument("--no-ort-cpu", action="store_true",
                     help="write the portable graphs only (by default ONNX Runtime CPU graphs are added: faster there, "
                          "see docs/precision.md)")
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-count", type=whole_number, metavar="N", help="number of calibration images")
     g.add_argument("--calib-cache", type=Path, metavar="DIR",
                    help="where calibration ranges are cached for reuse (default ~/.cache/cvt-deploy/calibration)")
-    g = ap.add_argument_group("TensorRT (--format trt)")
+    g = ap.add_argument_group("TensorRT (--format trt; --workspace also trt-rtx)")
     g.add_argument("--workspace", type=whole_number, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
     g.add_argument("--version-compatible", action="store_true",
@@ -136,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deepstream = args.format == "deepstream"
     # fp32 for the CPU formats (no CPU backend computes fp16 faster); fp16 where GPUs build engines.
     precisions = args.precision or ["fp32" if args.format in ("onnx", "openvino") else "fp16"]
+    toolkit = TOOLKITS.get({"trt": "tensorrt", "trt-rtx": "tensorrt-rtx"}.get(args.format, ""))
     refuse_no_effect(parser, args, precisions)
     progress = not args.quiet
     # DeepStream feeds float planar pixels and thresholds probabilities: its graphs default to both.
@@ -145,11 +154,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             ort_cpu=not args.no_ort_cpu,
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
                             output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt,
-                            openvino=args.format == "openvino" and args.bundle is None, time_cpu=not args.no_timing)
+                            openvino=args.format == "openvino" and args.bundle is None, time_cpu=not args.no_timing,
+                            rtx_build=not args.no_rtx_build)
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
                          dla_core=args.dla_core)
+    if toolkit is not None:
+        build.check_toolkit(toolkit)
     if args.format == "triton":
         return _triton(args)
     if args.dla_core is not None:
@@ -162,20 +174,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ds = _deepstream_options(args, options) if deepstream else None
     if args.bundle is not None:
         if args.format == "onnx":
-            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt), "
-                                 "adds OpenVINO IR (--format openvino) or writes its DeepStream config (--format deepstream)",
-                                 "add --format trt, openvino or deepstream")
+            raise CvtDeployError("--bundle BUNDLE builds TensorRT engines from an existing bundle (--format trt or "
+                                 "trt-rtx), adds OpenVINO IR (--format openvino) or writes its DeepStream config "
+                                 "(--format deepstream)", "add --format trt, trt-rtx, openvino or deepstream")
         if args.format == "openvino":
             _add_openvino(Path(args.bundle), options, args.precision, progress)
         elif ds is not None:
             _write_deepstream(Bundle.open(args.bundle), ds, progress)
-        else:
-            _build_engines(Bundle.open(args.bundle), options, build, progress)
+        elif toolkit is not None:
+            _build_engines(Bundle.open(args.bundle), options, build, toolkit, progress)
         return 0
-    if args.format == "trt":
+    if toolkit is not None:
         from ..trt.util import require_tensorrt
 
-        require_tensorrt("--format trt")  # fail before minutes of export work, not after
+        require_tensorrt(f"--format {args.format}", toolkit)  # fail before minutes of export work, not after
     from ..bundle import check_output
     from ..export.pipeline import export_bundle, planned_files
 
@@ -200,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.json:
         print(json.dumps([r.to_dict() for r in result.reports], indent=2))
-    if args.format == "trt":
-        _build_engines(result.bundle, options, build, progress)
+    if toolkit is not None:
+        _build_engines(result.bundle, options, build, toolkit, progress)
     if ds is not None:
         _write_deepstream(result.bundle, ds, progress)
     print(f"wrote {out}: " + ", ".join(sorted(result.bundle.artifacts)), file=sys.stderr)
@@ -218,12 +230,16 @@ def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, 
          "no int8 graph is exported" if exporting else "nothing is exported or calibrated (--bundle)", "add --precision int8"),
         (("data", "limit"), checking, "nothing is checked" + (" (--no-check)" if args.no_check else ""),
          "drop --no-check" if args.no_check else "use cvt-check on the repository's bundle"),
-        (("workspace", "timing_cache", "version_compatible", "hardware_compatible"), args.format == "trt",
-         f"no TensorRT engine is built (--format {args.format})", "add --format trt"),
+        (("workspace",), args.format in ("trt", "trt-rtx"), f"no TensorRT engine is built (--format {args.format})",
+         "add --format trt or trt-rtx"),
+        (("timing_cache", "version_compatible", "hardware_compatible"), args.format == "trt",
+         f"no TensorRT engine is built on a GPU (--format {args.format}; TensorRT-RTX engines are built ahead of "
+         "time for every RTX / Ampere-or-newer GPU)", "add --format trt"),
         (("triton_name", "triton_device", "triton_instances", "triton_ort_tensorrt"), args.format == "triton",
          f"no Triton repository is written (--format {args.format})", "add --format triton"),
         (("classifier_mode", "operate_on_gie_id", "classifier_threshold"), args.format == "deepstream",
          f"no DeepStream config is written (--format {args.format})", "add --format deepstream"),
+        (("no_rtx_build",), exporting, "nothing is exported here, so no graph is built", "drop --no-rtx-build"),
         (("no_timing",), args.format != "triton" and (exporting or args.format == "openvino"),
          "nothing is exported here, so nothing is timed", "drop --no-timing"),
         (("operate_on_gie_id",), args.classifier_mode == "secondary", "only a secondary classifier reads a detector's "
@@ -249,10 +265,10 @@ def _triton(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, progress: bool) -> None:
+def _build_engines(bundle: Bundle, options: ExportOptions, build: BuildOptions, toolkit: Toolkit, progress: bool) -> None:
     from ..trt.loader import build_engines
 
-    build_engines(bundle, list(options.precisions), build, check=options.check, data=options.data,
+    build_engines(bundle, list(options.precisions), build, toolkit=toolkit, check=options.check, data=options.data,
                   check_limit=options.check_limit, progress=progress)
 
 

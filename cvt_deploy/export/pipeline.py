@@ -55,6 +55,8 @@ class ExportOptions:
     export/portable.py); every portable graph passes the readiness check for it and each newer one.
     ``openvino``: also write an OpenVINO IR of each portable graph (export/openvino.py), gated on OpenVINO.
     ``time_cpu``: time the bundle's CPU paths on this CPU and record the fastest for ``load`` (runtimes/choice.py).
+    ``rtx_build``: parse and build every TensorRT-bound graph with TensorRT-RTX where it is installed
+    (trt/rtx.py): NVIDIA's own parser and builder, on the CPU.
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -73,6 +75,7 @@ class ExportOptions:
     tensorrt: str = DEFAULT_TENSORRT
     openvino: bool = False
     time_cpu: bool = True
+    rtx_build: bool = True
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
@@ -186,6 +189,12 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
         with stage(f"checking the portable graphs against the ONNX parsers of TensorRT {', '.join(portable['tensorrt'])}",
                    progress):
             require_ready(bundle)
+        if options.rtx_build:
+            from ..trt.rtx import require_builds
+
+            with stage("parsing and building every TensorRT-bound graph with NVIDIA's TensorRT-RTX (on the CPU)",
+                       progress):
+                require_builds(bundle, progress)
         result = ExportResult(bundle)
         if check:
             # OpenVINO runs the same portable graphs with kernels of its own: where it is installed,

@@ -13,9 +13,15 @@ every Jetson's TensorRT reads (sources in :mod:`cvt_deploy.trt.readiness`):
   stage and TensorRT 8.5's fp16 build keep exactly them in fp32: they are the ones that
   overflow in fp16 (the squares in the variance).
 
+A third is one ONNX allows and torch does not write today: a Conv without ``kernel_shape`` (ONNX
+infers it from the weight). onnx-tensorrt's Conv importer for weights that come through a
+DequantizeLinear (the int8 graphs, derived from this one) reads the kernel size from that
+attribute alone, in every release up to 10.3 (``notes`` of ``trt/parser_ops.json``), so every
+Conv gets it written out, whatever exported the graph.
+
 ``flatten_weight_matmuls`` (used by the int8 stage) writes the token MatMuls as 2-D GEMMs:
 TensorRT 8.x accepts per-channel weight scales on a MatMul only when both inputs are 2-D.
-All three are model in, model out (ModelProto, changed in place), and add no shape
+All of them are model in, model out (ModelProto, changed in place), and add no shape
 arithmetic: every reshape they write takes constant shapes.
 """
 from __future__ import annotations
@@ -95,6 +101,28 @@ def split_shape_ranges(model: Any) -> int:
         inputs = [whole, g.const(f"{base}_start", [attrs.get("start", 0)]), g.const(f"{base}_end", [end]),
                   g.const(f"{base}_axes", [0])]
         model.graph.node.append(helper.make_node("Slice", inputs, list(node.output), name=g.name(f"{base}_slice")))
+        done += 1
+    return done
+
+
+def write_kernel_shapes(model: Any) -> int:
+    """Give every Conv without ``kernel_shape`` the one its weight implies; returns how many."""
+    from onnx import helper
+
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.input) < 2 \
+                or any(a.name == "kernel_shape" for a in node.attribute):
+            continue
+        weight = node.input[1]
+        # int8 and fp16 weights sit behind a DequantizeLinear or a Cast of the initializer
+        while weight not in dims and weight in producer and producer[weight].op_type in ("DequantizeLinear", "Cast"):
+            weight = producer[weight].input[0]
+        if len(dims.get(weight, [])) < 3:
+            continue  # weights computed at run time: the readiness check refuses the node, naming it
+        node.attribute.append(helper.make_attribute("kernel_shape", dims[weight][2:]))
         done += 1
     return done
 
@@ -203,8 +231,9 @@ def make_portable(model: Any, tensorrt: str = DEFAULT_TENSORRT) -> dict[str, Any
     require("onnx", "onnx", "portable graphs")
     tensorrt = check_tensorrt_target(tensorrt)
     shapes = split_shape_ranges(model)
+    kernels = write_kernel_shapes(model)
     fp32_nodes = decompose_layernorm(model) if tensorrt == "8.5" else []
-    return {"tensorrt": targets_from(tensorrt), "shape_slices": shapes,
+    return {"tensorrt": targets_from(tensorrt), "shape_slices": shapes, "kernel_shapes": kernels,
             "layernorm": "decomposed" if tensorrt == "8.5" else "LayerNormalization",
             **({"fp32_nodes": fp32_nodes} if fp32_nodes else {})}
 
@@ -221,7 +250,7 @@ def portable_graph(path: str | os.PathLike[str], tensorrt: str = DEFAULT_TENSORR
     path = Path(path)
     model = onnx.load(str(path))
     info = make_portable(model, tensorrt)
-    if info["shape_slices"] or info.get("fp32_nodes"):
+    if info["shape_slices"] or info["kernel_shapes"] or info.get("fp32_nodes"):
         fixed_batch, chw = _input_dims(model)
         with atomic_output(path) as tmp:
             save_graph(model, tmp)

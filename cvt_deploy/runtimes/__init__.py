@@ -25,6 +25,7 @@ __all__ = ["BACKENDS", "GRAPH_REFERENCES", "PREFERENCE", "REFERENCES", "Predicti
 # name -> "module:Class"; the order of PREFERENCE is what load() tries when no backend is named.
 BACKENDS = {
     "tensorrt": "cvt_deploy.trt.runner:TensorRTRuntime",
+    "tensorrt-rtx": "cvt_deploy.trt.runner:TensorRTRTXRuntime",
     "onnxruntime": "cvt_deploy.runtimes.ort:OrtRuntime",
     "openvino": "cvt_deploy.runtimes.openvino:OpenVinoRuntime",
     "torch": "cvt_deploy.runtimes.pytorch:TorchRuntime",
@@ -32,7 +33,7 @@ BACKENDS = {
 # OpenVINO comes after ONNX Runtime: where both are installed load() keeps picking ONNX Runtime
 # (with its CPU-specific graphs) until a measurement says otherwise; before torch, since it
 # runs the same exported graphs torch-free (docs/openvino.md has the numbers).
-PREFERENCE = ("tensorrt", "onnxruntime", "openvino", "torch")
+PREFERENCE = ("tensorrt", "tensorrt-rtx", "onnxruntime", "openvino", "torch")
 # Reference implementations for comparison (cvt-bench rows): loadable by name like a backend,
 # but they run no bundle artifact, so they are not offered as backends.
 REFERENCES = {

@@ -6,19 +6,18 @@ import contextlib
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import tensorrt
 
 
-def attach_progress(config: tensorrt.IBuilderConfig, cancel: threading.Event) -> bool:
-    """Print TensorRT's build phases via its progress API (TensorRT >= 10); False where there is none.
+def attach_progress(trt: Any, config: tensorrt.IBuilderConfig, cancel: threading.Event) -> bool:
+    """Print the build phases via the progress API of ``trt`` (the tensorrt or tensorrt_rtx module;
+    TensorRT >= 10); False where there is none.
 
     Ctrl-C inside a callback sets ``cancel``, and the next step_complete asks TensorRT to stop.
     """
-    import tensorrt as trt
-
     if not hasattr(trt, "IProgressMonitor"):
         return False
 

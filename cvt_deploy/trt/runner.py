@@ -21,8 +21,9 @@ from ..errors import CvtDeployError
 from ..runtimes.base import Runtime
 from ..util import BatchRange
 from .sidecar import EngineMeta
-from .util import (CUDA_PYTHON_HINT, MESSAGES, TENSORRT_INSTALL_HINT, cuda_call, cuda_device_index, cuda_device_info,
-                   dims, format_errors, import_cudart, tensorrt_unavailable_reason, trt_logger)
+from .util import (CUDA_PYTHON_HINT, MESSAGES, TENSORRT, TENSORRT_RTX, Toolkit, cuda_call, cuda_device_index,
+                   cuda_device_info, dims, format_errors, import_cudart, require_tensorrt, tensorrt_unavailable_reason,
+                   trt_logger)
 
 if TYPE_CHECKING:
     import tensorrt
@@ -41,13 +42,18 @@ class TensorRTRuntime(Runtime):
     GPU). Call :meth:`close` (or use ``with``) to free the GPU memory promptly.
     """
 
-    backend: ClassVar[str] = "tensorrt"
-    artifact_kind: ClassVar[str] = "tensorrt"
-    install_hint: ClassVar[str] = TENSORRT_INSTALL_HINT + "; the TensorRT runtime also needs cuda-python"
+    toolkit: ClassVar[Toolkit] = TENSORRT
+    backend: ClassVar[str] = TENSORRT.kind
+    artifact_kind: ClassVar[str] = TENSORRT.kind
+    install_hint: ClassVar[str] = TENSORRT.hint + "; the TensorRT runtime also needs cuda-python"
 
     def __init__(self, engine_path: str | os.PathLike[str], meta: EngineMeta, config: CvtConfig,
                  device: str | None = None, bundle_root: str | os.PathLike[str] | None = None) -> None:
-        import tensorrt as trt
+        module = require_tensorrt(f"the {self.toolkit.name} runtime", self.toolkit)
+        if TYPE_CHECKING:
+            import tensorrt as trt  # checked against tensorrt-stubs; TensorRT-RTX keeps this API
+        else:
+            trt = module
 
         self._lock = threading.Lock()
         self._buffers: list[int] = []
@@ -73,11 +79,15 @@ class TensorRTRuntime(Runtime):
             raise
 
     def _load(self) -> None:
-        import tensorrt as trt
+        module = require_tensorrt(f"the {self.toolkit.name} runtime", self.toolkit)
+        if TYPE_CHECKING:
+            import tensorrt as trt
+        else:
+            trt = module
 
-        rebuild = (f"rebuild it here: cvt-export --format trt --bundle {self.engine_path.parent} "
-                   f"--precision {self.precision}")
-        self._runtime = trt.Runtime(trt_logger())  # must outlive the engine
+        rebuild = (f"rebuild it here: cvt-export --format {self.toolkit.format} --bundle "
+                   f"{self.engine_path.parent} --precision {self.precision}")
+        self._runtime = trt.Runtime(trt_logger(self.toolkit))  # must outlive the engine
         if "dla_core" in self.meta.extra:  # a DLA engine runs on the core it was built for
             self._runtime.DLA_core = int(self.meta.extra["dla_core"])
         if self.meta.version_compatible:
@@ -87,7 +97,7 @@ class TensorRTRuntime(Runtime):
         with MESSAGES.capture() as errors:
             engine: tensorrt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if engine is None:
-            raise CvtDeployError(f"TensorRT could not load {self.engine_path}: {format_errors(errors)}", rebuild)
+            raise CvtDeployError(f"{self.toolkit.name} could not load {self.engine_path}: {format_errors(errors)}", rebuild)
         self._engine = engine
         with MESSAGES.capture() as errors:
             context: tensorrt.IExecutionContext | None = engine.create_execution_context()
@@ -127,7 +137,7 @@ class TensorRTRuntime(Runtime):
     @classmethod
     def unavailable_reason(cls, device: str | None = None) -> str | None:
         # "Not installed" first: it is the reason that holds on every device.
-        reason = tensorrt_unavailable_reason()
+        reason = tensorrt_unavailable_reason(cls.toolkit)
         if reason is not None:
             return reason
         try:
@@ -150,8 +160,8 @@ class TensorRTRuntime(Runtime):
                     threads: int | None = None) -> TensorRTRuntime:
         reason = cls.unavailable_reason(device)
         if reason is not None:
-            raise CvtDeployError(f"the TensorRT backend cannot run here: {reason}", cls.install_hint)
-        art = bundle.require("tensorrt", precision)
+            raise CvtDeployError(f"the {cls.toolkit.name} backend cannot run here: {reason}", cls.install_hint)
+        art = bundle.require(cls.artifact_kind, precision)
         engine = bundle.verified_path(art)
         meta = EngineMeta.read(bundle.sidecar_path(art))
         runtime = cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
@@ -185,7 +195,7 @@ class TensorRTRuntime(Runtime):
         return out.astype(np.float32, copy=False)  # fp16 engines may return half logits
 
     def describe(self) -> str:
-        return f"tensorrt {self.precision} on {self.device} ({self.gpu_name})"
+        return f"{self.backend} {self.precision} on {self.device} ({self.gpu_name})"
 
     def close(self) -> None:
         """Free the device buffers and the stream; the runtime cannot run afterwards."""
@@ -211,3 +221,16 @@ class TensorRTRuntime(Runtime):
             self.close()
         except Exception:  # at interpreter exit CUDA may already be torn down
             pass
+
+
+class TensorRTRTXRuntime(TensorRTRuntime):
+    """A TensorRT-RTX engine (``cvt-export --format trt-rtx``: built ahead of time on any
+    machine) on an RTX or Ampere-or-newer GPU, where TensorRT-RTX compiles it for that GPU
+    when it loads (JIT). The same runtime as TensorRT's: TensorRT-RTX keeps its runtime API.
+    Where there is no GPU and driver it is refused with the reason, like TensorRT."""
+
+    toolkit: ClassVar[Toolkit] = TENSORRT_RTX
+    backend: ClassVar[str] = TENSORRT_RTX.kind
+    artifact_kind: ClassVar[str] = TENSORRT_RTX.kind
+    install_hint: ClassVar[str] = (TENSORRT_RTX.hint + "; running its engines also needs cuda-python and an NVIDIA "
+                                   "driver with an RTX or Ampere-or-newer GPU")

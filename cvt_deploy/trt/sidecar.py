@@ -81,6 +81,8 @@ class EngineMeta:
     version_compatible: bool = False
     hardware_compatibility_level: str = "NONE"  # HardwareCompatibilityLevel name
     output_name: str = ""
+    toolkit: str = "TensorRT"  # or "TensorRT-RTX" (trt/util.py Toolkit.name)
+    targets: list[str] = field(default_factory=list)  # TensorRT-RTX: the compute capabilities compiled for
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. layers kept in FP32
 
@@ -103,8 +105,9 @@ class EngineMeta:
         mn, opt, mx = self.profile()
         return {
             "format": SIDECAR_FORMAT, "format_version": SIDECAR_VERSION,
-            "tensorrt_version": self.tensorrt_version,
-            "gpu": {"name": self.gpu_name, "compute_capability": _cc_text(self.compute_capability)},
+            "toolkit": self.toolkit, "tensorrt_version": self.tensorrt_version,
+            "gpu": {"name": self.gpu_name, "compute_capability": _cc_text(self.compute_capability),
+                    **({"targets": list(self.targets)} if self.targets else {})},
             "precision": self.precision,
             "profile": {"input": self.input_name, "output": self.output_name, "chw": list(self.chw),
                         "batch": self.batch.to_dict(), "min": list(mn), "opt": list(opt), "max": list(mx)},
@@ -135,6 +138,7 @@ class EngineMeta:
             strongly_typed=bool(build["strongly_typed"]), builder_flags=[str(f) for f in build.get("flags", [])],
             workspace_mib=int(build["workspace_mib"]), version_compatible=bool(build["version_compatible"]),
             hardware_compatibility_level=str(build.get("hardware_compatibility_level", "NONE")),
+            toolkit=str(d.get("toolkit", "TensorRT")), targets=[str(t) for t in gpu.get("targets", [])],
             created=str(d.get("created", "")), extra=dict(d.get("extra", {})),
         )
 
@@ -163,7 +167,10 @@ class EngineMeta:
 
     # -- compatibility -----------------------------------------------------------------
     def describe_build(self) -> str:
-        return (f"TensorRT {self.tensorrt_version} on {self.gpu_name} "
+        if self.targets:
+            return (f"{self.toolkit} {self.tensorrt_version} ahead of time for compute capability "
+                    f"{', '.join(self.targets)} and newer")
+        return (f"{self.toolkit} {self.tensorrt_version} on {self.gpu_name} "
                 f"(compute capability {_cc_text(self.compute_capability)})")
 
     def check_compatible(self, runtime_trt_version: str, gpu_name: str,
@@ -178,8 +185,9 @@ class EngineMeta:
         8.0. Returns warnings that do not stop loading (same compute capability, other GPU).
         """
         cc = parse_compute_capability(compute_capability)
-        here = f"TensorRT {runtime_trt_version} on {gpu_name} (compute capability {_cc_text(cc)})"
-        fix = (f"rebuild the engine on this machine: cvt-export --format trt --bundle {bundle or '<bundle>'} "
+        here = f"{self.toolkit} {runtime_trt_version} on {gpu_name} (compute capability {_cc_text(cc)})"
+        fmt = "trt-rtx" if self.targets else "trt"
+        fix = (f"rebuild the engine on this machine: cvt-export --format {fmt} --bundle {bundle or '<bundle>'} "
                f"--precision {self.precision}")
         built, run = version_tuple(self.tensorrt_version), version_tuple(runtime_trt_version)
 
@@ -198,7 +206,13 @@ class EngineMeta:
                     fix + f", or install TensorRT {self.tensorrt_version} (or build with version compatibility)")
 
         warnings: list[str] = []
-        if self.hardware_compatibility_level == "AMPERE_PLUS":
+        if self.targets:  # an ahead-of-time engine: compiled for the GPU it meets, from the oldest target on
+            lowest = min(parse_compute_capability(t) for t in self.targets)
+            if cc < lowest:
+                raise CvtDeployError(f"this engine was built with {self.describe_build()}, but this machine has {here}",
+                                     "run it on an RTX or Ampere-or-newer GPU, or build TensorRT engines for this one "
+                                     f"(cvt-export --format trt --bundle {bundle or '<bundle>'})")
+        elif self.hardware_compatibility_level == "AMPERE_PLUS":
             if cc < (8, 0):
                 raise CvtDeployError(
                     f"this engine was built hardware-compatible (AMPERE_PLUS) with {self.describe_build()}; it runs "

@@ -15,6 +15,8 @@ import os
 import re
 import sys
 import threading
+import types
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import CvtDeployError, MissingDependencyError
@@ -39,45 +41,74 @@ TENSORRT_INSTALL_HINT = (
 )
 CUDA_PYTHON_HINT = "pip install cuda-python (cvt-deploy's [gpu] extra includes it; on a Jetson match its CUDA major version, e.g. 'cuda-python<13' for CUDA 12)"
 
+RTX_INSTALL_HINT = ("pip install 'cvt-deploy[rtx]' (or pip install tensorrt-rtx): NVIDIA's TensorRT for RTX, on PyPI "
+                    "for x86-64 Linux and Windows; its parser and builder run on any CPU, no GPU needed")
+
 # ----------------------------------------------------------------------------------------
-# Is TensorRT here?
+# Which TensorRT, and is it here?
 
 
-def install_hint() -> str:
-    """What to do when TensorRT is missing (the ``hint`` of the error to raise)."""
-    return TENSORRT_INSTALL_HINT
+@dataclass(frozen=True)
+class Toolkit:
+    """A TensorRT Python package the loader builds with (and the runner runs with).
+
+    NVIDIA's TensorRT (``tensorrt``) builds on the GPU that will run the engine; TensorRT-RTX
+    (``tensorrt_rtx``) has the same Python API for everything the loader touches, but builds
+    ahead of time (``aot``) with no GPU at all: no CUDA device to ask, no timing cache (it makes
+    the AOT build query a GPU: TensorRT-RTX 1.1 release notes), strongly typed only, and the
+    engine is compiled for the GPU it meets at run time (JIT).
+    """
+
+    name: str           # as users read it: "TensorRT", "TensorRT-RTX"
+    module: str         # the Python module
+    kind: str           # the bundle's artifact kind and backend name of its engines
+    aot: bool           # builds with no GPU present
+    hint: str           # how to install it
+    engine_suffix: str  # model.<precision><engine_suffix>
+    format: str         # cvt-export --format that builds its engines
 
 
-def tensorrt_unavailable_reason() -> str | None:
-    """None when the real TensorRT can be imported; otherwise why not, in one sentence.
+TENSORRT = Toolkit("TensorRT", "tensorrt", "tensorrt", False, TENSORRT_INSTALL_HINT, ".engine", "trt")
+TENSORRT_RTX = Toolkit("TensorRT-RTX", "tensorrt_rtx", "tensorrt-rtx", True, RTX_INSTALL_HINT, ".rtx.engine", "trt-rtx")
+TOOLKITS = {t.kind: t for t in (TENSORRT, TENSORRT_RTX)}
+
+
+def install_hint(toolkit: Toolkit = TENSORRT) -> str:
+    """What to do when ``toolkit`` is missing (the ``hint`` of the error to raise)."""
+    return toolkit.hint
+
+
+def tensorrt_unavailable_reason(toolkit: Toolkit = TENSORRT) -> str | None:
+    """None when the real ``toolkit`` can be imported; otherwise why not, in one sentence.
 
     ``tensorrt-stubs`` installs a ``tensorrt/`` folder with only ``__init__.pyi``, which
     Python imports as an empty namespace package, so a successful import proves nothing:
     the real package has ``Builder`` and ``__version__``.
     """
     try:
-        trt = importlib.import_module("tensorrt")
+        trt = importlib.import_module(toolkit.module)
     except ImportError as e:
-        return f"TensorRT is not installed (import tensorrt failed: {e})"
-    except OSError as e:  # the Python package is there but libnvinfer is not
-        return f"TensorRT's libraries cannot be loaded ({e})"
+        return f"{toolkit.name} is not installed (import {toolkit.module} failed: {e})"
+    except OSError as e:  # the Python package is there but its libraries are not
+        return f"{toolkit.name}'s libraries cannot be loaded ({e})"
     if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
         where = ", ".join(getattr(trt, "__path__", [])) or "an unknown location"
-        return ("only an empty 'tensorrt' package is installed (at " + where + "), e.g. the type stubs "
-                "from tensorrt-stubs, not the TensorRT libraries")
+        return (f"only an empty '{toolkit.module}' package is installed (at " + where + "), e.g. the type stubs "
+                f"from tensorrt-stubs, not the {toolkit.name} libraries")
     return None
 
 
-def require_tensorrt(feature: str) -> None:
-    """Raise MissingDependencyError (a CvtDeployError) naming ``feature`` when TensorRT is not here."""
-    reason = tensorrt_unavailable_reason()
+def require_tensorrt(feature: str, toolkit: Toolkit = TENSORRT) -> types.ModuleType:
+    """The ``toolkit`` module; MissingDependencyError (a CvtDeployError) naming ``feature`` when it is not here."""
+    reason = tensorrt_unavailable_reason(toolkit)
     if reason is not None:
-        raise MissingDependencyError(f"{feature} needs TensorRT: {reason}", install_hint())
+        raise MissingDependencyError(f"{feature} needs {toolkit.name}: {reason}", install_hint(toolkit))
+    return importlib.import_module(toolkit.module)
 
 
-def tensorrt_version() -> str:
-    """The installed TensorRT's version; call only after :func:`tensorrt_unavailable_reason`."""
-    return str(importlib.import_module("tensorrt").__version__)
+def tensorrt_version(toolkit: Toolkit = TENSORRT) -> str:
+    """The installed ``toolkit``'s version; call only after :func:`tensorrt_unavailable_reason`."""
+    return str(importlib.import_module(toolkit.module).__version__)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -202,18 +233,29 @@ _SEVERITY = {"error": 1, "warning": 2, "info": 3, "verbose": 4}
 LOG_ENV = "CVT_DEPLOY_TRT_LOG"  # error | warning (default) | info | verbose
 
 
+class Captured(list[str]):
+    """The error messages logged inside a :meth:`TrtMessages.capture` block, and (when asked)
+    its warnings in ``warnings``."""
+
+    def __init__(self, warnings: bool) -> None:
+        super().__init__()
+        self.wants_warnings = warnings
+        self.warnings: list[str] = []
+
+
 class TrtMessages:
     """Routes TensorRT's log: errors to whoever is capturing them (to put into one
-    CvtDeployError), else to stderr; warnings and up to :data:`LOG_ENV`'s level to stderr."""
+    CvtDeployError), else to stderr; warnings to a capture that asked for them (a build
+    report), else with everything up to :data:`LOG_ENV`'s level to stderr."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sinks: list[list[str]] = []
+        self._sinks: list[Captured] = []
 
     @contextlib.contextmanager
-    def capture(self) -> Iterator[list[str]]:
-        """Collect the error messages TensorRT logs inside the block."""
-        sink: list[str] = []
+    def capture(self, warnings: bool = False) -> Iterator[Captured]:
+        """Collect the error messages TensorRT logs inside the block (and its warnings, ``warnings``)."""
+        sink = Captured(warnings)
         with self._lock:
             self._sinks.append(sink)
         try:
@@ -223,13 +265,17 @@ class TrtMessages:
                 self._sinks.remove(sink)
 
     def emit(self, severity: int, msg: str) -> None:
-        if severity <= _SEVERITY["error"]:
-            with self._lock:
-                sinks = list(self._sinks)
+        with self._lock:
+            sinks = list(self._sinks)
+        if severity <= _SEVERITY["error"] and sinks:
             for sink in sinks:
                 sink.append(msg.strip())
-            if sinks:
-                return
+            return
+        if severity == _SEVERITY["warning"] and any(s.wants_warnings for s in sinks):
+            for sink in sinks:
+                if sink.wants_warnings:
+                    sink.warnings.append(msg.strip())
+            return
         level = _SEVERITY.get(os.environ.get(LOG_ENV, "warning").lower(), _SEVERITY["warning"])
         if severity <= level:
             name = {0: "internal error", 1: "error", 2: "warning"}.get(severity, "info")
@@ -237,26 +283,25 @@ class TrtMessages:
 
 
 MESSAGES = TrtMessages()
-_LOGGER: tensorrt.ILogger | None = None
+_LOGGERS: dict[str, tensorrt.ILogger] = {}
 _LOGGER_LOCK = threading.Lock()
 
 
-def trt_logger() -> tensorrt.ILogger:
-    """The one TensorRT logger of this process (created on first use); feeds :data:`MESSAGES`."""
-    global _LOGGER
-    import tensorrt as trt
+def trt_logger(toolkit: Toolkit = TENSORRT) -> tensorrt.ILogger:
+    """The one logger of this process for ``toolkit`` (created on first use); feeds :data:`MESSAGES`."""
+    trt: Any = importlib.import_module(toolkit.module)
 
     with _LOGGER_LOCK:
-        if _LOGGER is None:
+        if toolkit.module not in _LOGGERS:
             class _Logger(trt.ILogger):
                 def __init__(self) -> None:
                     trt.ILogger.__init__(self)  # the pybind11 trampoline needs the explicit call
 
-                def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+                def log(self, severity: Any, msg: str) -> None:
                     MESSAGES.emit(int(severity), msg)
 
-            _LOGGER = _Logger()
-        return _LOGGER
+            _LOGGERS[toolkit.module] = _Logger()
+        return _LOGGERS[toolkit.module]
 
 
 def dims(d: tensorrt.Dims) -> tuple[int, ...]:
