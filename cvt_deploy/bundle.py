@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 from .config import CvtConfig
 from .errors import CvtDeployError
 from .outlock import INNER_LOCK, check_unlocked, output_lock
-from .sandbox import SANDBOX_RULE, check_external_data, inside_path, plain_name
+from .sandbox import SANDBOX_RULE, check_external_data, inside_path, own_files
 # Re-exported: these lived here before the ground floor (util) existed.
 from .util import INPUT_FORMATS, OUTPUT_KINDS, PRECISIONS, BatchRange, atomic_output, atomic_write_text, file_sha256, current_umask, scratch_dir  # noqa: F401
 from .interrupt import signals_held
@@ -377,14 +377,13 @@ def check_output(out: Path, planned: Sequence[str] = (), overwrite: bool = True)
     return owned
 
 
-def bundle_files(root: Path) -> set[str] | None:
-    """The files of the bundle in ``root`` (by its manifest's format marker, plus an interrupted
-    replacement's journal), or None when ``root`` holds no cvt-deploy bundle."""
+def bundle_files(root: Path, odd: list[str] | None = None) -> set[str] | None:
+    """The files of the bundle in ``root`` (by its manifest's format marker, plus an interrupted replacement's
+    journal; entries :func:`own_files` refuses claim nothing, ``odd`` gets them), or None when it holds no bundle."""
     files: set[str] = set()
     found = False
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        journal = read_json(root / JOURNAL)
-        files |= {f for f in journal["files"] if plain_name(f)} | {JOURNAL}
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # a journal without "files" is no journal
+        files |= own_files(root, read_json(root / JOURNAL)["files"]) | {JOURNAL}
         found = True
     with contextlib.suppress(OSError, ValueError):
         raw = read_json(root / MANIFEST)
@@ -394,7 +393,7 @@ def bundle_files(root: Path) -> set[str] | None:
             arts = raw.get("artifacts")
             for art in (arts.values() if isinstance(arts, dict) else ()):
                 if isinstance(art, dict):
-                    files |= {str(f) for f in (art.get("file"), *(art.get(k) for k in SIDE_FILES)) if plain_name(f)}
+                    files |= own_files(root, (art.get("file"), *(art.get(k) for k in SIDE_FILES)), odd)
     return files if found else None
 
 
@@ -409,8 +408,11 @@ def _some(names: Sequence[str]) -> str:
 
 def _refuse_clashes(out: Path, clashes: Sequence[str]) -> None:
     if clashes:
+        odd: list[str] = []
+        bundle_files(out, odd)  # an entry that claims nothing may be why an old bundle's file counts as a user's
+        also = f" (its {MANIFEST} names {_some(odd)} where a file name belongs: such an entry claims nothing)" if odd else ""
         raise CvtDeployError(f"{out} holds files that are not part of its bundle where the new bundle writes: "
-                             f"{_some(list(clashes))}; refusing to overwrite them",
+                             f"{_some(list(clashes))}; refusing to overwrite them{also}",
                              "move those files elsewhere, or choose another --out")
 
 
@@ -442,7 +444,7 @@ def _install(tmp: Path, out: Path, owned: set[str]) -> list[str]:
     with signals_held():
         for name in new:
             os.replace(tmp / name, out / name)
-        for name in sorted(owned - set(new) - {JOURNAL}):
+        for name in sorted(own_files(out, owned - set(new) - {JOURNAL, INNER_LOCK})):  # again: a folder may be there now
             remove_path(out / name)
         (out / JOURNAL).unlink()
     return [n for n in user if n != JOURNAL]

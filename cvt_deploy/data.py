@@ -1,7 +1,8 @@
 """Labelled evaluation data for parity checks: the demo held-out split or an image folder.
 
 An image folder holds one sub-folder per class, named as the model's labels (or by class
-index); images directly in the folder are used unlabelled (agreement only, no accuracy).
+index, in the digits 0-9); images directly in the folder are used unlabelled (agreement only,
+no accuracy).
 """
 from __future__ import annotations
 
@@ -133,11 +134,13 @@ def _folder_labels(root: Path, files: list[Path], cfg: CvtConfig) -> np.ndarray 
         assert c is not None
         if c in index:
             out.append(index[c])
-        elif c.isdigit() and int(c) < cfg.num_classes:
+        # An index in the digits 0-9: str.isdigit also takes '¹', which int refuses, and '٣', which int reads as 3.
+        elif c.isascii() and c.isdigit() and int(c) < cfg.num_classes:
             out.append(int(c))
         else:
             known = ", ".join(list(index)[:8]) + (" ..." if len(index) > 8 else "")
             raise CvtDeployError(f"class folder {c!r} in {root} is neither one of the model's labels nor a class index "
                                  f"below {cfg.num_classes}",
-                                 f"name class folders by label ({known or 'the model has no labels'}) or by class index")
+                                 f"name class folders by label ({known or 'the model has no labels'}) or by class index "
+                                 "in the digits 0-9")
     return np.asarray(out, dtype=np.int64)

@@ -9,15 +9,36 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .errors import CvtDeployError
 
 
 def plain_name(name: Any) -> bool:
     """Whether ``name`` is a relative path that stays inside the bundle folder (by its text)."""
+    # '.' and './' have no parts: they name the folder itself, which a caller would remove or
+    # read as if it were one of the files in it.
     return isinstance(name, str) and bool(name) and "\0" not in name and not Path(name).is_absolute() \
-        and ".." not in Path(name).parts
+        and bool(Path(name).parts) and ".." not in Path(name).parts
+
+
+def own_files(root: Path, names: Iterable[Any], odd: list[str] | None = None) -> set[str]:
+    """The names among ``names`` (a bundle's record of its own files) that replacing the bundle in
+    ``root`` may overwrite or remove: file names directly in ``root``, spelt as cvt-export writes
+    them, that are not a folder there. The rest claim nothing (their reprs go to ``odd``).
+
+    The record may be hand-edited: a name for the folder itself, a place outside it, a user's
+    folder, a file deeper down, or another spelling of a file the new bundle writes ('./model.onnx')
+    would make the replacement remove the folder, the user's files or the new bundle's own.
+    """
+    found: set[str] = set()
+    for name in names:
+        path = root / name if plain_name(name) else None
+        if path is not None and path.name == name and not (os.path.isdir(path) and not os.path.islink(path)):
+            found.add(name)
+        elif name is not None and odd is not None:
+            odd.append(repr(name))
+    return found
 
 
 SANDBOX_RULE = "a file name inside the bundle folder (relative, no '..', no symlink leading out of it)"

@@ -221,9 +221,10 @@ def stale_partials(folder: Path, name: str = "") -> tuple[list[Path], list[Path]
         for p in folder.iterdir():
             if not (p.name.startswith(prefix) and p.name.endswith(PARTIAL_SUFFIX)):
                 continue
-            # .NAME.PID.RANDOM.partial: NAME may hold dots, mkstemp's RANDOM does not
+            # .NAME.PID.RANDOM.partial: NAME may hold dots, mkstemp's RANDOM does not. A PID that is
+            # not ASCII digits ('¹', '٣': anyone may name a file so) is no writer's of ours: unknown.
             parts = p.name[:-len(PARTIAL_SUFFIX)].rsplit(".", 2)
-            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+            pid = int(parts[1]) if len(parts) == 3 and parts[1].isascii() and parts[1].isdigit() else None
             if pid is not None and pid != os.getpid() and not pid_alive(pid):
                 stale.append(p)
             elif pid is None or pid != os.getpid():

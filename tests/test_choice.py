@@ -261,6 +261,16 @@ def test_a_path_that_missed_its_gates_or_a_damaged_entry_is_never_chosen(ir_copy
         assert choice is None or choice.batch == 8 and choice.artifact == "onnx-fp32-onnxruntime-cpu", batches
 
 
+def test_a_batch_size_in_other_digits_is_passed_over(bundle_copy: Path) -> None:
+    """A hand-edited batch key that only looks like a number ('¹': str.isdigit takes it, int refuses
+    it; '٣': int reads it as 3) is no measured batch size: not a traceback, not followed."""
+    times = {"onnxruntime:onnx-fp32": 1.0, "onnxruntime:onnx-fp32-onnxruntime-cpu": 2.0}
+    for key in ("\u00b9", "\u0663"):
+        _timings(bundle_copy, {"batches": {key: {"fp32": times}}})
+        assert fastest(Bundle.open(bundle_copy), "fp32") is None, key
+        assert load(bundle_copy, precision="fp32").choice is None
+
+
 @pytest.mark.parametrize("how", ["missed gate", "unreadable --data"])
 def test_a_failed_re_add_keeps_the_irs_the_bundle_had(ir_copy: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """Whatever stops `--format openvino --bundle` after the IRs are written (a gate, the

@@ -232,6 +232,50 @@ def test_export_wrong_model_for_weights(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("args, flags, why", [
+    (["--img-size", "100", "--activation", "gelu"], "--img-size, --activation", "the demo model"),
+    (["--img-size", "384"], "--img-size", "the demo model"),
+    (["--heads", "1,3,6"], "--heads", "the demo model"),
+    (["--model", "cvt-13", "--config", "{CONFIG}"], "--config", "random weights"),
+    (["--model", "cvt-13", "--heads", "1,3,6", "--img-size", "384"], "--heads", "random weights"),
+])
+def test_export_refuses_model_flags_that_describe_no_model_it_exports(tmp_path, no_work, capsys, leftovers, args, flags,
+                                                                      why):
+    """Without --weights the demo model (or --model's random weights) is exported as it is: a size,
+    activation or architecture asked for would silently not be what the bundle holds."""
+    config = tmp_path / "config.json"
+    config.write_text('{"num_heads": [1, 3, 6]}')
+    out = tmp_path / "bundle"
+    rc = export_cli.main([*(a.replace("{CONFIG}", str(config)) for a in args), "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"error: {flags} ha" in err and "no effect" in err and why in err, err
+    assert "fix:" in err and "--weights" in err.split("fix:")[1], err
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args", [["--model", "cvt-tiny", "--img-size", "96", "--activation", "gelu"],
+                                  ["--model", "cvt-tiny", "--img-size", "100"]])
+def test_export_model_alone_takes_its_size_and_activation(tmp_path, monkeypatch, capsys, args):
+    """--model alone builds that variant with random weights at the size and activation asked for."""
+    from cvt_deploy.errors import CvtDeployError
+
+    made = []
+
+    def stop(model, *a, **k):
+        made.append(model)
+        raise CvtDeployError("stopped before the export", "the test stops here")
+
+    monkeypatch.setattr("cvt_deploy.export.pipeline.export_bundle", stop)
+    rc = export_cli.main([*args, "--out", str(tmp_path / "b"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    if "100" in args:  # a size the architecture cannot take is refused by name before a model exists
+        assert "100" in err and "multiple" in err and not made, err
+    else:
+        assert "stopped before the export" in err and (made[0].cfg.img_size, made[0].cfg.activation) == (96, "gelu")
+
+
 def test_export_with_an_empty_data_folder_fails_and_writes_nothing(tmp_path, stub_export_onnx, capsys, leftovers):
     data = tmp_path / "data"
     data.mkdir()
@@ -454,6 +498,22 @@ def test_check_on_a_labelled_image_folder(demo_bundle, tmp_path, demo_test_split
     assert cpu_graph["images"] == 20 and cpu_graph["accuracy_drop"] == 0.0
     assert report["images"] == 20 and "labelled" in report["data"]
     assert report["accuracy_reference"] >= 0.9 and report["accuracy_drop"] == 0.0
+
+
+@pytest.mark.parametrize("odd", ["\u00b9", "\u0663", "\uff11", "1_0", " 1"])
+def test_check_refuses_a_class_folder_that_only_looks_like_an_index(demo_bundle, tmp_path, demo_test_split, capsys, odd):
+    """Class folders are labels or indexes in the digits 0-9: '¹' (which str.isdigit takes and int
+    refuses), '٣' or '１' (which int reads as 3 and 1) name no class the user wrote on purpose."""
+    from PIL import Image
+
+    for i, name in enumerate(["0", "1", odd]):
+        folder = tmp_path / "data" / name
+        folder.mkdir(parents=True)
+        Image.fromarray(demo_test_split.images[i]).save(folder / f"{i}.png")
+    rc = check_cli.main(["--bundle", str(demo_bundle), "--data", str(tmp_path / "data"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"error: class folder {odd!r}" in err and "class index" in err and "digits 0-9" in err.split("fix:")[1], err
 
 
 @pytest.mark.parametrize("args, words", [

@@ -51,9 +51,9 @@ def user_files(folder: Path) -> dict[str, str]:
 
 
 def export(out: str | Path, *args: str, cwd: Path | None = None, ort_cpu: bool = False) -> subprocess.CompletedProcess[str]:
-    """cvt-export without the parity check and the CPU-path timing (and, unless asked, without the
-    ORT-CPU graphs): quicker."""
-    return run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "-q", *args,
+    """cvt-export without the parity check, the CPU-path timing and the TensorRT-RTX build (and,
+    unless asked, without the ORT-CPU graphs): quicker; these tests are about the files."""
+    return run_cli("cvt-export", "--out", str(out), "--no-check", "--no-timing", "--no-rtx-build", "-q", *args,
                    *([] if ort_cpu else ["--no-ort-cpu"]),
                    cwd=cwd)
 
@@ -94,6 +94,46 @@ def test_a_users_file_where_the_new_bundle_writes_is_refused_before_any_work(bun
     err = refused(export(bundle_copy, "--precision", "int8"), "model.int8.onnx", "not part of its bundle")
     assert "move those files" in err
     assert snapshot(bundle_copy) == before
+
+
+ODD_NAMES = [".", "./", "./.", "..", "a/..", "", "/", "/etc/hostname", "model.onnx\0x", "photos", "photos/x.jpg",
+             "notes.txt/.", "./model.onnx"]
+
+
+def _name_in_manifest(bundle: Path, artifact: str, key: str, name: str) -> dict[str, str]:
+    """Edit the bundle's manifest as a hand would; add a user's notes and photos; their snapshot."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"][artifact][key] = name
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (bundle / "notes.txt").write_text("my notes\n")
+    (bundle / "photos").mkdir()
+    (bundle / "photos" / "x.jpg").write_bytes(os.urandom(64))
+    return {k: v for k, v in snapshot(bundle).items() if k in ("notes.txt", "photos/x.jpg")}
+
+
+@pytest.mark.parametrize("artifact,key", [("onnx-fp32-onnxruntime-cpu", "file"), ("onnx-fp32", "labels")])
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_an_old_manifest_entry_that_names_no_file_of_the_bundle_claims_nothing(bundle_copy, stub_export_onnx, artifact,
+                                                                                key, name):
+    """A hand-edited manifest naming the folder itself, a place outside it, a user's folder or a
+    file deeper down: replacing the bundle ignores the entry (as the earlier sandbox mend ignores
+    names that climb out), so the folder, the user's files and the new bundle all survive."""
+    mine = _name_in_manifest(bundle_copy, artifact, key, name)
+    proc = export(bundle_copy, "--format", "onnx")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    after = snapshot(bundle_copy)
+    assert {k: after.get(k) for k in mine} == mine
+    assert set(Bundle.open(bundle_copy).artifacts) == {"onnx-fp32", "torch-fp32"}
+    assert JOURNAL not in after and not partials(bundle_copy, bundle_copy.parent)
+
+
+@pytest.mark.parametrize("name", [".", "./model.onnx"])
+def test_an_odd_entry_for_a_file_the_new_bundle_writes_is_refused_naming_it(bundle_copy, no_work, name):
+    """The graph the odd entry stood for is then nobody's: the clash refusal names the entry too."""
+    _name_in_manifest(bundle_copy, "onnx-fp32", "file", name)
+    before = snapshot(bundle_copy)
+    err = refused(export(bundle_copy, "--format", "onnx"), "model.onnx", repr(name), "not part of its bundle")
+    assert "move those files" in err and snapshot(bundle_copy) == before
 
 
 @pytest.mark.parametrize("name", ["calib.npy", "notes.txt", "other.json"])
@@ -141,6 +181,17 @@ def test_export_to_dot(tmp_path):
 
 
 # --- faults of the operating system -------------------------------------------------------------
+
+@pytest.mark.parametrize("pid", ["\u00b9", "\u0663"])
+def test_a_partial_name_whose_pid_only_looks_like_a_number_is_left_and_named(tmp_path, stub_export_onnx, pid):
+    """'.out.¹.x.partial' beside --out: str.isdigit takes '¹', int refuses it; '٣' int reads as pid 3.
+    Neither is a pid cvt-export wrote, so the file is someone else's: left, named, no traceback."""
+    other = tmp_path / f".bundle.{pid}.abc123.partial"
+    other.write_text("another tool's temporary file\n")
+    proc = run_cli("cvt-export", "--out", str(tmp_path / "bundle"), "--no-check", "--no-timing", "--no-ort-cpu")  # notes: not -q
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert other.read_text() == "another tool's temporary file\n" and f"note: left {other}" in proc.stderr, proc.stderr
+
 
 def test_disk_full_during_export_leaves_nothing_and_says_so(tmp_path):
     with tmpfs(tmp_path / "small", size="1200k") as disk:

@@ -1,4 +1,5 @@
-"""cvt-serve on a real Triton server (PyTriton), talked to with tritonclient over HTTP and gRPC.
+"""cvt-serve on a real Triton server (PyTriton's tritonserver, our Python-backend model), talked to
+with tritonclient over HTTP and gRPC.
 
 One server for the module (starting Triton takes seconds); it binds free loopback ports and is
 stopped by process id. The last test stops it with SIGTERM and checks that Triton and its
@@ -6,6 +7,7 @@ Python-backend stub are gone and the ports are free again.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -26,6 +28,9 @@ from conftest import cpu_load  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.serve.load import Metrics  # noqa: E402
 from cvt_deploy.serve.protocol import request_inputs  # noqa: E402
+
+#: The error status of a bad request: HTTP 400, gRPC INVALID_ARGUMENT (what tritonclient's .status() says).
+BAD_REQUEST = {"tritonclient.http": "400", "tritonclient.grpc": "StatusCode.INVALID_ARGUMENT"}
 
 SAMPLES = sorted((Path(__file__).parents[1] / "cvt_deploy" / "demo" / "samples").glob("*.png"))
 READY_TIMEOUT_S = 180
@@ -160,7 +165,7 @@ def clients(served: Served):
 
 def test_one_runtime_call_answers_requests_of_both_kinds(reference, monkeypatch):
     """What Triton hands the model: a list of requests; one run() for all, outputs split back per request."""
-    from cvt_deploy.serve.server import infer_batch
+    from cvt_deploy.serve.server import Refusal, infer_batch
 
     runtime, files, pred, pixels = reference
     calls = []
@@ -175,13 +180,13 @@ def test_one_runtime_call_answers_requests_of_both_kinds(reference, monkeypatch)
     assert [len(o["logits"]) for o in out] == [2, 3, 1] and np.abs(logits - pred.logits).max() <= 1e-5
     np.testing.assert_array_equal(np.concatenate([o["classes"] for o in out]), pred.indices[:, :3])
     both = infer_batch(runtime, [{"images": requests[0]["images"], "pixels": pixels[:2]}], topk=3)
-    assert set(both[0]) == {"error"} and b"exactly one of the inputs" in both[0]["error"][0, 0]
+    assert isinstance(both[0], Refusal) and both[0].bad_request and "exactly one of the inputs" in both[0].message
 
 
 def test_a_bad_request_in_a_batch_fails_alone(reference):
-    """PyTriton fails a batch as a whole; infer_batch answers the bad request with an error
-    output and the good ones in the same batch exactly as without it."""
-    from cvt_deploy.serve.server import infer_batch
+    """infer_batch refuses the bad request alone and answers the good ones in the same batch
+    exactly as without it."""
+    from cvt_deploy.serve.server import Refusal, infer_batch
 
     runtime, files, pred, pixels = reference
     nan = pixels[:1].copy()
@@ -197,10 +202,10 @@ def test_a_bad_request_in_a_batch_fails_alone(reference):
     assert np.abs(out[2]["logits"] - pred.logits[2:4]).max() <= 1e-5
     for i, says in ((1, b"is not a readable image"), (3, b"NaN or infinite"), (4, b"no images"),
                     (5, b"far outside what this model's normalised images hold")):
-        assert set(out[i]) == {"error"}, i
-        assert len(out[i]["error"]) == max(1, len(next(iter(requests[i].values())))), i
-        assert says in out[i]["error"][0, 0] and b"fix: " in out[i]["error"][0, 0], out[i]["error"][0, 0]
-        assert b"Traceback" not in out[i]["error"][0, 0] and b"/cvt_deploy/" not in out[i]["error"][0, 0]
+        refusal = out[i]
+        assert isinstance(refusal, Refusal) and refusal.bad_request, (i, refusal)
+        assert says.decode() in refusal.message and "fix: " in refusal.message, refusal.message
+        assert "Traceback" not in refusal.message and "/cvt_deploy/" not in refusal.message
 
 
 def test_startup_prints_urls_and_metadata_describes_inputs_and_outputs(served):
@@ -216,8 +221,7 @@ def test_startup_prints_urls_and_metadata_describes_inputs_and_outputs(served):
         outputs = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in meta["outputs"]}
         assert inputs == {"images": ("BYTES", [-1, 1]), "pixels": ("FP32", [-1, 3, 64, 64])}, module.__name__
         assert outputs == {"logits": ("FP32", [-1, 10]), "classes": ("INT64", [-1, 5]),
-                           "scores": ("FP32", [-1, 5]), "labels": ("BYTES", [-1, 5]),
-                           "error": ("BYTES", [-1, 1])}, module.__name__
+                           "scores": ("FP32", [-1, 5]), "labels": ("BYTES", [-1, 5])}, module.__name__
 
 
 def test_images_and_pixels_give_in_process_predictions(served, reference):
@@ -280,19 +284,15 @@ def _bomb() -> bytes:
 
 
 def _assert_good(module, client, good: bytes, pred) -> None:
-    from cvt_deploy.serve.protocol import check_result
-
-    result = check_result(client.infer("cvt", request_inputs(module, images=[good])))
+    result = client.infer("cvt", request_inputs(module, images=[good]))
     assert np.abs(result.as_numpy("logits")[0] - pred.logits[0]).max() <= 1e-5
 
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference, demo_bundle):
-    """Every malformed request gets an error naming the problem; a good request right after it is
-    answered correctly. Triton refuses shapes, dtypes and sizes itself (protocol errors); what
-    only the model can see is answered with an ``error`` output."""
+    """Every malformed request gets an error status (HTTP 400 / gRPC INVALID_ARGUMENT) naming the
+    problem; a good request right after it is answered correctly. Triton refuses shapes, dtypes
+    and sizes itself; what only the model can see is refused by the model, with the fix."""
     from tritonclient.utils import InferenceServerException
-
-    from cvt_deploy.serve.protocol import RequestError, check_result
 
     from cvt_deploy.bundle import Bundle
 
@@ -313,6 +313,7 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference,
             with pytest.raises(InferenceServerException) as err:
                 client.infer("cvt", inputs)
             assert says in str(err.value), (module.__name__, str(err.value)[-500:])
+            assert err.value.status() == BAD_REQUEST[module.__name__], (module.__name__, err.value.status())
             _assert_good(module, client, good, pred)
         by_model = [(request_inputs(module, images=[b"these bytes are not an image"]), "not a readable image"),
                     (request_inputs(module, images=[b""]), "not a readable image"),
@@ -322,19 +323,21 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(served, reference,
                     (request_inputs(module, pixels=pixels[:2] * 1000), "far outside"),
                     (request_inputs(module, images=[good]) + request_inputs(module, pixels=pixels[:1]), "exactly one")]
         for inputs, says in by_model:
-            with pytest.raises(RequestError) as err:
-                check_result(client.infer("cvt", inputs))
-            assert says in str(err.value) and "fix: " in str(err.value), (module.__name__, str(err.value))
-            assert "Traceback" not in str(err.value) and "/cvt_deploy/" not in str(err.value)
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("cvt", inputs)
+            message = err.value.message()
+            assert err.value.status() == BAD_REQUEST[module.__name__], (module.__name__, err.value.status(), message)
+            assert says in message and "fix: " in message, (module.__name__, message)
+            assert "Traceback" not in message and "/cvt_deploy/" not in message
             _assert_good(module, client, good, pred)
 
 
 def test_bad_requests_batched_with_good_ones_fail_alone(served, reference):
     """Requests in flight together are batched by Triton: the good ones are answered correctly,
-    each bad one gets its own error, and the server is not counted as failing."""
+    each bad one gets its own error status (HTTP 400), and the server is not counted as failing."""
     import tritonclient.http as thttp
-
-    from cvt_deploy.serve.protocol import RequestError, check_result
+    import tritonclient.grpc as tgrpc
+    from tritonclient.utils import InferenceServerException
 
     _, files, pred, _ = reference
     encoded = [Path(f).read_bytes() for f in files]
@@ -345,16 +348,37 @@ def test_bad_requests_batched_with_good_ones_fail_alone(served, reference):
                                                                        else b"garbage %d" % i]))
                for i, k in enumerate(kinds)]
     for i, (kind, p) in enumerate(zip(kinds, pending)):
-        result = p.get_result()
         if kind == "good":
-            logits = check_result(result).as_numpy("logits")[0]
+            logits = p.get_result().as_numpy("logits")[0]
             assert np.abs(logits - pred.logits[i % len(encoded)]).max() <= 1e-5, i
         else:
-            with pytest.raises(RequestError, match="not a readable image"):
-                check_result(result)
+            with pytest.raises(InferenceServerException, match="not a readable image") as err:
+                p.get_result()
+            assert err.value.status() == "400", err.value.status()
     after = settled_metrics(served.metrics)
     assert after.executions - before.executions < len(kinds), "the requests were never batched together"
     assert after.failures == before.failures
+    # the same over gRPC: each bad request of a batch gets INVALID_ARGUMENT, the good ones their answers
+    answers: list[object] = [None] * len(kinds)
+    grpc_client = tgrpc.InferenceServerClient(served.grpc)
+    done = threading.Semaphore(0)
+
+    def callback(i: int, result: object, error: object) -> None:
+        answers[i] = error if error is not None else result
+        done.release()
+
+    for i, kind in enumerate(kinds):
+        data = encoded[i % len(encoded)] if kind == "good" else b"garbage %d" % i
+        grpc_client.async_infer("cvt", request_inputs(tgrpc, images=[data]), functools.partial(callback, i))
+    for _ in kinds:
+        assert done.acquire(timeout=60)
+    for i, (kind, answer) in enumerate(zip(kinds, answers)):
+        if kind == "good":
+            assert np.abs(answer.as_numpy("logits")[0] - pred.logits[i % len(encoded)]).max() <= 1e-5, i
+        else:
+            assert isinstance(answer, InferenceServerException) and "not a readable image" in answer.message(), answer
+            assert answer.status() == "StatusCode.INVALID_ARGUMENT", answer.status()
+    grpc_client.close()
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -370,8 +394,7 @@ def _tree_rss_mb(pid: int) -> float:
 
 def test_memory_stays_bounded_under_bursts_of_large_bad_requests(served, reference):
     import tritonclient.http as thttp
-
-    from cvt_deploy.serve.protocol import RequestError, check_result
+    from tritonclient.utils import InferenceServerException
 
     _, files, pred, _ = reference
     junk = np.random.default_rng(0).bytes(4 << 20)  # 4 MiB that are not an image
@@ -380,8 +403,9 @@ def test_memory_stays_bounded_under_bursts_of_large_bad_requests(served, referen
     for _ in range(10):
         pending = [client.async_infer("cvt", request_inputs(thttp, images=[junk])) for _ in range(16)]
         for p in pending:
-            with pytest.raises(RequestError):
-                check_result(p.get_result())
+            with pytest.raises(InferenceServerException) as err:
+                p.get_result()
+            assert err.value.status() == "400", err.value.status()
         rss.append(_tree_rss_mb(served.proc.pid))
     print("server RSS after each burst (MB):", [round(r) for r in rss])
     # Pools grow while the first bursts find their size, then are reused: a leak of what the

@@ -104,6 +104,30 @@ def test_a_reexport_keeps_the_users_models_and_files_and_removes_only_its_own(de
     parse(out / "cvt-onnx-fp32" / "config.pbtxt")
 
 
+@pytest.mark.parametrize("entry", ["photos", "./cvt-onnx-fp32/1/model.onnx", "cvt-onnx-fp32/./1/model.onnx", ".",
+                                   "cvt-onnx-fp32", "../outside.txt"])
+def test_an_odd_marker_entry_claims_nothing(demo_full_bundle, tmp_path, entry):
+    """A hand-edited marker naming the user's folder, the repository itself, a place outside it or
+    another spelling of a file the new repository writes: a re-export removes none of them."""
+    from cvt_deploy.serve.repository import MARKER
+
+    out = tmp_path / "repo"
+    write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32"]))
+    (out / "photos").mkdir()
+    (out / "photos" / "x.jpg").write_bytes(b"the user's photo")
+    (tmp_path / "outside.txt").write_text("the user's notes")
+    marker = json.loads((out / MARKER).read_text())
+    marker["files"].append(entry)
+    (out / MARKER).write_text(json.dumps(marker))
+    write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32"]))
+    assert (out / "photos" / "x.jpg").read_bytes() == b"the user's photo"
+    assert (tmp_path / "outside.txt").read_text() == "the user's notes"
+    graph = out / "cvt-onnx-fp32" / "1" / "model.onnx"
+    assert graph.is_file() and file_sha256(graph) == file_sha256(demo_full_bundle / "model.ort-cpu.onnx") \
+        or file_sha256(graph) == file_sha256(demo_full_bundle / "model.onnx")
+    parse(out / "cvt-onnx-fp32" / "config.pbtxt")
+
+
 def test_a_users_file_where_a_new_one_goes_is_refused_before_anything_moves(demo_full_bundle, tmp_path):
     out = tmp_path / "repo"
     write_model_repository(demo_full_bundle, out, RepositoryOptions(precisions=["fp32"]))

@@ -247,6 +247,15 @@ def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         (("model", "weights", "heads", "config", "img_size", "activation", "opset", "tensorrt", "batch_range",
           "no_ort_cpu", "input_format", "output"), exporting,
          "--bundle is used as it is (nothing is exported)", "drop it, or export anew without --bundle"),
+        # Past the rule above a model is exported; without --weights it is the demo model or --model's random
+        # weights, whose architecture these flags cannot change (and the demo's size and activation neither).
+        (("img_size", "activation"), bool(args.weights or args.model),
+         "without --weights or --model the demo model is exported as it was trained, at its own size and activation",
+         "pass --weights CKPT (or --model VARIANT for random weights) with them, or drop them"),
+        (("heads", "config"), bool(args.weights), "--heads and --config describe the architecture of --weights, and "
+         + (f"--model {args.model} alone is that variant's, with random weights" if args.model
+            else "without --weights or --model the demo model is exported as it is"),
+         "add --weights CKPT, or drop them"),
     ]
     refuse_unused(parser, args, rules)
 

@@ -167,9 +167,10 @@ def fastest(bundle: Bundle, precision: str, batch: int | None = None,
     measured = entry.get("batches") if isinstance(entry, dict) else None
     if not isinstance(measured, dict):
         return None
-    # The manifest is a file anyone may edit: what is not {"N": {precision: {path: ms}}} is passed over.
+    # The manifest is a file anyone may edit: what is not {"N": {precision: {path: ms}}} is passed over
+    # (N in the digits 0-9: str.isdigit also takes '¹', which int refuses, and '٣', which int reads as 3).
     by_size = {int(k): v[precision] for k, v in measured.items()
-               if str(k).isdigit() and int(k) > 0 and isinstance(v, dict) and isinstance(v.get(precision), dict)}
+               if str(k).isascii() and str(k).isdigit() and int(k) > 0 and isinstance(v, dict) and isinstance(v.get(precision), dict)}
     if not by_size:
         return None
     want = batch or 1

@@ -1,7 +1,9 @@
 """Serving on NVIDIA Triton Inference Server.
 
-* :mod:`.server`: ``cvt-serve``: a bundle served by a real ``tritonserver`` through PyTriton
-  (dynamic batching, HTTP and gRPC, metrics); needs the ``serve`` extra.
+* :mod:`.server`: ``cvt-serve``: a bundle served by a real ``tritonserver`` (the one PyTriton
+  ships: dynamic batching, HTTP and gRPC, metrics); needs the ``serve`` extra. :mod:`.options`
+  says how, :mod:`.triton` runs the process, :mod:`.backend` is the model Triton runs (its stub
+  loads the runtime), :mod:`.answer` what it answers: predictions, or a refusal per bad request.
 * :mod:`.protocol`: the served model's tensors, shared by the server and its clients.
 * :mod:`.repository`: a Triton model repository (native ONNX Runtime / TensorRT models) for
   production Triton containers, validated against Triton's own config schema.

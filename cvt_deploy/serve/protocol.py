@@ -8,13 +8,11 @@ Outputs:
   ``classes`` INT64  [N, k]   top-k class indices, best first
   ``scores``  FP32   [N, k]   their softmax probabilities
   ``labels``  BYTES  [N, k]   their labels
-  ``error``   BYTES  [N, 1]   only in the response to a request that could not be answered (an
-                              undecodable image, NaN pixels, both inputs...): what is wrong and
-                              the fix, instead of the outputs above. Triton batches requests from
-                              many clients, and PyTriton can only fail a batch as a whole, so a
-                              bad request is answered this way and the others in its batch are
-                              answered as usual. Wrong shapes, dtypes and batches over the
-                              maximum are refused by Triton itself, as protocol errors.
+A request that cannot be answered (an undecodable image, NaN pixels, both inputs ...) gets an
+error status of its own, HTTP 400 / gRPC ``INVALID_ARGUMENT``, naming the problem and the fix
+(tritonclient raises ``InferenceServerException``; ``.status()`` is "400" or
+"StatusCode.INVALID_ARGUMENT"); the requests Triton batched with it are answered as usual. Wrong
+shapes, dtypes and batches over the maximum are refused by Triton itself, with the same statuses.
 """
 from __future__ import annotations
 
@@ -25,22 +23,7 @@ import numpy as np
 DEFAULT_MODEL_NAME = "cvt"
 IMAGES, PIXELS = "images", "pixels"
 LOGITS, CLASSES, SCORES, LABELS = "logits", "classes", "scores", "labels"
-ERROR = "error"
 OUTPUTS = (LOGITS, CLASSES, SCORES, LABELS)
-
-
-class RequestError(Exception):
-    """A served request answered with an ``error`` output: the server's words, as sent."""
-
-
-def check_result(result: Any) -> Any:
-    """``result`` (a tritonclient InferResult) unless the server answered with an ``error``
-    output; then :class:`RequestError` with its text."""
-    error = result.as_numpy(ERROR)
-    if error is not None and error.size:
-        first = error.reshape(-1)[0]
-        raise RequestError(first.decode("utf-8", "replace") if isinstance(first, bytes) else str(first))
-    return result
 
 
 def request_inputs(client_module: Any, images: Sequence[bytes] | None = None,

@@ -101,13 +101,13 @@ def _config_text(name: str, platform: str, art: Artifact, bundle: Bundle, option
     if fmt.startswith("uint8"):  # a raw-pixel graph (export/rawpixel.py): uint8 pixels in its own layout
         dtype = "TYPE_UINT8"
     chw = "[ " + ", ".join(map(str, graph_dims(cfg.preprocess, fmt))) + " ]"
-    inp, out = _quoted(art.info.get("input", "pixel_values")), _quoted(art.info.get("output", "logits"))
+    inp, out = quoted(art.info.get("input", "pixel_values")), quoted(art.info.get("output", "logits"))
     batched = max_batch > 0
     static = "[ " + ", ".join(map(str, (bundle.batch.max, *graph_dims(cfg.preprocess, fmt)))) + " ]"
-    lines = [f"name: {_quoted(name)}", f"platform: {_quoted(platform)}", f"max_batch_size: {max_batch}",
+    lines = [f"name: {quoted(name)}", f"platform: {quoted(platform)}", f"max_batch_size: {max_batch}",
              f"input [ {{ name: {inp} data_type: {dtype} dims: {chw if batched else static} }} ]",
              f'output [ {{ name: {out} data_type: {out_dtype} dims: [ {"" if batched else f"{bundle.batch.max}, "}'
-             f"{cfg.num_classes} ] label_filename: {_quoted(LABELS_FILE)} }} ]",
+             f"{cfg.num_classes} ] label_filename: {quoted(LABELS_FILE)} }} ]",
              f"instance_group [ {{ kind: {kind} count: {options.instances} }} ]"]
     if batched:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}")
@@ -115,12 +115,12 @@ def _config_text(name: str, platform: str, art: Artifact, bundle: Bundle, option
         lines.append(f'model_warmup [ {{ name: "zeros" batch_size: 1 inputs {{ key: {inp} '
                      f"value: {{ data_type: {dtype} dims: {chw if batched else static} zero_data: true }} }} }} ]")
     lines += extra
-    lines.append(f'parameters {{ key: "cvt_deploy.variant" value: {{ string_value: {_quoted(cfg.variant)} }} }}')
-    lines.append(f'parameters {{ key: "cvt_deploy.precision" value: {{ string_value: {_quoted(art.precision)} }} }}')
+    lines.append(f'parameters {{ key: "cvt_deploy.variant" value: {{ string_value: {quoted(cfg.variant)} }} }}')
+    lines.append(f'parameters {{ key: "cvt_deploy.precision" value: {{ string_value: {quoted(art.precision)} }} }}')
     return "\n".join(lines) + "\n"
 
 
-def _quoted(text: Any) -> str:
+def quoted(text: Any) -> str:
     """A protobuf text-format string literal: what the manifest says (a variant, a tensor name)
     can never end the string early and add fields of its own to the config."""
     from google.protobuf import text_encoding
@@ -250,7 +250,7 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
         name = f"{options.model_name}-trt-{art.precision}"
         text = _config_text(name, "tensorrt_plan", _with_io(art, io_art, meta), bundle, options,
                             min(max_batch, meta.batch.max), "KIND_GPU",
-                            [f"cc_model_filenames [ {{ key: {_quoted(cc)} value: {_quoted('model.plan')} }} ]"])
+                            [f"cc_model_filenames [ {{ key: {quoted(cc)} value: {quoted('model.plan')} }} ]"])
         models.append((name, text, bundle.verified_path(art), "model.plan"))
     if not models:
         raise CvtDeployError(f"bundle {bundle.root} has no ONNX or TensorRT artifact at {', '.join(precisions)}",
@@ -319,7 +319,18 @@ def repository_files(out: Path) -> set[str] | None:
         files = ["README.md"] + [str(f.relative_to(out)) for d in out.iterdir()
                                  if d.is_dir() and "cvt_deploy.variant" in _text(d / "config.pbtxt")
                                  for f in d.rglob("*") if f.is_file()]
-    return {f for f in files if isinstance(f, str) and plain_name(f)} | {MARKER}
+    return {f for f in files if _written_here(out, f)} | {MARKER}
+
+
+def _written_here(out: Path, name: Any) -> bool:
+    """Whether a marker entry can name a file cvt-export wrote: a relative path inside ``out``, spelt
+    as it writes them, that is not a folder there. The marker may be hand-edited: a user's folder
+    ('photos') or another spelling of a file the new repository writes ('./cvt-onnx-fp32/1/model.onnx')
+    would make the replacement remove the user's files or the new model's own."""
+    if not isinstance(name, str) or not plain_name(name) or Path(name).as_posix() != name or "/./" in f"/{name}/":
+        return False
+    path = out / name
+    return not (path.is_dir() and not path.is_symlink())
 
 
 def _text(path: Path) -> str:

@@ -1,15 +1,16 @@
-"""A bundle on a real Triton Inference Server, through PyTriton: :class:`ServeOptions`, :class:`Server`.
+"""A bundle on a real Triton Inference Server: :class:`ServeOptions`, :class:`Server`.
 
-PyTriton starts the ``tritonserver`` binary it ships (HTTP, gRPC, metrics) as a child process;
-Triton's Python-backend stub (a grandchild) hands each batch that Triton's dynamic batcher
-formed to :func:`infer_batch` in this process, which runs our :class:`~cvt_deploy.runtimes.Runtime`
-once for the whole batch. So requests from many clients share one model call, and a served
-result is exactly what ``predict`` gives in-process (same preprocessing, same runtime).
+cvt-serve runs the ``tritonserver`` binary that PyTriton ships (HTTP, gRPC, metrics) as a child
+process (serve/triton.py), serving one Triton Python-backend model (serve/backend.py) whose stub
+process loads the bundle's runtime as ``runtimes.load`` does and answers each batch Triton's
+dynamic batcher formed with :func:`infer_batch`: one runtime call for the whole batch, so
+requests from many clients share one model call, and a served result is exactly what
+``predict`` gives in-process (same preprocessing, same runtime).
 
-PyTriton can only fail a batch as a whole, so a request that cannot be answered (bytes that
-are not an image, NaN pixels, ...) gets an ``error`` output naming the problem instead of the
-others (protocol.py), and the requests batched with it are answered as usual. Triton itself
-refuses wrong shapes, dtypes and batches over the maximum before batching.
+Each request of a batch is answered on its own: one that cannot be answered (bytes that are not
+an image, NaN pixels, ...) gets an error status of its own, HTTP 400 / gRPC ``INVALID_ARGUMENT``,
+naming the problem and the fix, and the requests batched with it are answered as usual. Triton
+itself refuses wrong shapes, dtypes and batches over the maximum before batching.
 """
 from __future__ import annotations
 
@@ -17,70 +18,16 @@ import os
 import signal
 import socket
 import sys
-import sysconfig
 import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import CvtDeployError, require
-from .protocol import CLASSES, DEFAULT_MODEL_NAME, ERROR, IMAGES, LABELS, LOGITS, PIXELS, SCORES
+from .answer import Refusal, infer_batch  # noqa: F401  (the served model's answers; public here too)
+from .options import DEFAULT_PORTS, ServeOptions  # noqa: F401
 
 if TYPE_CHECKING:
     from ..config import CvtConfig
-    from ..runtimes.base import Runtime
-
-DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own defaults
-
-
-@dataclass(frozen=True)
-class ServeOptions:
-    """How to serve a bundle: one object for ``cvt-serve`` and :class:`Server`, validated here.
-
-    ``backend``/``precision``/``device``/``threads`` pick the runtime as ``runtimes.load`` does
-    (None: what it would pick). ``max_batch``: the largest batch Triton forms (default: the
-    bundle's maximum). ``max_queue_delay_us``: how long Triton may hold a request to fill a
-    batch. ``instances``: model instances, i.e. batches run at once (they share one runtime;
-    every shipped runtime is thread-safe). ``topk``: labels and scores per image in responses.
-    """
-
-    backend: str | None = None
-    precision: str | None = None
-    device: str | None = None
-    threads: int | None = None
-    model_name: str = DEFAULT_MODEL_NAME
-    host: str = "0.0.0.0"
-    http_port: int = DEFAULT_PORTS["http"]
-    grpc_port: int = DEFAULT_PORTS["grpc"]
-    metrics_port: int = DEFAULT_PORTS["metrics"]
-    max_batch: int | None = None
-    max_queue_delay_us: int = 1000
-    instances: int = 1
-    topk: int = 5
-
-    def __post_init__(self) -> None:
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", self.model_name or ""):
-            raise CvtDeployError(f"--model-name {self.model_name!r} is not a Triton model name",
-                                 "use letters, digits, dots, underscores and dashes, e.g. cvt")
-        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
-        for flag, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise CvtDeployError(f"{flag} {port} is not a TCP port", "use a number from 1 to 65535 (0 is not allowed)")
-        if len(set(ports.values())) < 3:
-            raise CvtDeployError(f"the HTTP, gRPC and metrics ports must differ, got {sorted(ports.values())}",
-                                 "pass three different --http-port, --grpc-port and --metrics-port")
-        for flag, value, low in (("--max-batch", self.max_batch, 1), ("--max-queue-delay-us", self.max_queue_delay_us, 0),
-                                 ("--instances", self.instances, 1), ("--topk", self.topk, 1), ("--threads", self.threads, 1)):
-            if value is not None and value < low:
-                raise CvtDeployError(f"{flag} {value} is below {low}", f"pass {flag} {low} or more")
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+    from .triton import TritonProcess
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -94,101 +41,8 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
                                      f"stop what uses port {port}, or pass another --{what}-port") from None
 
 
-def triton_environment() -> None:
-    """Put this interpreter's own libpython first on the library path of the Triton we start.
-
-    Triton's Python-backend stub links libpython dynamically; on a Python built outside the
-    system (pyenv, conda) it would otherwise load the system's libpython of the same version,
-    and fail at model load (``'_thread.RLock' object has no attribute '_recursion_count'``).
-    PyTriton starts tritonserver with a copy of ``os.environ``, so setting it here is enough.
-    """
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if not libdir or not Path(libdir).is_dir():
-        return
-    current = os.environ.get("LD_LIBRARY_PATH", "")
-    if current.split(":")[0] != libdir:
-        os.environ["LD_LIBRARY_PATH"] = libdir + (":" + current if current else "")
-
-
-def _request_pixels(request: Any, config: CvtConfig) -> np.ndarray:
-    """One request's images as a preprocessed batch, exactly as ``Runtime.predict`` makes it."""
-    from ..preprocess import preprocess, validate_batch
-
-    has_images, has_pixels = IMAGES in request, PIXELS in request
-    if has_images == has_pixels:
-        raise CvtDeployError(f"a request must carry exactly one of the inputs {IMAGES!r} (encoded image files, BYTES) "
-                             f"or {PIXELS!r} (preprocessed float32 NCHW)",
-                             f"send {IMAGES!r} or {PIXELS!r}, not {'both' if has_images else 'neither'}")
-    if not len(request[IMAGES if has_images else PIXELS]):
-        raise CvtDeployError("the request holds no images (a batch of 0)", "send at least one image per request")
-    if has_pixels:
-        return validate_batch(np.asarray(request[PIXELS]), config.preprocess)
-    encoded = np.asarray(request[IMAGES]).reshape(len(request[IMAGES]), -1)
-    if encoded.shape[1] != 1:
-        raise CvtDeployError(f"input {IMAGES!r} has shape {np.asarray(request[IMAGES]).shape}: one image per row expected",
-                             f"send {IMAGES!r} as [N, 1] BYTES, one encoded file per row")
-    return preprocess([bytes(item) for item in encoded[:, 0]], config.preprocess)
-
-
-def _rows(request: Any) -> int:
-    """How many rows the request's input has (an error answer has as many)."""
-    for name in (IMAGES, PIXELS):
-        if name in request:
-            return max(1, len(request[name]))
-    return 1
-
-
-def _error_response(request: Any, message: str) -> dict[str, np.ndarray]:
-    return {ERROR: np.array([[message.encode("utf-8", "replace")]] * _rows(request), dtype=np.object_)}
-
-
-def _problem(message: str, hint: str | None) -> str:
-    return message + (f" (fix: {hint})" if hint else "")
-
-
-def infer_batch(runtime: Runtime, requests: Sequence[Any], topk: int) -> list[dict[str, np.ndarray]]:
-    """What Triton asks of the model: responses for a list of requests, one runtime call for all.
-
-    A request that cannot be answered is answered with an ``error`` output (its problem and
-    the fix, never a traceback or a server path); the others in the batch are answered as if
-    it had not been there.
-    """
-    from ..runtimes.base import Prediction
-
-    read: list[np.ndarray | str] = []  # per request: its preprocessed batch, or what is wrong with it
-    for request in requests:
-        try:
-            read.append(_request_pixels(request, runtime.config))
-        except CvtDeployError as e:
-            read.append(_problem(e.message, e.hint))
-        except Exception as e:  # a request the checks did not foresee: its kind only, details to the log
-            read.append(f"the server could not read this request ({type(e).__name__})")
-            print(f"cvt-serve: a request failed unexpectedly: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    good = [b for b in read if not isinstance(b, str)]
-    logits = runtime.run(np.concatenate(good)) if good else np.zeros((0, runtime.config.num_classes), np.float32)
-    pred = Prediction.from_logits(logits, runtime.config, topk)
-    out, start = [], 0
-    for request, b in zip(requests, read):
-        if isinstance(b, str):
-            out.append(_error_response(request, b))
-            continue
-        end = start + len(b)
-        if not np.isfinite(logits[start:end]).all():
-            out.append(_error_response(request, _problem(
-                f"the {runtime.backend} {runtime.precision} model produced NaN/inf logits for this request's input",
-                "the precision overflowed on this input: check with cvt-check, or use a higher precision")))
-        else:
-            out.append({LOGITS: logits[start:end],
-                        CLASSES: pred.indices[start:end].astype(np.int64),
-                        SCORES: pred.scores[start:end],
-                        LABELS: np.array([[lab.encode() for lab in row] for row in pred.labels[start:end]],
-                                         dtype=np.object_)})
-        start = end
-    return out
-
-
 class Server:
-    """A running ``tritonserver`` serving one runtime; ``with Server(bundle, options) as s: s.wait()``.
+    """A running ``tritonserver`` serving one bundle; ``with Server(bundle, options) as s: s.wait()``.
 
     :meth:`start` returns once the model is ready; :meth:`stop` (also on leaving the ``with``)
     stops Triton and its stub processes. :meth:`wait` blocks until SIGINT/SIGTERM or until
@@ -200,8 +54,9 @@ class Server:
         self.options = options or ServeOptions()
         self.bundle_path = bundle
         self.log_file = log_file  # Triton's own log; None: on stdout
-        self.runtime: Runtime | None = None
-        self._triton: Any = None
+        self.config: CvtConfig | None = None
+        self.description = ""  # the served runtime, as Runtime.describe() says it
+        self._triton: TritonProcess | None = None
         self._stop = threading.Event()
         self.stopped_by: int | None = None  # the signal wait() stopped on
 
@@ -216,41 +71,33 @@ class Server:
         require("pytriton", "serve", "Serving on Triton")
         from ..bundle import Bundle
         from ..runtimes import load
+        from .triton import TritonProcess, distribution, model_config
 
         o = self.options
+        distribution()  # a PyTriton without Triton for this Python fails here, before anything loads
         bundle = Bundle.open(self.bundle_path)
         max_batch = o.max_batch or bundle.batch.max
         check_ports_free(o.host, o.ports)
-        self.runtime = load(bundle, o.backend, o.device, o.precision, o.threads)
-        triton_environment()
-        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
-
-        cfg = self.runtime.config
-        k = min(o.topk, cfg.num_classes)
-        runtime = self.runtime
-        infer: Callable[[Sequence[Any]], list[dict[str, np.ndarray]]] = lambda requests: infer_batch(runtime, requests, k)  # noqa: E731
-        config = TritonConfig(http_address=o.host, http_port=o.http_port, grpc_address=o.host, grpc_port=o.grpc_port,
-                              metrics_address=o.host, metrics_port=o.metrics_port, allow_gpu_metrics=False,
-                              exit_timeout_secs=5, log_file=Path(self.log_file) if self.log_file else None)
-        self._triton = Triton(config=config)
+        # Loaded here first: what would fail in Triton's stub fails here with our own message,
+        # and the choice load() makes (backend, precision) is pinned for the stub.
+        runtime = load(bundle, o.backend, o.device, o.precision, o.threads)
         try:
-            self._triton.bind(
-                model_name=o.model_name, infer_func=[infer] * o.instances,
-                inputs=[Tensor(name=IMAGES, dtype=np.bytes_, shape=(1,), optional=True),
-                        Tensor(name=PIXELS, dtype=np.float32, shape=(cfg.in_chans, cfg.img_size, cfg.img_size), optional=True)],
-                outputs=[Tensor(name=LOGITS, dtype=np.float32, shape=(cfg.num_classes,)),
-                         Tensor(name=CLASSES, dtype=np.int64, shape=(k,)),
-                         Tensor(name=SCORES, dtype=np.float32, shape=(k,)),
-                         Tensor(name=LABELS, dtype=np.bytes_, shape=(k,)),
-                         Tensor(name=ERROR, dtype=np.bytes_, shape=(1,))],
-                config=ModelConfig(max_batch_size=max_batch,
-                                   batcher=DynamicBatcher(max_queue_delay_microseconds=o.max_queue_delay_us)),
-                strict=True)
-            self._triton.run()
-        except Exception as e:
+            self.config, self.description = runtime.config, runtime.describe()
+            how = {"bundle": str(bundle.root), "backend": runtime.backend, "precision": runtime.precision,
+                   "device": o.device, "threads": o.threads, "topk": o.topk}
+            text = model_config(o, runtime.config, max_batch, how)
+        finally:
+            runtime.close()
+        self._triton = TritonProcess(o, text, self.log_file)
+        hint = self._triton.log_hint()
+        try:
+            self._triton.start()
+        except (CvtDeployError, KeyboardInterrupt, SystemExit):
             self.stop()
-            raise CvtDeployError(f"Triton did not start: {type(e).__name__}: {e}", self._log_hint()) from None
+            raise
+        except Exception as e:  # e.g. the binary cannot run here
+            self.stop()
+            raise CvtDeployError(f"Triton did not start: {type(e).__name__}: {e}", hint) from None
         return self
 
     def wait(self) -> None:
@@ -264,20 +111,15 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, stop)
         while not self._stop.wait(0.5):
-            if self._triton is None or not self._triton.is_alive():
-                raise CvtDeployError("Triton stopped unexpectedly", self._log_hint())
-
-    def _log_hint(self) -> str:
-        return f"see Triton's log in {self.log_file}" if self.log_file else "see Triton's log above"
+            if self._triton is None or not self._triton.alive():
+                hint = self._triton.log_hint() if self._triton else "see Triton's log"
+                raise CvtDeployError("Triton stopped unexpectedly", hint)
 
     def stop(self) -> None:
         self._stop.set()
         if self._triton is not None:
             self._triton.stop()
             self._triton = None
-        if self.runtime is not None:
-            self.runtime.close()
-            self.runtime = None
 
     def __enter__(self) -> Server:
         return self.start()
@@ -288,10 +130,10 @@ class Server:
 
 def describe(server: Server) -> str:
     """The startup lines: what is served where."""
-    assert server.runtime is not None
-    rt, o, urls = server.runtime, server.options, server.urls()
+    assert server.config is not None
+    o, urls = server.options, server.urls()
     return "\n".join([
-        f"serving {rt.config.variant} ({rt.describe()}) as model {o.model_name!r}",
+        f"serving {server.config.variant} ({server.description}) as model {o.model_name!r}",
         f"  HTTP     {urls['http']}   (KServe v2: POST {urls['model']}/infer)",
         f"  gRPC     {urls['grpc']}",
         f"  metrics  {urls['metrics']}",
