@@ -1,8 +1,10 @@
-"""cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine, or
-(--tensorrt) check its portable graphs against the ONNX parser of each TensorRT release.
+"""cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine,
+(--tensorrt) check its portable graphs against the ONNX parser of each TensorRT release, or
+(--layers) find the layer where a reduced-precision graph leaves the fp32 one.
 
 Exit status: 0 when every checked artifact meets its precision's gates (or every graph is
-ready for the asked TensorRT), 1 when one does not, 2 on bad input.
+ready for the asked TensorRT; --layers is a diagnosis: always 0), 1 when one does not, 2 on
+bad input.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ examples:
   cvt-check --bundle build/cvt13 --backend tensorrt --data imagenet-val-subset/
   cvt-check --bundle build/ds --preprocess deepstream    what nvinfer's direct resize costs (not gated)
   cvt-check --bundle build/cvt13 --tensorrt 8.5,8.6,10   will each Jetson's TensorRT parse it?
+  cvt-check --bundle build/cvt13 --layers --precision int8 --plot layers.png   where does int8 go wrong?
 
 --tensorrt is a static check of the documented ONNX parser of that release (onnx-tensorrt's
 operator table and importer source per release branch), not TensorRT: it needs neither
@@ -36,6 +39,15 @@ it, where the 'rtx' extra is installed (pip install 'cvt-deploy[rtx]'), NVIDIA's
 parser and builder (TensorRT-RTX, ahead of time on the CPU) parse and build every graph:
 layers, time, and each parser and builder error and warning. That is real evidence for
 today's parser, not for the 8.5/8.6/10.3 of a Jetson; nothing is run.
+
+--layers runs each candidate graph (--backend onnxruntime: every ONNX graph but the fp32 one;
+openvino: every OpenVINO IR; --precision: only those) beside the bundle's fp32 ONNX graph on the
+same images and compares their tensors at every named layer (its PyTorch module and ONNX node),
+every transformer block's output and the logits (--layers all: every weighted node, the
+attention MatMuls too): worst and mean cosine, relative error ||fp32 - cand|| / ||fp32||, max
+|diff|. The first jump is the first layer whose worst-image cosine falls more than 0.02 below
+every earlier layer's, or whose mean relative error exceeds both 3x every earlier layer's and
+0.1. At most 16 tensors are exposed per pass, so memory stays bounded.
 """
 
 
@@ -57,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of the parity check: check every portable graph against the ONNX parser of "
                          "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); several as a "
                          "comma list or repeated")
+    ap.add_argument("--layers", nargs="?", const="named", choices=("named", "all"), metavar="all",
+                    help="instead of the parity check: compare each candidate graph with the fp32 graph layer by "
+                         "layer and mark where the error first jumps (a diagnosis: exit 0); 'all' adds every "
+                         "weighted node (attention MatMuls)")
+    ap.add_argument("--plot", metavar="FILE.png",
+                    help="with --layers: plot min cosine and relative error against depth, one line per candidate "
+                         "(needs the 'plot' extra: pip install 'cvt-deploy[plot]')")
     add_json_arg(ap, "the reports")
     add_quiet_arg(ap)
     return ap
@@ -69,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..parity import check_bundle, summary_table
 
     args = build_parser().parse_args(argv)
+    if args.layers:
+        return _layers(args)
+    if args.plot:
+        raise CvtDeployError("--plot draws the layer table of --layers", "add --layers, or drop --plot")
     if args.tensorrt:
         return _tensorrt(args)
     check_limit(args.limit)  # before the bundle, PyTorch and the model load
@@ -94,6 +117,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print("error: parity gates failed for " + ", ".join(r.candidate for r in reports if not r), file=sys.stderr)
     return 0 if ok else 1
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..data import check_limit
+    from ..layer_report import JUMP_RULE, check_plot_path, plot
+    from ..layers import check_layers
+
+    if args.tensorrt:
+        raise CvtDeployError("--layers and --tensorrt are two different checks (tensors of graphs run here; a static "
+                             "check of the graphs for TensorRT's parser)", "run cvt-check once with each")
+    unused = [flag for flag, value in (("--device", args.device), ("--preprocess", args.preprocess != "model" or None))
+              if value]
+    if unused:
+        raise CvtDeployError(f"{', '.join(unused)} has no effect with --layers (the graphs run on the CPU, on the "
+                             "model's own preprocessing)", f"drop {', '.join(unused)}, or run cvt-check without --layers")
+    check_limit(args.limit)
+    if args.plot:
+        check_plot_path(args.plot)  # before minutes of work, not after
+    bundle = Bundle.open(args.bundle)
+    reports = check_layers(bundle, backends=args.backend or ["onnxruntime"], precisions=args.precision,
+                           data=args.data, limit=args.limit, mode=args.layers, progress=not args.quiet)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        for rep in reports:
+            print(rep, end="\n\n")
+        print(f"first jump = {JUMP_RULE}")
+    if args.plot:
+        print(f"plot: {plot(reports, args.plot)}", file=sys.stderr)
+    return 0
 
 
 def _tensorrt(args: argparse.Namespace) -> int:

@@ -5,15 +5,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..bundle import Bundle
 from ..errors import CvtDeployError
 from ..export.portable import DEFAULT_TENSORRT, TENSORRT_TARGETS
 from ..trt.util import TOOLKITS, Toolkit
 from ..util import INPUT_FORMATS, OUTPUT_KINDS, BatchRange
-from .common import (add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, decimal_number, deprecated_alias, load_model_from_args, refuse_unused,
+from .common import (ListOption, add_json_arg, add_limit_arg, add_model_args, add_precision_arg, add_quiet_arg,
+                     aliases_note, cli_entry, decimal_number, deprecated_alias, load_model_from_args, refuse_unused,
                      whole_number)
 
 if TYPE_CHECKING:
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calib-count", type=whole_number, metavar="N", help="number of calibration images")
     g.add_argument("--calib-cache", type=Path, metavar="DIR",
                    help="where calibration ranges are cached for reuse (default ~/.cache/cvt-deploy/calibration)")
+    g.add_argument("--int8-keep-float", action=NameList, what="layer name", default=None, metavar="NAME[,NAME]",
+                   help="layers every int8 graph leaves float (a comma list or repeated): module names "
+                        "(stage2.blocks.1.attn.proj), module prefixes (stage2.blocks.1: every weighted layer inside) "
+                        "or ONNX node names (node_MatMul_127), as cvt-check --layers lists them; an unknown name "
+                        "fails the export, naming it")
     g = ap.add_argument_group("TensorRT (--format trt; --workspace also trt-rtx)")
     g.add_argument("--workspace", type=whole_number, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
@@ -155,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
                             output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt,
                             openvino=args.format == "openvino" and args.bundle is None, time_cpu=not args.no_timing,
-                            rtx_build=not args.no_rtx_build)
+                            rtx_build=not args.no_rtx_build, int8_keep_float=tuple(args.int8_keep_float or ()))
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
@@ -220,13 +225,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+class NameList(ListOption):
+    """A :class:`ListOption` of names (layer names): any non-empty word; an empty one is refused."""
+
+    def _item(self, flag: str, text: str, part: str) -> Any:
+        if not part:
+            raise CvtDeployError(f"{flag} {text!r}: an empty {self.what}", self._fix(flag))
+        return part
+
+    def _fix(self, typed: str) -> str:
+        flag = next((o for o in self.option_strings if o.startswith("--")), typed)
+        return (f"pass one or more {self.what}s, as a comma list or repeated, e.g. {flag} "
+                "stage2.blocks.1.attn.proj,head (cvt-check --layers lists them)")
+
+
 def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, precisions: Sequence[str]) -> None:
     """cvt-export's flags that change nothing in the command given (see common.refuse_unused)."""
     exporting = args.bundle is None and args.format != "triton"  # a model is loaded and exported
     checking = not args.no_check and args.format != "triton"
     # flag dests -> (has an effect, why not, what would make it count)
     rules = [
-        (("calib", "calib_method", "calib_count", "calib_cache"), exporting and "int8" in precisions,
+        (("calib", "calib_method", "calib_count", "calib_cache", "int8_keep_float"), exporting and "int8" in precisions,
          "no int8 graph is exported" if exporting else "nothing is exported or calibrated (--bundle)", "add --precision int8"),
         (("data", "limit"), checking, "nothing is checked" + (" (--no-check)" if args.no_check else ""),
          "drop --no-check" if args.no_check else "use cvt-check on the repository's bundle"),

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,9 +20,10 @@ from ..progress import Progress, track
 from ..jsonio import read_json
 from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .calibrate import METHODS as CALIBRATED_HERE, calibrate, save_ranges, tensors_to_calibrate
+from .int8_plan import Int8Plan, float_consumers, qdq_counts
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
-from .precision import _check_fp32_source, _drop_unread, _input_dims, _load, _quiet, _verify
+from .precision import _check_fp32_source, _input_dims, _load, _quiet, _verify
 
 #
 # What is quantized (TensorRT's explicit-quantization rules): Q/DQ on the inputs of Conv,
@@ -213,7 +213,8 @@ def _ort_cache_supported() -> bool:
 def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], calib: np.ndarray, *,
                   method: str = DEFAULT_METHOD, per_channel: bool = True,
                   cache: str | os.PathLike[str] | None = None,
-                  attention_matmuls: bool = DEFAULT_ATTENTION_MATMULS, progress: bool = True,
+                  attention_matmuls: bool = DEFAULT_ATTENTION_MATMULS, plan: Int8Plan | None = None,
+                  progress: bool = True,
                   metadata: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Write an explicitly quantized (Q/DQ) int8 copy of the fp32 graph ``src`` to ``dst``.
 
@@ -222,6 +223,9 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     output channel. ``cache``: a folder (one file per key) or a ``.json`` file where the
     activation ranges are stored, keyed by the fp32 graph + calibration data + method; a
     hit skips the calibration pass. ``attention_matmuls``: also quantize q@k^T and attn@v.
+    ``plan``: the nodes left float, with no Q/DQ on their inputs (``int8_plan.plan_int8`` makes it
+    from ``src``; recorded in the facts and the graph's metadata). The ranges are calibrated and
+    cached for every plan alike.
     ``metadata``: further ``metadata_props`` entries to write with the graph (written once).
     Returns the facts for the manifest (method, samples, per_channel, quantized ops, cache).
     """
@@ -238,6 +242,11 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     external = any(i.data_location == 1 for i in model.graph.initializer)
     # quantize_static ignores MatMulConstBOnly in QDQ mode: exclude those MatMuls by name.
     excluded = [] if attention_matmuls else _activation_matmuls(model)
+    kept = [n for n in (plan.nodes if plan else ()) if n not in excluded]
+    unknown = sorted(set(kept) - {n.name for n in model.graph.node})
+    if unknown:
+        raise CvtDeployError(f"keep_float names nodes {src} does not have: {', '.join(unknown)}",
+                             "make the list with cvt_deploy.export.int8_plan.plan_int8 from this graph")
     # TensorRT 8.x takes per-channel weight scales on a MatMul only when both inputs are 2-D.
     flattened = flatten_weight_matmuls(model)
 
@@ -296,7 +305,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
                                 op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                                 reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=ort_method, use_external_data_format=external,
-                                nodes_to_exclude=excluded,
+                                nodes_to_exclude=[*excluded, *kept],
                                 extra_options=extra, **kwargs)
         except CvtDeployError:
             raise
@@ -319,7 +328,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         import onnx
 
         qmodel = onnx.load(str(tmp))
-        _unquantize_other_consumers(qmodel)
+        float_consumers(qmodel, QUANTIZED_OPS, kept)
         info: dict[str, Any] = {
             "precision": "int8",
             "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
@@ -335,7 +344,8 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
             "cache": ("hit" if cached is not None else "miss") if cache_path is not None and cache_supported
             else ("unsupported by this onnxruntime" if cache_path is not None else "off"),
             "cache_key": key[:24],
-            **_qdq_counts(qmodel),
+            **qdq_counts(qmodel),
+            **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {}),
         }
         # The graph records what it is, not how this run went (cache hit or miss, which calibrator
         # made the same ranges), so that a cache hit reproduces the calibrated graph byte for byte.
@@ -345,27 +355,6 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         save_graph(qmodel, tmp)
         _verify(tmp, "int8", chw, fixed_batch)
     return info
-
-
-def _unquantize_other_consumers(model: Any) -> None:
-    """Feed ops other than Conv/MatMul/Gemm from the float tensor, not from its Q/DQ pair.
-
-    quantize_static reroutes *every* consumer of a quantized graph input through the
-    DequantizeLinear, e.g. the Shape node that reads the batch size for the class token;
-    TensorRT should see Q/DQ only where it will run int8 kernels.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type in QUANTIZED_OPS or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-    _drop_unread(model, ("QuantizeLinear", "DequantizeLinear"))  # and then their scales
 
 
 def narrow_weights(model: Any, limit: int) -> int:
@@ -416,20 +405,3 @@ def _write_cache(path: Path, key: str, method: str, samples: int, ranges: dict[s
             tmp.write_text(json.dumps(payload))
     except (CvtDeployError, OSError) as e:  # an unwritable cache must not fail the export
         print(f"  note: calibration cache not written: {getattr(e, 'message', e)}", file=sys.stderr)
-
-
-def _qdq_counts(model: Any) -> dict[str, Any]:
-    """Quantized nodes by type, and the Q/DQ node counts."""
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    quantized: Counter[str] = Counter()
-    for n in model.graph.node:
-        if n.op_type == "DequantizeLinear":
-            for c in consumers.get(n.output[0], []):
-                quantized[c.name] = 1
-    by_type: Counter[str] = Counter(n.op_type for n in model.graph.node if n.name in quantized)
-    ops = Counter(n.op_type for n in model.graph.node)
-    return {"quantized_nodes": dict(sorted(by_type.items())), "quantize_linear": ops["QuantizeLinear"],
-            "dequantize_linear": ops["DequantizeLinear"]}

@@ -114,7 +114,9 @@ def write_openvino_irs(bundle: Bundle, precisions: Sequence[str], progress: bool
         weights = weights_file(name)
         arts.append(bundle.add(Artifact(artifact_name("openvino", precision), name, "openvino", precision,
                                         info={**info, "portable": src.name, "weights_file": weights,
-                                              "weights_sha256": file_sha256(bundle.root / weights)})))
+                                              "weights_sha256": file_sha256(bundle.root / weights),
+                                              # converted from that graph: it keeps the same layers float
+                                              **{k: v for k, v in src.info.items() if k == "int8_plan"}})))
     if progress:
         print(f"  OpenVINO IR: {', '.join(a.file for a in arts)} (runs with: cvt-predict --backend openvino)",
               file=sys.stderr)

@@ -42,6 +42,7 @@ from ..bundle import Artifact, artifact_name
 from ..errors import CvtDeployError
 from ..progress import stage
 from ..util import ort_session
+from .int8_plan import Int8Plan
 
 MS_DOMAIN = "com.microsoft"
 TARGET = "onnxruntime-cpu"  # the manifest's target of these graphs ("portable" for the others)
@@ -306,19 +307,24 @@ def rewrite_for_ort_cpu(model: Any) -> tuple[Any, dict[str, int]]:
                  "transposes_before": sum(n.op_type == "Transpose" for n in model.graph.node)}
 
 
-def quantize_dynamic_int8(src: Path, dst: Path) -> dict[str, Any]:
+def quantize_dynamic_int8(src: Path, dst: Path, plan: Int8Plan | None = None) -> dict[str, Any]:
     """Dynamic int8 of ``src``'s weight MatMuls (per-channel s8 weights, u8 activations scaled per
-    call); Convs, attention and everything else stay float. Writes ``dst`` atomically."""
+    call); Convs, attention and everything else stay float, and so do the nodes of ``plan``
+    (named as in the portable graphs: the rewrite keeps the names of the weighted nodes).
+    Writes ``dst`` atomically."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ..util import atomic_output
     from .precision import _quiet
 
+    # ONNX Runtime writes a Gemm as a MatMul named <name>_MatMul (and an Add) before it quantizes.
+    kept = [m for n in (plan.nodes if plan else ()) for m in (n, f"{n}_MatMul")]
     with atomic_output(dst) as tmp, _quiet():
         quantize_dynamic(str(src), str(tmp), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8)
+                         weight_type=QuantType.QInt8, nodes_to_exclude=kept)
     return {"quantization": "dynamic", "weights": "int8 per output channel, symmetric",
-            "activations": "uint8, range computed per call", "quantized_ops": ["MatMul"]}
+            "activations": "uint8, range computed per call", "quantized_ops": ["MatMul"],
+            **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {})}
 
 
 def _self_check(reference: Path, candidate: Path, chw: tuple[int, ...], batches: Sequence[int], atol: float) -> float:
@@ -339,10 +345,11 @@ def _self_check(reference: Path, candidate: Path, chw: tuple[int, ...], batches:
 
 
 def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[str, dict[str, str]],
-                         progress: bool = True) -> list[Any]:
+                         progress: bool = True, plan: Int8Plan | None = None) -> list[Any]:
     """Add the ORT-CPU fp32 graph (always, when the rewrite applies) and its int8 graph (when int8
-    was asked for) to ``bundle``; returns their artifacts. When the rewrite does not apply, says
-    why on stderr and adds nothing: the portable graphs serve the CPU then."""
+    was asked for; ``plan``: the nodes it keeps float) to ``bundle``; returns their artifacts. When
+    the rewrite does not apply, says why on stderr and adds nothing: the portable graphs serve the
+    CPU then."""
     import onnx
 
     from .onnx import INPUT_NAME, OUTPUT_NAME, save_graph, set_metadata_props, trial_run
@@ -366,7 +373,7 @@ def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[
         if "int8" in precisions:
             with stage("quantizing the ONNX Runtime CPU graph to int8 (dynamic, per-channel weights)", progress):
                 dst8 = bundle.root / FILES["int8"]
-                info = quantize_dynamic_int8(dst, dst8)
+                info = quantize_dynamic_int8(dst, dst8, plan)
                 q = onnx.load(str(dst8))
                 set_metadata_props(q, metadata["int8"])
                 save_graph(q, dst8)

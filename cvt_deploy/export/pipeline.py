@@ -25,6 +25,7 @@ from .portable import DEFAULT_TENSORRT, check_tensorrt_target, portable_graph
 
 if TYPE_CHECKING:
     from ..model import CvT
+    from .int8_plan import Int8Plan
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 #: The int8 graph for strongly typed TensorRT >= 10: Q/DQ with fp16 outside it (export/fp16.py).
@@ -57,6 +58,10 @@ class ExportOptions:
     ``time_cpu``: time the bundle's CPU paths on this CPU and record the fastest for ``load`` (runtimes/choice.py).
     ``rtx_build``: parse and build every TensorRT-bound graph with TensorRT-RTX where it is installed
     (trt/rtx.py): NVIDIA's own parser and builder, on the CPU.
+    ``int8_keep_float``: layers every int8 graph leaves float: module names (``stage2.blocks.1.attn.proj``),
+    module prefixes (``stage2.blocks.1``: every weighted layer inside) or ONNX node names; resolved
+    against the fp32 graph by ``int8_plan.plan_int8`` (an unknown name fails the export, naming it);
+    a str is a comma list, and the names are kept as a tuple.
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -76,14 +81,20 @@ class ExportOptions:
     openvino: bool = False
     time_cpu: bool = True
     rtx_build: bool = True
+    int8_keep_float: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
+        from .int8_plan import FLAG as KEEP_FLOAT, check_keep_float
         from .onnx import check_opset
 
         check_choice(self.input_format, INPUT_FORMATS, "--input-format")
         check_choice(self.output, OUTPUT_KINDS, "--output")
         object.__setattr__(self, "precisions", tuple(check_precision(p) for p in self.precisions) or ("fp32",))
+        object.__setattr__(self, "int8_keep_float", check_keep_float(self.int8_keep_float))
+        if self.int8_keep_float and "int8" not in self.precisions:
+            raise CvtDeployError(f"{KEEP_FLOAT} (int8_keep_float) has no effect: no int8 graph is exported",
+                                 "add int8 to the precisions (--precision int8)")
         for name, flag in (("check_limit", "--limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -161,23 +172,24 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
         bundle.add(Artifact(artifact_name("onnx", "fp32"), fp32.name, "onnx", "fp32",
                             info={"opset": written, "input": INPUT_NAME, "output": OUTPUT_NAME, "simplify": simp,
                                   **portable}))
+        plan = _plan(fp32, options, progress) if "int8" in precisions else None
         for precision in [p for p in PRECISIONS if p in precisions and p != "fp32"]:
             # The stage writes the graph once, with what it is (config, batch, provenance) stamped in.
             graph_meta = graph_metadata(cfg.to_json(), precision, meta)
             info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta,
-                                    progress, portable.get("fp32_nodes", []))
+                                    progress, portable.get("fp32_nodes", []), plan)
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME,
                                       **{k: v for k, v in portable.items() if k in ("tensorrt", "layernorm", "fp32_nodes")},
                                       **info}))
             if precision == "int8":
-                _int8_fp16(bundle, graph_meta, portable.get("fp32_nodes", []), progress)
+                _int8_fp16(bundle, graph_meta, portable.get("fp32_nodes", []), progress, plan)
         if options.ort_cpu:
             from .ort_cpu import write_ort_cpu_graphs
 
             write_ort_cpu_graphs(bundle, precisions, {p: graph_metadata(cfg.to_json(), p, meta) for p in ("fp32", "int8")},
-                                 progress)
+                                 progress, plan)
         if options.input_format != "float" or options.output != "logits":
             from .rawpixel import embed_bundle_io
 
@@ -220,9 +232,19 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
 ADVISORY_BACKENDS = ("openvino",)
 
 
+def _plan(fp32: Path, options: ExportOptions, progress: bool) -> Int8Plan:
+    """The layers every int8 graph of the export keeps float (int8_plan.plan_int8), said on stderr."""
+    from .int8_plan import plan_int8
+
+    plan = plan_int8(fp32, options.int8_keep_float)
+    if progress and plan.nodes:
+        print(f"  {plan.describe()}", file=sys.stderr)
+    return plan
+
+
 def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_method: str | None,
                      calib_count: int | None, calib_cache: Path | None, metadata: dict[str, str],
-                     progress: bool, fp32_nodes: Sequence[str] = ()) -> dict[str, Any]:
+                     progress: bool, fp32_nodes: Sequence[str] = (), plan: Int8Plan | None = None) -> dict[str, Any]:
     src, dst = bundle.root / ONNX_FILES["fp32"], bundle.root / ONNX_FILES[precision]
     if precision == "fp16":
         from .fp16 import convert_fp16
@@ -242,16 +264,19 @@ def _lower_precision(bundle: Bundle, precision: str, calib: str | None, calib_me
             print(f"  note: calibration cache not written: {cache} is a file that is not a cvt-deploy cache "
                   "(pass --calib-cache DIR to keep the ranges elsewhere)", file=sys.stderr)
             cache = None
-    kwargs: dict[str, Any] = {"cache": cache, "progress": progress, "metadata": metadata}
+    kwargs: dict[str, Any] = {"cache": cache, "progress": progress, "metadata": metadata, "plan": plan}
     if calib_method:
         kwargs["method"] = calib_method
-    with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images", progress):
+    kept = f", {len(plan.nodes)} layer{'s' if len(plan.nodes) != 1 else ''} kept float" if plan and plan.nodes else ""
+    with stage(f"quantizing to int8 (Q/DQ) with {len(batch)} calibration images{kept}", progress):
         info = quantize_int8(src, dst, batch, **kwargs)
     return {**info, "calibration_data": description}
 
 
-def _int8_fp16(bundle: Bundle, metadata: dict[str, str], fp32_nodes: Sequence[str], progress: bool) -> None:
-    """The int8 graph strongly typed TensorRT builds: the Q/DQ graph with fp16 outside Q/DQ."""
+def _int8_fp16(bundle: Bundle, metadata: dict[str, str], fp32_nodes: Sequence[str], progress: bool,
+               plan: Int8Plan | None = None) -> None:
+    """The int8 graph strongly typed TensorRT builds: the Q/DQ graph with fp16 outside Q/DQ (the
+    layers ``plan`` keeps float included: fp16 there, as everything else outside Q/DQ)."""
     from .fp16 import convert_int8_fp16
 
     dst = bundle.root / INT8_FP16_FILE
@@ -259,4 +284,5 @@ def _int8_fp16(bundle: Bundle, metadata: dict[str, str], fp32_nodes: Sequence[st
         info = convert_int8_fp16(bundle.root / ONNX_FILES["int8"], dst, keep_fp32_nodes=fp32_nodes, metadata=metadata)
     bundle.add(Artifact(artifact_name("onnx", "int8", "tensorrt-10"), dst.name, "onnx", "int8",
                         info={"target": "tensorrt-10", "input": INPUT_NAME, "output": OUTPUT_NAME, "tensorrt": ["10"],
-                              "portable": artifact_name("onnx", "int8"), **info}))
+                              "portable": artifact_name("onnx", "int8"), **info,
+                              **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {})}))
