@@ -177,8 +177,12 @@ class ParityFailure(CvtDeployError):
         failed = [r for r in reports if not r]
         super().__init__(
             "parity gates failed for " + ", ".join(f"{r.candidate} ({'; '.join(r.failed)})" for r in failed),
-            "see the table above; keep more ops in higher precision, calibrate on more representative "
-            "data (--calib), or pass --no-check to write the bundle anyway")
+            "see the table above; " + ("for int8: --int8-keep-float auto keeps the fewest costly layers float "
+                                       "until the gates hold (or name them: cvt-check --rank-int8 and --layers on a "
+                                       "--no-check export rank and locate them); " if any(r.precision == "int8"
+                                                                                         for r in failed) else "")
+            + "keep more ops in higher precision, calibrate on more representative data (--calib), or pass "
+            "--no-check to write the bundle anyway")
 
 
 def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: int | None = None,

@@ -2,26 +2,23 @@
 that one layer float gives back (``rank_int8_layers``); the Q/DQ graph with chosen layers float
 (``keep_float``), to try a choice without quantizing again.
 
-Measured, for each quantized Conv/MatMul/Gemm: the int8 graph's logits with *only that layer
-float* (every other one int8, as calibrated) against the fp32 graph on the check images: the
-smallest and mean per-image cosine and top-1 agreement, what the int8 gate judges (parity.py);
-ranked by ``gain``, the share of int8's cosine error (``1 - mean cosine``) it removes. Not the other
-way round (only that layer int8): this answers the user's question (what to name in
-``--int8-keep-float``) with the figure the gate will see, it shows a layer whose error matters
-only on inputs other layers already degraded, and it costs the same (a pass from the layer on).
+Measured per quantized Conv/MatMul/Gemm: the int8 graph's logits with *only that layer float*
+against the fp32 graph on the check images (smallest and mean per-image cosine, top-1 agreement:
+what the int8 gate judges, parity.py), ranked by ``gain``, the share of int8's cosine error
+(``1 - mean cosine``) it removes. Not the other way round (only that layer int8): this answers
+what to name in ``--int8-keep-float`` with the figure the gate will see, at the same cost.
 
-Cheap enough for CvT-13's 121 quantized layers (times in docs/precision.md):
+Cheap enough for CvT-13's 121 quantized layers (docs/precision.md has the times):
 
 * No calibration, no quantizer per layer. A variant is the int8 graph with the layer's Q/DQ
   removed: activations read the float tensor their QuantizeLinear read, the weight is the fp32
-  graph's initializer its int8 one (``<name>_quantized``) was rounded from. Every other scale
-  stays: it is what ``quantize_static`` writes with the layer in ``nodes_to_exclude`` from the
-  same ranges (tested: the same logits, bit for bit).
+  graph's initializer its int8 one was rounded from; every other scale stays. That is what
+  ``quantize_static`` writes with the layer excluded (tested: the same logits, bit for bit).
 * Only what changes runs. Up to a layer its variant computes what the int8 graph does: that runs
   once, keeping the tensors at its *cuts* (where one activation holds all the state: the input,
-  the residual stream between blocks), and each variant runs from the last cut before its layer.
-  Longest run first, then shortest, and so on: the time left shown is right early.
-* ``cache``: per-layer results, keyed by both graphs, the images and ONNX Runtime's version; an
+  the residual stream between blocks); each variant runs from the last cut before its layer,
+  longest first, then shortest, and so on, so the time left shown is right early.
+* ``cache``: per-layer results keyed by both graphs, the images and ONNX Runtime's version: an
   interrupted ranking resumes where it stopped.
 """
 from __future__ import annotations
@@ -30,7 +27,6 @@ import bisect
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +38,7 @@ import numpy as np
 from .config import CvtConfig
 from .errors import CvtDeployError, require
 from .progress import Progress, stage
+from .qdq_graph import QdqGraph
 from .table import format_table
 from .util import CONFIG_KEY, INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, atomic_output, file_sha256, ort_session
 
@@ -53,7 +50,6 @@ DEFAULT_IMAGES = 64  # check images a ranking runs by default (each layer runs t
 CHUNK = 32  # images per forward pass
 CACHE_FORMAT = "cvt-deploy-int8-sensitivity"
 CACHE_VERSION = 1
-_CRUMB = 0.05  # at a cut, what is live besides its one activation is at most this share of it (bytes)
 
 
 @dataclass(frozen=True)
@@ -102,140 +98,6 @@ class SensitivityReport:
         return format_table(["rank", "module", "node", "op", "min cos", "mean cos", "top-1 agree", "gain"], rows, title)
 
 
-# --- the graph: cuts, variants -------------------------------------------------------------
-
-class _Graph:
-    """An int8 Q/DQ graph in node order: what is constant, who produces what, the cuts, and the
-    variant of each quantized layer (kept float) as the part of the graph that must run."""
-
-    def __init__(self, model: Any, floats: dict[str, Any]) -> None:
-        import onnx
-
-        g, self.model, self.floats = model.graph, model, floats
-        self.nodes, self.inits = list(g.node), {i.name: i for i in g.initializer}
-        self.input, self.outputs = g.input[0].name, [o.name for o in g.output]
-        self.static = set(self.inits) | {""}  # initializers and what is computed from them alone
-        for n in self.nodes:
-            if all(i in self.static for i in n.input):
-                self.static.update(n.output)
-        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        self.types = {v.name: v.type for v in (*inferred.value_info, *inferred.input, *inferred.output)}
-        self.cuts = self._cuts()
-
-    def _cuts(self) -> list[int]:
-        """Node positions where what is live is one tensor and crumbs (bytes per image by shape
-        inference; unknown: no crumb): position 0, the residual stream between blocks."""
-        from onnx import helper
-
-        batch = self.types[self.input].tensor_type.shape.dim[0]
-
-        def size(t: str) -> float:
-            tt = self.types[t].tensor_type if t in self.types else None
-            dims = list(tt.shape.dim) if tt is not None else []
-            if tt is None or not dims or dims[0] != batch or not all(d.HasField("dim_value") for d in dims[1:]):
-                return math.inf
-            itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)).itemsize
-            return itemsize * float(np.prod([d.dim_value for d in dims[1:]]))
-
-        last = {t: i for i, n in enumerate(self.nodes) for t in n.input if t not in self.static}
-        live, cuts = {self.input}, [0]
-        for p in range(1, len(self.nodes)):
-            live = {t for t in (*live, *self.nodes[p - 1].output) if last.get(t, -1) >= p}
-            sizes = sorted(map(size, live))
-            if sizes and sum(sizes[:-1]) <= _CRUMB * sizes[-1] < math.inf:
-                cuts.append(p)
-        return cuts
-
-    def float_inputs(self, index: int) -> dict[int, str]:
-        """Input slot -> the float tensor it reads with the node's Q/DQ removed: an activation's
-        QuantizeLinear input, a weight's fp32 initializer (added to ``self.inits``)."""
-        node, out = self.nodes[index], {}
-        for slot, name in enumerate(node.input):
-            dq = self.nodes[self.producer[name]] if name in self.producer else None
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = self.nodes[self.producer[dq.input[0]]] if dq.input[0] in self.producer else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                out[slot] = q.input[0]
-            elif dq.input[0] in self.inits:
-                out[slot] = self._float_weight(node.name, dq)
-        return out
-
-    def _float_weight(self, node: str, dq: Any) -> str:
-        """The fp32 weight a DequantizeLinear's int8 weight was quantized from: the fp32 graph's
-        initializer of that name, less ``_quantized``, which must round to the same integers."""
-        from onnx import helper, numpy_helper
-
-        base = dq.input[0].removesuffix("_quantized")
-        q = numpy_helper.to_array(self.inits[dq.input[0]]).astype(np.float32)
-        w = numpy_helper.to_array(self.floats[base]) if base in self.floats else None
-        if w is not None and w.shape == q.shape and dq.input[1] in self.inits:
-            scale = numpy_helper.to_array(self.inits[dq.input[1]]).astype(np.float32)
-            if scale.size > 1:  # per channel, along the DequantizeLinear's axis (default 1)
-                axis = next((helper.get_attribute_value(a) for a in dq.attribute if a.name == "axis"), 1)
-                scale = scale.reshape([-1 if d == axis % q.ndim else 1 for d in range(q.ndim)])
-            if np.abs(np.clip(np.round(w / scale), -128, 127) - q).max() <= 1:
-                name = base if base not in self.inits else base + "_float"
-                self.inits.setdefault(name, numpy_helper.from_array(w, name))
-                self.static.add(name)
-                return name
-        raise CvtDeployError(f"the fp32 graph has no weight {base!r} that rounds to the int8 weight of {node}: it is "
-                             "not the graph this int8 graph was quantized from",
-                             "pass the fp32 graph the int8 one was made from (a bundle holds both)")
-
-    def limit(self, index: int, inputs: dict[int, str]) -> int:
-        """The latest cut a variant of node ``index`` may start from: before its Q/DQ nodes."""
-        chain = [self.producer[self.nodes[index].input[s]] for s in inputs]
-        chain += [self.producer[self.nodes[c].input[0]] for c in chain if self.nodes[c].input[0] in self.producer]
-        return min([index, *(c for c in chain if self.nodes[c].output[0] not in self.static)])
-
-    def suffix(self, edits: dict[int, dict[int, str]], start: int) -> tuple[list[int], list[str]]:
-        """Nodes (in order) that compute the outputs from position ``start`` on, with the input
-        ``edits`` (node -> slot -> tensor), and the tensors they need from before ``start``."""
-        keep, frontier, todo, seen = set(), [], list(self.outputs), set()
-        while todo:
-            t = todo.pop()
-            if t in seen or t in self.inits or t == "":
-                continue
-            seen.add(t)
-            i = self.producer.get(t)
-            if i is None or (i < start and t not in self.static):
-                frontier.append(t)
-                continue
-            keep.add(i)
-            todo += [edits.get(i, {}).get(s, x) for s, x in enumerate(self.nodes[i].input)]
-        return sorted(keep), sorted(frontier)
-
-    def subgraph(self, keep: list[int], inputs: list[Any], edits: dict[int, dict[int, str]]) -> Any:
-        """A model of the nodes ``keep`` (with ``edits``) fed ``inputs`` (ValueInfoProtos)."""
-        from onnx import NodeProto, helper
-
-        nodes = [NodeProto() for _ in keep]
-        for node, i in zip(nodes, keep):
-            node.CopyFrom(self.nodes[i])
-            for slot, name in edits.get(i, {}).items():
-                node.input[slot] = name
-        used = {x for n in nodes for x in n.input}
-        graph = helper.make_graph(nodes, self.model.graph.name, inputs, list(self.model.graph.output),
-                                  [self.inits[t] for t in sorted(used & set(self.inits))])
-        model = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
-        model.metadata_props.extend(self.model.metadata_props)
-        return model
-
-    def with_outputs(self, names: Sequence[str]) -> bytes:
-        """The whole int8 graph with ``names`` as further outputs, serialized."""
-        from onnx import ValueInfoProto
-
-        g, before = self.model.graph, len(self.model.graph.output)
-        g.output.extend(ValueInfoProto(name=t, type=self.types[t]) if t in self.types else ValueInfoProto(name=t)
-                        for t in names)
-        try:
-            return bytes(self.model.SerializeToString())
-        finally:
-            del g.output[before:]
-
-
 def quantized_layers(model: Any) -> list[tuple[str, str, str]]:
     """(node, op, module or '') of every weighted node with a Q/DQ input, in graph order."""
     from .export.names import layer_table
@@ -255,7 +117,7 @@ def keep_float(int8: str | os.PathLike[str], reference: str | os.PathLike[str], 
 
     model, floats = _load(int8, reference)
     chosen = resolve(model, names)
-    g = _Graph(model, floats)
+    g = QdqGraph(model, floats)
     edits = {i: g.float_inputs(i) for i, n in enumerate(g.nodes) if n.name in chosen}
     keep, _ = g.suffix(edits, 0)  # what the outputs still read: the layers' own Q/DQ are gone
     with atomic_output(dst) as tmp:
@@ -297,16 +159,16 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
     if layers is not None:
         from .export.names import resolve
 
-        wanted = set(resolve(model, layers, "layers"))
+        wanted = set(resolve(model, layers, "--rank-layers (layers=)"))
         if wanted - {n for n, _, _ in table}:
             raise CvtDeployError(f"not quantized in {int8_path}: {', '.join(sorted(wanted - {n for n, _, _ in table}))}",
-                                 "name quantized layers (quantized_layers(model) lists them)")
+                                 "name quantized layers (cvt-check --rank-int8 without --rank-layers lists them)")
         table = [row for row in table if row[0] in wanted]
     if not table:
         raise CvtDeployError(f"{int8_path} has no quantized layer (no Conv/MatMul/Gemm behind a DequantizeLinear)",
                              "rank an int8 Q/DQ graph (cvt-export --precision int8 writes model.int8.onnx)")
     probs = meta.get(OUTPUT_KIND_KEY, "logits") == "probs"
-    g = _Graph(model, floats)
+    g = QdqGraph(model, floats)
     fixed = g.types[g.input].tensor_type.shape.dim[0].dim_value or None
     feeds = [{g.input: b} for b in _chunks(images, fixed or CHUNK, fixed is not None)]
     key = _cache_key(int8_path, ref_path, images)
@@ -314,8 +176,7 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
     done = _read_cache(cache_file, key)
 
     with stage(f"running {ref_path.name} (reference) on {len(images)} images", progress):
-        session = ort_session(ref_path, threads)
-        ref = _logits([session.run(None, f) for f in feeds], len(images), probs)
+        ref = graph_logits(ref_path, images, threads)
     index = {n.name: i for i, n in enumerate(g.nodes)}
     plans = {}
     for node, _, _ in table:
@@ -353,6 +214,17 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
                              cached=len(table) - len(plans), cuts=len(g.cuts))
 
 
+def graph_logits(graph: str | os.PathLike[str] | bytes, images: np.ndarray, threads: int | None = None) -> np.ndarray:
+    """A graph's logits on preprocessed ``images``, in batches it takes, as float64 (a probabilities
+    graph's centred log-probabilities: what parity compares)."""
+    session = ort_session(graph, threads)
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    probs = session.get_modelmeta().custom_metadata_map.get(OUTPUT_KIND_KEY, "logits") == "probs"
+    feeds = _chunks(images, fixed or CHUNK, fixed is not None)
+    return _logits([session.run(None, {inp.name: b}) for b in feeds], len(images), probs)
+
+
 def _interleaved(plans: dict[str, tuple[Any, list[int], Any]]) -> list[str]:
     """Longest run first, shortest second, ...: Progress's time left is right early on."""
     order = sorted(plans, key=lambda n: -len(plans[n][1]))
@@ -372,7 +244,7 @@ def _paths(source: Any, reference: Any) -> tuple[Path, Path, Any]:
         int8, fp32 = source.find("onnx", "int8"), source.find("onnx", "fp32")
         if int8 is None or fp32 is None:
             raise CvtDeployError(f"{source.root} has no {'int8' if int8 is None else 'fp32'} ONNX graph to rank",
-                                 f"export one: cvt-export --precision fp32,int8 --out {source.root}")
+                                 f"export it with one: cvt-export --weights <its checkpoint> --precision int8 --out {source.root}")
         return source.verified_path(int8), source.verified_path(fp32), source.config
     if reference is None:
         raise CvtDeployError(f"ranking {source} needs the fp32 graph it was quantized from",

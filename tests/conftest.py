@@ -299,13 +299,14 @@ class Cvt13Export:
 @pytest.fixture(scope="session")
 def cvt13_export(tmp_path_factory: pytest.TempPathFactory) -> Cvt13Export:
     """CvT-13 (random, non-trivial BatchNorm statistics) exported once with export_onnx."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     from cvt_deploy.export.onnx import export_onnx, graph_metadata
     from cvt_deploy.model import create_model
 
+    torch.manual_seed(13)  # the convolutions keep their default init: seeded, every process has the same model
     model = create_model("cvt-13")
-    randomize_weights_(model, seed=13)  # seeded: every process has the same model
+    randomize_weights_(model, seed=13)
     folder = shared_build(tmp_path_factory, "cvt13-export", lambda f: export_onnx(
         model, f / "model.onnx", metadata=graph_metadata(model.cfg.to_json(), "fp32", {"batch": {"min": 1, "opt": 8, "max": 64}})))
     return Cvt13Export(model, folder / "model.onnx")

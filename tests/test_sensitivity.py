@@ -187,3 +187,95 @@ def test_refusals(planted_int8: Any, tmp_path: Path) -> None:
     onnx.save(other, str(tmp_path / "other.onnx"))
     with pytest.raises(CvtDeployError, match="not the graph this int8 graph was quantized from"):
         rank_int8_layers(int8, tmp_path / "other.onnx", layers=[planted_int8.module], progress=False)
+
+
+# --- cvt-check --rank-int8 -----------------------------------------------------------------
+
+@pytest.fixture
+def rank_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where cvt-check --rank-int8 caches per-layer results: under tmp_path, not ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "cvt-deploy" / "sensitivity"
+
+
+def check_main(*argv: str) -> int:
+    from cvt_deploy.cli import check
+
+    return check.main(list(argv))
+
+
+def test_cvt_check_ranks_the_planted_layer_first_then_reads_the_cache(planted_int8: Any, rank_cache: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+
+    bundle, module = str(planted_int8.bundle), planted_int8.module
+    assert check_main("--bundle", bundle, "--rank-int8", "--limit", "16", "-q") == 0
+    out = capsys.readouterr().out
+    first = re.search(r"^ +1 +(\S+) +node_", out, re.M)
+    assert first and first.group(1) == module, out
+    assert "(every layer int8)" in out and re.search(r"ranked \d+ layer\(s\) in [\d.]+ s, 0 from the cache", out), out
+    (next_line,) = [line for line in out.splitlines() if line.startswith("next: ")]
+    assert next_line.startswith("next: cvt-export --weights ") and "--precision int8" in next_line, next_line
+    assert next_line.endswith(f"--int8-keep-float {module} --out {bundle}"), next_line
+    assert "--int8-keep-float auto" in out
+    assert len(list(rank_cache.glob("sensitivity-*.json"))) == 1
+
+    assert check_main("--bundle", bundle, "--rank-int8", "--limit", "16", "-q", "--json") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["rows"][0]["module"] == module and got["rows"][0]["rank"] == 1
+    assert got["cached"] == len(got["rows"]) > 50 and got["images"] == 16  # every layer from the cache
+
+
+def test_cvt_check_rank_layers_ranks_only_those(planted_int8: Any, rank_cache: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_main("--bundle", str(planted_int8.bundle), "--rank-int8", "--rank-layers", planted_int8.module,
+                      "--backend", "onnxruntime", "--limit", "16", "-q", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["module"] for r in rows] == [planted_int8.module]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--tensorrt", "10"], "--tensorrt"), (["--layers"], "--layers"), (["--plot", "x.png"], "--plot x.png"),
+    (["--device", "cuda"], "--device cuda"), (["--preprocess", "deepstream"], "--preprocess deepstream"),
+    (["--precision", "int8"], "--precision int8"), (["--backend", "onnxruntime,openvino"], "--backend openvino"),
+    (["--limit", "0"], "--limit 0")])
+def test_cvt_check_rank_int8_refuses_what_cannot_apply(planted_int8: Any, rank_cache: Path, extra: list[str],
+                                                        flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_main("--bundle", str(planted_int8.bundle), "--rank-int8", "-q", *extra) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}" in err or f"and {flag} are" in err, err
+    assert "fix:" in err and not rank_cache.exists()
+
+
+def test_cvt_check_rank_layers_needs_rank_int8(planted_int8: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_main("--bundle", str(planted_int8.bundle), "--rank-layers", "head") == 2
+    assert "--rank-layers chooses the layers --rank-int8 ranks" in capsys.readouterr().err
+
+
+def test_cvt_check_rank_int8_without_an_int8_graph(planted_int8: Any, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    bundle = tmp_path / "fp32"
+    shutil.copytree(planted_int8.bundle, bundle, ignore=shutil.ignore_patterns("*int8*"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if v["precision"] != "int8"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert check_main("--bundle", str(bundle), "--rank-int8", "-q") == 2
+    err = capsys.readouterr().err
+    assert f"{bundle} has no int8 ONNX graph to rank" in err, err
+    assert "fix: export it with one: cvt-export --weights " in err and f"--precision int8 --out {bundle}" in err
+
+
+def test_the_layer_table_points_at_the_planted_layer_first(planted_int8: Any) -> None:
+    """cvt-check --layers on the planted model: the first jump is the layer whose input carries the
+    outliers, not the one that made them (its output is right: only its consumer's int8 breaks)."""
+    from cvt_deploy.layers import check_layers
+
+    reports = check_layers(Bundle.open(planted_int8.bundle), precisions=["int8"], limit=64, progress=False)
+    assert {r.artifact for r in reports} == {"onnx-int8", "onnx-int8-tensorrt-10"}
+    for report in reports:  # the Q/DQ graph, and the same with fp16 outside Q/DQ
+        jump = report.first_jump
+        assert jump is not None and jump.module == planted_int8.module, str(report)
+        rows = {r.module: r for r in report.rows if r.module}
+        assert rows[planted_int8.source].min_cosine > 0.99 > 0.5 > rows[planted_int8.module].min_cosine

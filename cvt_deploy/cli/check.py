@@ -1,10 +1,11 @@
 """cvt-check: re-run the accuracy parity check of a bundle's artifacts on this machine,
-(--tensorrt) check its portable graphs against the ONNX parser of each TensorRT release, or
-(--layers) find the layer where a reduced-precision graph leaves the fp32 one.
+(--tensorrt) check its portable graphs against the ONNX parser of each TensorRT release,
+(--layers) find the layer where a reduced-precision graph leaves the fp32 one, or
+(--rank-int8) rank the int8 graph's quantized layers by what keeping each one float gives back.
 
 Exit status: 0 when every checked artifact meets its precision's gates (or every graph is
-ready for the asked TensorRT; --layers is a diagnosis: always 0), 1 when one does not, 2 on
-bad input.
+ready for the asked TensorRT; --layers and --rank-int8 are diagnoses: always 0), 1 when one
+does not, 2 on bad input.
 """
 from __future__ import annotations
 
@@ -12,13 +13,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CvtDeployError
 from ..export.portable import TENSORRT_TARGETS
 from ..runtimes import BACKENDS
 from .common import (ListOption, add_backend_arg, add_json_arg, add_limit_arg, add_precision_arg, add_quiet_arg,
                      cli_entry)
+from .export import NameList
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 EPILOG = """\
 The reference is PyTorch fp32 from the bundle's weights (or the fp32 ONNX graph on ONNX
@@ -31,6 +36,7 @@ examples:
   cvt-check --bundle build/ds --preprocess deepstream    what nvinfer's direct resize costs (not gated)
   cvt-check --bundle build/cvt13 --tensorrt 8.5,8.6,10   will each Jetson's TensorRT parse it?
   cvt-check --bundle build/cvt13 --layers --precision int8 --plot layers.png   where does int8 go wrong?
+  cvt-check --bundle build/cvt13 --rank-int8 --data imagenet-val-subset/   which layers should int8 keep float?
 
 --tensorrt is a static check of the documented ONNX parser of that release (onnx-tensorrt's
 operator table and importer source per release branch), not TensorRT: it needs neither
@@ -48,10 +54,23 @@ attention MatMuls too): worst and mean cosine, relative error ||fp32 - cand|| / 
 |diff|. The first jump is the first layer whose worst-image cosine falls more than 0.02 below
 every earlier layer's, or whose mean relative error exceeds both 3x every earlier layer's and
 0.1. At most 16 tensors are exposed per pass, so memory stays bounded.
+
+--rank-int8 ranks every quantized layer (Conv, MatMul, Gemm) of the bundle's portable int8 graph
+(--rank-layers: only those). For each, the int8 graph with only that layer float (its Q/DQ
+removed, its fp32 weight back, every other scale as calibrated) runs beside the fp32 ONNX graph
+on ONNX Runtime's CPU provider on --limit images of --data (default 64): worst and mean cosine
+and top-1 agreement, what the int8 gate judges. gain is the share of int8's cosine error
+(1 - mean cosine) that keeping the layer float removes: the top rows are what to name in
+cvt-export --int8-keep-float (or let --int8-keep-float auto choose). Each layer runs only the
+graph from the last block boundary before it. Per-layer results are cached in
+~/.cache/cvt-deploy/sensitivity ($XDG_CACHE_HOME when set), keyed by both graphs, the images and
+ONNX Runtime's version: an interrupted ranking resumes where it stopped.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..sensitivity import DEFAULT_IMAGES
+
     ap = argparse.ArgumentParser(prog="cvt-check", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
@@ -60,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", help="device for the checked backend (cpu, cuda)")
     ap.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
     add_limit_arg(ap, "the check")
+    limit = ap._option_string_actions["--limit"]  # the ranking runs every image once per layer: fewer by default
+    limit.help = f"{limit.help}; {DEFAULT_IMAGES} with --rank-int8"
     ap.add_argument("--preprocess", choices=("model", "deepstream"), default="model",
                     help="model (default): the parity check; deepstream: the same artifact on the model's own "
                          "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
@@ -76,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", metavar="FILE.png",
                     help="with --layers: plot min cosine and relative error against depth, one line per candidate "
                          "(needs the 'plot' extra: pip install 'cvt-deploy[plot]')")
+    ap.add_argument("--rank-int8", action="store_true",
+                    help="instead of the parity check: rank every quantized layer of the bundle's portable int8 graph "
+                         "by what keeping that one layer float gives back (a diagnosis: exit 0), on --limit images "
+                         f"of --data (default {DEFAULT_IMAGES}); results per layer are cached, so a rerun resumes")
+    ap.add_argument("--rank-layers", action=NameList, what="layer name", default=None, metavar="NAME[,NAME]",
+                    help="with --rank-int8: rank only these layers (a comma list or repeated): modules, module "
+                         "prefixes (stage2.blocks.1) or ONNX node names")
     add_json_arg(ap, "the reports")
     add_quiet_arg(ap)
     return ap
@@ -88,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..parity import check_bundle, summary_table
 
     args = build_parser().parse_args(argv)
+    if args.rank_int8 or args.rank_layers:
+        return _rank_int8(args)
     if args.layers:
         return _layers(args)
     if args.plot:
@@ -191,3 +221,63 @@ def _tensorrt(args: argparse.Namespace) -> int:
         print(f"  fix: re-export the bundle for that TensorRT: cvt-export --tensorrt {oldest} --out {args.bundle} ... "
               "(the findings above name each node, the rule and its source)", file=sys.stderr)
     return 1 if failed or refused else 0
+
+
+def _rank_int8(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..export.pipeline import default_cache_dir
+    from ..sensitivity import DEFAULT_IMAGES, rank_int8_layers
+
+    if not args.rank_int8:
+        raise CvtDeployError("--rank-layers chooses the layers --rank-int8 ranks", "add --rank-int8")
+    for other, what in (("--tensorrt", "a static check of the graphs for TensorRT's parser"),
+                        ("--layers", "where a graph's error first jumps, layer by layer")):
+        if getattr(args, other[2:]):
+            raise CvtDeployError(f"--rank-int8 and {other} are two different checks (which int8 layers to keep "
+                                 f"float; {what})", "run cvt-check once with each")
+    # The ranking edits the int8 ONNX graph's Q/DQ layer by layer: ONNX Runtime, its CPU provider, model preprocessing.
+    backends = ",".join(b for b in args.backend or [] if b != "onnxruntime")
+    unused = [f"{flag} {value}" for flag, value in (
+        ("--backend", backends), ("--precision", ",".join(args.precision or [])), ("--device", args.device),
+        ("--preprocess", "" if args.preprocess == "model" else args.preprocess), ("--plot", args.plot)) if value]
+    if unused:
+        raise CvtDeployError(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --rank-int8 "
+                             "(it ranks the portable int8 graph's layers against the fp32 graph, on ONNX Runtime's "
+                             "CPU provider, on the model's own preprocessing)",
+                             f"drop {', '.join(u.split()[0] for u in unused)}, or run cvt-check without --rank-int8")
+    if args.limit == 0:  # check_limit's fix would name the parity check's default, not the ranking's
+        raise CvtDeployError("--limit 0: the ranking needs at least one image",
+                             f"omit --limit for the default ({DEFAULT_IMAGES}), or pass a whole number >= 1")
+    bundle = Bundle.open(args.bundle)
+    if bundle.find("onnx", "int8") is None:  # before the ranking's own error: the fix names the bundle's checkpoint
+        raise CvtDeployError(f"{bundle.root} has no int8 ONNX graph to rank (it holds "
+                             f"{', '.join(sorted(bundle.artifacts))})",
+                             "export it with one: " + _export_command(bundle))
+    cache = default_cache_dir() / "sensitivity"
+    report = rank_int8_layers(bundle, data=args.data, limit=args.limit or DEFAULT_IMAGES, layers=args.rank_layers,
+                              cache=cache, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    top = report.rows[0]
+    print(report, end="\n\n")
+    print(f"ranked {len(report.rows)} layer(s) in {report.seconds:.1f} s, {report.cached} from the cache ({cache})")
+    print(f"next: {_export_command(bundle, '--int8-keep-float', top.module or top.node)}\n"
+          f"  keeps the top layer float (gain {100 * top.gain:.1f}%); or --int8-keep-float auto [--int8-max-drop "
+          "POINTS]: the most sensitive layers float, fewest first, until the int8 gates hold")
+    return 0
+
+
+def _export_command(bundle: Bundle, *flags: str) -> str:
+    """The cvt-export line that writes ``bundle`` again as int8 with ``flags``: the checkpoint its manifest
+    records as --weights (when that was a file), '...' for the model options a manifest does not keep."""
+    import shlex
+
+    from ..util import PRECISIONS
+
+    source = bundle.extra.get("source")
+    ckpt = source.get("checkpoint") if isinstance(source, dict) and source.get("sha256") else None
+    weights = f"--weights {shlex.quote(ckpt)} " if isinstance(ckpt, str) else ""
+    precisions = ",".join(p for p in PRECISIONS[1:] if p == "int8" or bundle.find("onnx", p))
+    return " ".join(["cvt-export", f"{weights}...", "--precision", precisions, *map(shlex.quote, flags), "--out",
+                     shlex.quote(str(bundle.root))])

@@ -37,6 +37,8 @@ examples:
   cvt-export --input-format uint8-nhwc --output probs --out build/edge   graphs that take camera pixels
   cvt-export --format deepstream --out build/ds          float-pixels + probs graphs and nvinfer_config.txt
   cvt-export --format deepstream --bundle build/ds --precision fp32   (re)write the config of a bundle
+  cvt-export --weights mine.pth --precision int8 --int8-keep-float auto --int8-max-drop 0.5 --data val/ --out build/q
+                                                          int8 that meets its gate: the fewest layers kept float
 
 Every export checks each graph against PyTorch fp32 on real images (the demo held-out
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
@@ -98,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers every int8 graph leaves float (a comma list or repeated): module names "
                         "(stage2.blocks.1.attn.proj), module prefixes (stage2.blocks.1: every weighted layer inside) "
                         "or ONNX node names (node_MatMul_127), as cvt-check --layers lists them; an unknown name "
-                        "fails the export, naming it")
+                        "fails the export, naming it. 'auto' (alone or beside names): also keep the fewest of the "
+                        "layers cvt-check --rank-int8 ranks most costly float for the int8 gates to hold on the "
+                        "check images; the export says which and why, and the manifest records it")
+    g.add_argument("--int8-max-drop", type=decimal_number, metavar="POINTS",
+                   help="with --int8-keep-float auto: the most top-1 accuracy (percentage points) int8 may lose on "
+                        "the check images, at most the int8 gate's 1 (without labels: the most top-1 disagreement "
+                        "with fp32)")
     g = ap.add_argument_group("TensorRT (--format trt; --workspace also trt-rtx)")
     g.add_argument("--workspace", type=whole_number, metavar="MiB", help="builder workspace limit (default fits a Jetson)")
     g.add_argument("--timing-cache", type=Path, metavar="FILE", help="timing cache file, reused and updated")
@@ -160,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             input_format=args.input_format or ("float-pixels" if deepstream else "float"),
                             output=args.output or ("probs" if deepstream else "logits"), tensorrt=args.tensorrt,
                             openvino=args.format == "openvino" and args.bundle is None, time_cpu=not args.no_timing,
-                            rtx_build=not args.no_rtx_build, int8_keep_float=tuple(args.int8_keep_float or ()))
+                            rtx_build=not args.no_rtx_build, int8_keep_float=tuple(args.int8_keep_float or ()),
+                            int8_max_drop=args.int8_max_drop)
     # Both validated before any work: a bad --workspace should not wait for minutes of export.
     build = BuildOptions(workspace_mib=args.workspace, timing_cache=args.timing_cache,
                          version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
@@ -245,7 +254,8 @@ def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     checking = not args.no_check and args.format != "triton"
     # flag dests -> (has an effect, why not, what would make it count)
     rules = [
-        (("calib", "calib_method", "calib_count", "calib_cache", "int8_keep_float"), exporting and "int8" in precisions,
+        (("calib", "calib_method", "calib_count", "calib_cache", "int8_keep_float", "int8_max_drop"),
+         exporting and "int8" in precisions,
          "no int8 graph is exported" if exporting else "nothing is exported or calibrated (--bundle)", "add --precision int8"),
         (("data", "limit"), checking, "nothing is checked" + (" (--no-check)" if args.no_check else ""),
          "drop --no-check" if args.no_check else "use cvt-check on the repository's bundle"),

@@ -345,7 +345,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
             else ("unsupported by this onnxruntime" if cache_path is not None else "off"),
             "cache_key": key[:24],
             **qdq_counts(qmodel),
-            **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {}),
+            **(plan.recorded() if plan else {}),
         }
         # The graph records what it is, not how this run went (cache hit or miss, which calibrator
         # made the same ranges), so that a cache hit reproduces the calibrated graph byte for byte.

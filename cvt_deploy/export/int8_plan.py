@@ -37,10 +37,16 @@ class Int8Plan:
     keep_float: tuple[str, ...] = ()
     nodes: tuple[str, ...] = ()
     modules: dict[str, str] = field(default_factory=dict)
+    auto: dict[str, Any] | None = None  # how ``auto`` chose (export/int8_auto.py), None for a plan named in full
 
     def to_dict(self) -> dict[str, Any]:
         """What the manifest records on each int8 artifact (``info["int8_plan"]``)."""
-        return {"keep_float": list(self.keep_float), "nodes": list(self.nodes), "modules": dict(self.modules)}
+        return {"keep_float": list(self.keep_float), "nodes": list(self.nodes), "modules": dict(self.modules),
+                **({"auto": self.auto} if self.auto is not None else {})}
+
+    def recorded(self) -> dict[str, Any]:
+        """``{"int8_plan": ...}`` for an int8 artifact's info; {} when nothing is kept float by name or by ``auto``."""
+        return {"int8_plan": self.to_dict()} if self.nodes or self.auto is not None else {}
 
     def describe(self, most: int = 8) -> str:
         """``keeping 2 layers float: head (node_linear_36), node_matmul_3`` (the first ``most``

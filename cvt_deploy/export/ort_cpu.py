@@ -324,7 +324,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, plan: Int8Plan | None = None) ->
                          weight_type=QuantType.QInt8, nodes_to_exclude=kept)
     return {"quantization": "dynamic", "weights": "int8 per output channel, symmetric",
             "activations": "uint8, range computed per call", "quantized_ops": ["MatMul"],
-            **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {})}
+            **(plan.recorded() if plan else {})}
 
 
 def _self_check(reference: Path, candidate: Path, chw: tuple[int, ...], batches: Sequence[int], atol: float) -> float:

@@ -24,6 +24,7 @@ from .onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, export_onnx, graph_met
 from .portable import DEFAULT_TENSORRT, check_tensorrt_target, portable_graph
 
 if TYPE_CHECKING:
+    from ..data import EvalData
     from ..model import CvT
     from .int8_plan import Int8Plan
 
@@ -61,7 +62,9 @@ class ExportOptions:
     ``int8_keep_float``: layers every int8 graph leaves float: module names (``stage2.blocks.1.attn.proj``),
     module prefixes (``stage2.blocks.1``: every weighted layer inside) or ONNX node names; resolved
     against the fp32 graph by ``int8_plan.plan_int8`` (an unknown name fails the export, naming it);
-    a str is a comma list, and the names are kept as a tuple.
+    a str is a comma list, and the names are kept as a tuple. ``auto`` among them also keeps the fewest
+    most costly layers float for the int8 gates (and ``int8_max_drop``, points of top-1 accuracy) to
+    hold on the check images (export/int8_auto.py).
     """
 
     precisions: Sequence[str] = ("fp32",)
@@ -82,9 +85,12 @@ class ExportOptions:
     time_cpu: bool = True
     rtx_build: bool = True
     int8_keep_float: Sequence[str] = ()
+    int8_max_drop: float | None = None
 
     def __post_init__(self) -> None:
         from .int8 import check_cache_location
+        from ..parity import GATES
+        from .int8_auto import AUTO, DROP_FLAG, check_max_drop
         from .int8_plan import FLAG as KEEP_FLOAT, check_keep_float
         from .onnx import check_opset
 
@@ -95,6 +101,11 @@ class ExportOptions:
         if self.int8_keep_float and "int8" not in self.precisions:
             raise CvtDeployError(f"{KEEP_FLOAT} (int8_keep_float) has no effect: no int8 graph is exported",
                                  "add int8 to the precisions (--precision int8)")
+        if self.int8_max_drop is not None and not self.int8_auto:
+            raise CvtDeployError(f"{DROP_FLAG} (int8_max_drop) bounds what {KEEP_FLOAT} {AUTO} chooses, and there is "
+                                 f"no {AUTO}", f"add {KEEP_FLOAT} {AUTO}, or drop {DROP_FLAG}")
+        gate = GATES["int8"].max_accuracy_drop
+        object.__setattr__(self, "int8_max_drop", check_max_drop(self.int8_max_drop, gate if gate is not None else 100.0))
         for name, flag in (("check_limit", "--limit"), ("calib_count", "--calib-count")):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -111,6 +122,13 @@ class ExportOptions:
             from ..errors import require
 
             require("openvino", "openvino", "--format openvino")  # before minutes of export, not after
+
+    @property
+    def int8_auto(self) -> bool:
+        """Whether ``int8_keep_float`` asks for ``auto`` (export/int8_auto.py)."""
+        from .int8_auto import AUTO
+
+        return AUTO in self.int8_keep_float
 
 
 def planned_files(options: ExportOptions) -> list[str]:
@@ -141,7 +159,7 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
     calib_count, calib_cache = options.calib_count, options.calib_cache
     cfg = model.cfg
     eval_data = None
-    if check:
+    if check or options.int8_auto:  # auto plans on the check images
         from ..data import DEFAULT_LIMIT, load_eval_data
 
         # Read the check's images first: a bad --data should fail before minutes of export.
@@ -178,6 +196,13 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
             graph_meta = graph_metadata(cfg.to_json(), precision, meta)
             info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache, graph_meta,
                                     progress, portable.get("fp32_nodes", []), plan)
+            if precision == "int8" and options.int8_auto and plan is not None and eval_data is not None:
+                plan = _auto(bundle, plan, eval_data, options, progress)
+                if plan.nodes:  # quantized for real with the plan: what every other int8 graph follows
+                    info = _lower_precision(bundle, precision, calib, calib_method, calib_count, calib_cache,
+                                            graph_meta, progress, portable.get("fp32_nodes", []), plan)
+                else:
+                    info = {**info, **plan.recorded()}
             dst = bundle.root / ONNX_FILES[precision]
             bundle.add(Artifact(artifact_name("onnx", precision), dst.name, "onnx", precision,
                                 info={"opset": graph_opset(dst), "input": INPUT_NAME, "output": OUTPUT_NAME,
@@ -234,11 +259,26 @@ ADVISORY_BACKENDS = ("openvino",)
 
 def _plan(fp32: Path, options: ExportOptions, progress: bool) -> Int8Plan:
     """The layers every int8 graph of the export keeps float (int8_plan.plan_int8), said on stderr."""
+    from .int8_auto import AUTO
     from .int8_plan import plan_int8
 
-    plan = plan_int8(fp32, options.int8_keep_float)
+    plan = plan_int8(fp32, [n for n in options.int8_keep_float if n != AUTO])
     if progress and plan.nodes:
         print(f"  {plan.describe()}", file=sys.stderr)
+    return plan
+
+
+def _auto(bundle: Bundle, base: Int8Plan, data: EvalData, options: ExportOptions, progress: bool) -> Int8Plan:
+    """``auto``'s plan (export/int8_auto.py), from the int8 graph just quantized with ``base``, said on stderr."""
+    from .int8_auto import auto_plan, explain
+
+    if progress:
+        print("choosing the layers int8 keeps float (auto): the quantized layers ranked, then kept float, the most "
+              "costly first, until the int8 gates hold", file=sys.stderr)
+    plan = auto_plan(bundle.root / ONNX_FILES["int8"], bundle.root / ONNX_FILES["fp32"], base, data,
+                     max_drop=options.int8_max_drop, cache=default_cache_dir() / "sensitivity", progress=progress)
+    if progress:
+        print(explain(plan), file=sys.stderr)
     return plan
 
 
@@ -285,4 +325,4 @@ def _int8_fp16(bundle: Bundle, metadata: dict[str, str], fp32_nodes: Sequence[st
     bundle.add(Artifact(artifact_name("onnx", "int8", "tensorrt-10"), dst.name, "onnx", "int8",
                         info={"target": "tensorrt-10", "input": INPUT_NAME, "output": OUTPUT_NAME, "tensorrt": ["10"],
                               "portable": artifact_name("onnx", "int8"), **info,
-                              **({"int8_plan": plan.to_dict()} if plan and plan.nodes else {})}))
+                              **(plan.recorded() if plan else {})}))
