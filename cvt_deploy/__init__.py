@@ -39,8 +39,9 @@ def load_checkpoint(source: Any, variant: str | None = None, **kw: Any) -> CvT:
 
 
 def load(source: Any, backend: str | None = None, device: str | None = None,
-         precision: str | None = None, threads: int | None = None) -> Runtime:
-    """A runtime for an exported bundle; see :func:`cvt_deploy.runtimes.load`."""
-    from .runtimes import load as _load
+         precision: str | None = None, threads: int | None = None, batch: int | None = None) -> Runtime:
+    """A runtime for an exported bundle; see :func:`cvt_deploy.backends.load` (``batch``: the batch
+    size you will mostly run, for the measured choice of CPU path)."""
+    from .backends import load as _load
 
-    return _load(source, backend=backend, device=device, precision=precision, threads=threads)
+    return _load(source, backend=backend, device=device, precision=precision, threads=threads, batch=batch)

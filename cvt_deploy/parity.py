@@ -196,7 +196,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     fp16/int8 graphs and engines; that graph is then not checked against itself).
     """
     from .data import DEFAULT_LIMIT, EvalData, load_eval_data
-    from .runtimes import backend_class
+    from .backends import backend_class
 
     reference, ref_name, ref_artifact = _reference(bundle, reference_model)
     # Decide what is to be checked before the expensive part, so a request that matches
@@ -251,7 +251,7 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
 def _runtime_for(bundle: Bundle, backend: str, art: Artifact, device: str | None) -> Runtime:
     """The runtime that runs exactly ``art``: a bundle can hold several graphs of one precision
     (one per target, an ONNX graph and its OpenVINO IR), and ``load`` picks one of them."""
-    from .runtimes import load
+    from .backends import load
     from .runtimes.choice import CPU_BACKENDS, open_path
 
     if backend in CPU_BACKENDS:  # the backends that run any one of several graphs

@@ -470,7 +470,7 @@ def refused(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) 
 
 # What every command does after its arguments and files are checked: a test that asserts a
 # refusal "before any work" replaces these with a failure (the no_work fixture).
-WORK = ("cvt_deploy.checkpoints.load_checkpoint", "cvt_deploy.model.create_model", "cvt_deploy.runtimes.load",
+WORK = ("cvt_deploy.checkpoints.load_checkpoint", "cvt_deploy.model.create_model", "cvt_deploy.backends.load",
         "cvt_deploy.export.pipeline.export_bundle", "cvt_deploy.parity.check_bundle", "cvt_deploy.bench.benchmark")
 
 

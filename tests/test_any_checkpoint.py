@@ -26,7 +26,7 @@ from cvt_deploy.config import CvtConfig, PreprocessConfig, get_config  # noqa: E
 from cvt_deploy.demo import DEMO_SAMPLES  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.model import Attention, create_model  # noqa: E402
-from cvt_deploy.runtimes import load  # noqa: E402
+from cvt_deploy.backends import load  # noqa: E402
 from conftest import run_cli  # noqa: E402
 
 TOL = 1e-4

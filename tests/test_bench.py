@@ -393,7 +393,7 @@ def test_llc_size_from_sysfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.slow  # inductor compiles the model first: ~25 s on 2 cores
 def test_torch_compile_reference_row_runs_the_compiled_model(tiny_bundle: Path, keep_torch_threads: Any) -> None:
     from cvt_deploy.bench import benchmark
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
     from cvt_deploy.runtimes.pytorch import TorchCompiledRuntime
 
     compiled = load(tiny_bundle, backend="torch-compile")

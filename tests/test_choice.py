@@ -16,9 +16,10 @@ pytest.importorskip("openvino", reason="openvino is not installed: pip install '
 
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
-from cvt_deploy.runtimes import load  # noqa: E402
+from cvt_deploy.backends import load  # noqa: E402
 from cvt_deploy.cpu import FEATURES, cpu_features, cpu_key  # noqa: E402
-from cvt_deploy.runtimes.choice import MANIFEST_KEY, cpu_paths, fastest, record_cpu_timings  # noqa: E402
+from cvt_deploy.bench.cpu_paths import record_cpu_timings  # noqa: E402
+from cvt_deploy.runtimes.choice import MANIFEST_KEY, cpu_paths, fastest  # noqa: E402
 from cvt_deploy.runtimes.openvino import OpenVinoRuntime  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
 from conftest import run_cli  # noqa: E402
@@ -297,6 +298,7 @@ def test_a_failed_re_add_keeps_the_irs_the_bundle_had(ir_copy: Path, monkeypatch
 def test_a_path_that_cannot_open_is_not_timed_and_the_rest_are(ir_copy: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The timing is a speed-up: one graph OpenVINO cannot compile does not fail an export."""
+    import cvt_deploy.bench.cpu_paths as timing
     import cvt_deploy.runtimes.choice as choice
 
     real = choice.open_path
@@ -306,7 +308,7 @@ def test_a_path_that_cannot_open_is_not_timed_and_the_rest_are(ir_copy: Path, mo
             raise CvtDeployError("OpenVINO cannot compile model.int8.openvino.xml for its CPU plugin: made up", "")
         return real(bundle, backend, artifact, threads, device)
 
-    monkeypatch.setattr(choice, "open_path", open_path)
+    monkeypatch.setattr(timing, "open_path", open_path)
     entry = record_cpu_timings(Bundle.open(ir_copy), batches=(1,), threads=1, min_time=0.01)
     assert entry is not None
     assert set(entry["batches"]["1"]["int8"]) == {"onnxruntime:onnx-int8", "onnxruntime:onnx-int8-onnxruntime-cpu"}

@@ -24,7 +24,7 @@ from cvt_deploy.cli import export as export_cli  # noqa: E402
 from cvt_deploy.cli import predict as predict_cli  # noqa: E402
 from cvt_deploy.parity import Gates  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
-from cvt_deploy.runtimes import load  # noqa: E402
+from cvt_deploy.backends import load  # noqa: E402
 
 from conftest import refused, run_cli, run_script  # noqa: E402
 

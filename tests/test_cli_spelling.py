@@ -66,7 +66,7 @@ def record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Record:
     import cvt_deploy.checkpoints
     import cvt_deploy.export.pipeline
     import cvt_deploy.parity
-    import cvt_deploy.runtimes
+    import cvt_deploy.backends
     import cvt_deploy.serve.load
     import cvt_deploy.serve.server
     import cvt_deploy.trt.loader
@@ -87,7 +87,7 @@ def record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Record:
     monkeypatch.setattr(cvt_deploy.trt.loader, "build_engines", recorder("bundle", "precisions", "build"))
     monkeypatch.setattr(cvt_deploy.parity, "check_bundle", recorder("bundle"))
     monkeypatch.setattr(cvt_deploy.trt.readiness, "check_bundle_readiness", recorder("bundle", "versions", "precisions"))
-    monkeypatch.setattr(cvt_deploy.runtimes, "load", recorder("bundle"))
+    monkeypatch.setattr(cvt_deploy.backends, "load", recorder("bundle"))
     monkeypatch.setattr(cvt_deploy.bench, "benchmark", recorder("bundle"))
     monkeypatch.setattr(cvt_deploy.bench, "check_batches", lambda bundle, batches: None)  # the bundle is a path here
     monkeypatch.setattr(cvt_deploy.serve.load, "sweep", recorder("options"))

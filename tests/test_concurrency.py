@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
 
 from conftest import refused, run_cli, run_script, script  # noqa: E402
-from cvt_deploy import runtimes  # noqa: E402
+from cvt_deploy import backends as runtimes  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.outlock import lock_path  # noqa: E402

@@ -57,7 +57,7 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
     from cvt_deploy.bundle import Bundle
     from cvt_deploy.parity import check_bundle
     from cvt_deploy.preprocess import graph_input, preprocess_pixels
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     float_root = request.getfixturevalue("demo_float" if which == "demo" else "random_tiny")
     raw = Bundle.open(raw_pixel_copy(float_root, tmp_path / "raw", input_format, output))
@@ -113,7 +113,7 @@ def test_raw_pixel_graphs_match_the_float_graphs_and_pass_the_gates(request, tmp
 
 
 def test_a_raw_pixel_graph_refuses_a_float_batch_not_made_of_pixels(tmp_path, demo_float):
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     runtime = load(raw_pixel_copy(demo_float, tmp_path / "raw", "uint8-nchw", "logits"), backend="onnxruntime")
     batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)

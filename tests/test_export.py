@@ -98,7 +98,7 @@ def test_cvt13_onnxruntime_matches_pytorch_at_batches_1_3_8(cvt13_export, cvt13_
 
 @pytest.mark.slow
 def test_cvt13_bare_onnx_runs_from_its_metadata(cvt13_export, cvt13_reference):
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     x, ref = cvt13_reference
     rt = load(cvt13_export.path)

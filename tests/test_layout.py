@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cvt_deploy"
+ROOT = PACKAGE.name
 MAX_LINES = 450
+REGISTRY = re.compile(r"cvt_deploy(\.\w+)+:\w+")  # "module:Class", imported by importlib
 
 
 def _modules(package: Path = PACKAGE) -> dict[str, Path]:
@@ -23,12 +26,16 @@ def _modules(package: Path = PACKAGE) -> dict[str, Path]:
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """cvt_deploy modules that ``name`` imports anywhere: at the top, inside functions (lazy),
-    and under TYPE_CHECKING (a module that needs another's types depends on it as much)."""
+    and under TYPE_CHECKING (a module that needs another's types depends on it as much); the
+    ``__init__`` of each subpackage it reaches into from outside (Python runs it first); and the
+    modules named in registry strings (``"cvt_deploy.runtimes.ort:OrtRuntime"``), imported by name."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and REGISTRY.fullmatch(node.value):
+            candidates = [node.value.split(":")[0]]
+        elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -40,10 +47,15 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         else:
             continue
         for candidate in candidates:
-            # `import a.b.c` and `from a.b import c` depend on the modules along the way too,
-            # but a package's __init__ is its own concept: only the named module counts.
-            if candidate in modules and candidate != name:
+            if candidate in modules and candidate not in (name, ROOT):  # the root package: the import of anything
                 out.add(candidate)
+            # Reaching into a subpackage from outside it runs its __init__ first (the root package's
+            # is the import of anything: not counted). From inside, its __init__ is already running.
+            parts = candidate.split(".")
+            for i in range(2, len(parts)):
+                parent = ".".join(parts[:i])
+                if parent in modules and parent != name and not name.startswith(parent + "."):
+                    out.add(parent)
     return out
 
 
@@ -102,3 +114,23 @@ def test_modules_stay_readable() -> None:
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split by concept): {long}"
+
+
+@pytest.mark.parametrize("how", ["package-init", "registry-string"])
+def test_a_cycle_hidden_behind_a_package_init_or_a_registry_string_is_found(tmp_path: Path, how: str) -> None:
+    """The cycle the first layout check missed: runtimes.choice timed CPU paths with bench.timing,
+    whose package's __init__ imports bench.run, which asks runtimes.choice for the fastest path; and
+    a backend named by string in a registry that the backend's own module imports."""
+    shutil.copytree(PACKAGE, tmp_path / "cvt_deploy", ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.npz",
+                                                                                    "*.safetensors", "*.png"))
+    target, plant, expected = {
+        "package-init": ("runtimes/choice.py", "\n\ndef _planted():\n    from ..bench.timing import Case\n\n    return Case\n",
+                         {"cvt_deploy.runtimes.choice", "cvt_deploy.bench", "cvt_deploy.bench.run"}),
+        "registry-string": ("table.py", '\n_PLANTED = {"results": "cvt_deploy.bench.results:BenchResult"}\n',
+                            {"cvt_deploy.table", "cvt_deploy.bench.results"}),
+    }[how]
+    path = tmp_path / "cvt_deploy" / target
+    assert not _cycles(_graph(tmp_path / "cvt_deploy")), "the copy has a cycle before any plant"
+    path.write_text(path.read_text() + plant)
+    cycles = _cycles(_graph(tmp_path / "cvt_deploy"))
+    assert any(expected <= set(c) for c in cycles), cycles

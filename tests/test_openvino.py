@@ -19,7 +19,7 @@ from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.cpu import int8_saturation  # noqa: E402
 from cvt_deploy.errors import CvtDeployError, NotRightHere  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
-from cvt_deploy.runtimes import BACKENDS, PREFERENCE, available_backends, load  # noqa: E402
+from cvt_deploy.backends import BACKENDS, PREFERENCE, available_backends, load  # noqa: E402
 from cvt_deploy.runtimes.openvino import OpenVinoRuntime  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
 from conftest import raw_pixel_copy, run_cli, run_script  # noqa: E402

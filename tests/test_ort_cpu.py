@@ -128,7 +128,7 @@ def test_export_writes_ort_cpu_graphs_that_pass_the_gates(demo_int8_bundle: Path
 
 
 def test_load_picks_the_cpu_graph_on_cpu_and_the_portable_one_by_name(demo_int8_bundle: Path) -> None:
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
     from cvt_deploy.runtimes.ort import OrtRuntime
 
     bundle = Bundle.open(demo_int8_bundle)

@@ -195,7 +195,7 @@ def test_check_runtime_onnxruntime_against_torch(demo_bundle, demo_test_split):
     pytest.importorskip("torch")
     from cvt_deploy.parity import check_runtime, run_batches
     from cvt_deploy.preprocess import preprocess
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     cand = load(demo_bundle, backend="onnxruntime")
     ref = load(demo_bundle, backend="torch")

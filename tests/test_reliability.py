@@ -351,7 +351,7 @@ def test_bombs_and_empty_images_are_refused(demo_bundle, tmp_path, size, words):
 
 
 def test_empty_images_through_the_api(demo_bundle):
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     runtime = load(demo_bundle, backend="onnxruntime")
     for empty in (np.zeros((0, 8, 3), np.uint8), Image.new("RGB", (0, 0)), np.zeros((2, 0, 8, 3), np.uint8)):
@@ -484,7 +484,7 @@ def test_a_graph_whose_outputs_disagree_with_its_config_is_refused(demo_bundle, 
 
 
 def test_huge_input_values_are_blamed_on_the_input_not_the_precision(demo_bundle):
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     runtime = load(demo_bundle, backend="onnxruntime")
     batch = np.full((1, 3, 64, 64), 3e38, np.float32)
@@ -545,7 +545,7 @@ def test_a_float_batch_far_outside_the_normalised_range_is_refused(demo_bundle, 
     pixels), or was normalised twice over, gives confident nonsense, not an answer."""
     from conftest import rand_batch
 
-    from cvt_deploy.runtimes import load
+    from cvt_deploy.backends import load
 
     runtime = load(demo_bundle, backend="onnxruntime")
     batch = rand_batch(2, seed=0)

@@ -215,7 +215,7 @@ def test_export_trt_rtx_refuses_gpu_only_options_before_work(tmp_path: Path, cap
 
 
 def test_the_rtx_runtime_runs_where_a_gpu_is_and_is_refused_elsewhere(demo_full_bundle: Path, tmp_path: Path) -> None:
-    import cvt_deploy.runtimes as rt
+    import cvt_deploy.backends as rt
     from cvt_deploy.trt.runner import TensorRTRTXRuntime
 
     reason = TensorRTRTXRuntime.unavailable_reason()

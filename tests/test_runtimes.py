@@ -20,7 +20,8 @@ ort = pytest.importorskip("onnxruntime")
 from cvt_deploy.bundle import BatchRange, Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
-from cvt_deploy.runtimes import PREFERENCE, Prediction, available_backends, backend_class, load  # noqa: E402
+from cvt_deploy.backends import PREFERENCE, available_backends, backend_class, load
+from cvt_deploy.runtimes import Prediction  # noqa: E402
 from cvt_deploy.runtimes.ort import OrtRuntime  # noqa: E402
 from cvt_deploy.runtimes.pytorch import TorchRuntime  # noqa: E402
 from conftest import rand_batch  # noqa: E402
@@ -407,7 +408,7 @@ import json, sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import cvt_deploy
 from cvt_deploy.demo import demo_split
-from cvt_deploy.runtimes import available_backends, load
+from cvt_deploy.backends import available_backends, load
 bundle = sys.argv[1]
 split = demo_split("test").head(48)
 pred = load(bundle, backend="onnxruntime").predict(list(split.images))
@@ -432,3 +433,20 @@ def test_onnxruntime_backend_runs_without_torch(demo_export, demo_reference):
     assert out["auto_backend"] == "onnxruntime", "with torch unavailable, load() must pick onnxruntime"
     assert out["torch_reason"] and "not installed" in out["torch_reason"]
     assert out["top1"] == demo_reference[:48].argmax(1).tolist() == out["auto_top1"]
+
+
+def test_the_public_load_passes_every_argument_of_the_backends_load(monkeypatch):
+    """cvt_deploy.load is backends.load under its public name: same parameters, each passed on
+    (it dropped ``batch``, which the measured choice of CPU path uses)."""
+    import inspect
+
+    import cvt_deploy
+    import cvt_deploy.backends
+
+    public = inspect.signature(cvt_deploy.load).parameters
+    assert list(public) == list(inspect.signature(cvt_deploy.backends.load).parameters)
+    seen = {}
+    monkeypatch.setattr(cvt_deploy.backends, "load", lambda source, **kw: seen.update(kw, source=source))
+    cvt_deploy.load("b", backend="onnxruntime", device="cpu", precision="int8", threads=3, batch=8)
+    assert seen == {"source": "b", "backend": "onnxruntime", "device": "cpu", "precision": "int8", "threads": 3,
+                    "batch": 8}

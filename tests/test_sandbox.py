@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from conftest import refused, run_cli, snapshot  # noqa: E402
-from cvt_deploy import runtimes  # noqa: E402
+from cvt_deploy import backends as runtimes  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.util import file_sha256  # noqa: E402

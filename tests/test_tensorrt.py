@@ -20,7 +20,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import pytest
 
-import cvt_deploy.runtimes as rt
+import cvt_deploy.backends as rt
 from cvt_deploy.bundle import PRECISIONS, Artifact, BatchRange, Bundle
 from cvt_deploy.config import CvtConfig, get_config
 from cvt_deploy.errors import CvtDeployError, MissingDependencyError

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .. import runtimes as rt
+from .. import backends as rt
 from ..bundle import Bundle
 from ..cpu import cpu_key
 from ..errors import CvtDeployError

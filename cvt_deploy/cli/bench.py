@@ -113,7 +113,7 @@ def _as(fmt: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..bench import default_threads
-    from ..runtimes import BACKENDS
+    from ..backends import BACKENDS
     from ..serve.protocol import DEFAULT_MODEL_NAME
 
     ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, formatter_class=_Formatter)
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--record", action="store_true",
                     help="first time every CPU path of the bundle (ONNX Runtime on each graph, OpenVINO) at --batch "
                          "(default 1 and 8) and record the fastest in its manifest for this CPU: what cvt-predict and "
-                         "runtimes.load then pick here (cvt-export does this on the machine it exports on)")
+                         "cvt_deploy.load then pick here (cvt-export does this on the machine it exports on)")
     ap.add_argument("--no-reference", action="store_true",
                     help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
     ap.add_argument("--quick", action="store_true",
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.record:
         from ..outlock import output_lock
-        from ..runtimes.choice import BATCHES, record_cpu_timings
+        from ..bench.cpu_paths import BATCHES, record_cpu_timings
 
         with output_lock(bundle.root):  # no export replaces the bundle while its manifest is rewritten
             bundle = Bundle.open(bundle.root)  # re-read under the lock: an export may have just finished

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CvtDeployError
 from ..export.portable import TENSORRT_TARGETS
-from ..runtimes import BACKENDS
+from ..backends import BACKENDS
 from .common import (ListOption, add_backend_arg, add_json_arg, add_limit_arg, add_precision_arg, add_quiet_arg,
                      cli_entry)
 from .export import NameList

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..demo import DEMO_SAMPLES, DEMO_WEIGHTS
     from ..export.pipeline import export_bundle
     from ..errors import NotRightHere
-    from ..runtimes import available_backends, load
+    from ..backends import available_backends, load
 
     args = build_parser().parse_args(argv)
 

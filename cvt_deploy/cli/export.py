@@ -44,7 +44,7 @@ Every export checks each graph against PyTorch fp32 on real images (the demo hel
 digits, or --data) and fails with exit code 1 when a precision's gates do not hold; the
 bundle is only written when everything succeeded. Then each CPU path of the bundle (ONNX
 Runtime on each graph, OpenVINO where installed) is timed briefly on this CPU at batch 1 and 8,
-and the manifest records the fastest for cvt-predict and runtimes.load on this CPU
+and the manifest records the fastest for cvt-predict and cvt_deploy.load on this CPU
 (--no-timing: skip; cvt-bench --record measures it again on another machine). Run a bundle
 with cvt-predict, re-check it with cvt-check, time it with cvt-bench.
 """
@@ -337,7 +337,7 @@ def _add_openvino(root: Path, options: ExportOptions, precisions: Sequence[str] 
             print(f"no OpenVINO IR was added to {bundle.root}: it is as it was", file=sys.stderr)
             raise
         if options.time_cpu:
-            from ..runtimes.choice import record_cpu_timings
+            from ..bench.cpu_paths import record_cpu_timings
 
             record_cpu_timings(bundle, progress=progress)
     print(f"wrote {', '.join(bundle.path(a).name for a in arts)} into {bundle.root}", file=sys.stderr)

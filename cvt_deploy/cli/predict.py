@@ -11,7 +11,7 @@ import numpy as np
 from ..data import CHUNK
 from ..errors import CvtDeployError
 from ..preprocess import preprocess
-from ..runtimes import BACKENDS
+from ..backends import BACKENDS
 from ..table import printable
 from .common import (add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, cli_entry, whole_number)
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from ..preprocess import find_images
     from ..progress import track
-    from ..runtimes import load
+    from ..backends import load
     from ..runtimes.base import Prediction, check_topk
 
     args = build_parser().parse_args(argv)

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from ..runtimes import BACKENDS
+from ..backends import BACKENDS
 from .common import (add_backend_arg, add_precision_arg, cli_entry, whole_number)
 
 EPILOG = """\

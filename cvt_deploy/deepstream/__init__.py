@@ -254,7 +254,7 @@ def check_resize(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     """
     from ..data import DEFAULT_LIMIT, EvalData, load_eval_data
     from ..parity import Gates, compare, run_streamed
-    from ..runtimes import load
+    from ..backends import load
 
     if data is not None and not isinstance(data, (str, Path)):
         raise CvtDeployError("check_resize reads images itself", "pass an image folder or None (demo digits)")

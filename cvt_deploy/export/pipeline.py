@@ -236,7 +236,7 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
         if check:
             # OpenVINO runs the same portable graphs with kernels of its own: where it is installed,
             # its figures are measured in the same pass and recorded beside ONNX Runtime's.
-            from ..runtimes import backend_class
+            from ..backends import backend_class
 
             also = [b for b in ADVISORY_BACKENDS if backend_class(b).unavailable_reason() is None]
             # an IR is gated on OpenVINO (its own backend), the portable graphs there only advised on
@@ -244,7 +244,7 @@ def export_bundle(model: CvT, out: str | os.PathLike[str], options: ExportOption
                                           backends=("onnxruntime", *also))
             record_parity(bundle, "onnx", result.reports, show=progress, advisory=ADVISORY_BACKENDS)
         if options.time_cpu:
-            from ..runtimes.choice import record_cpu_timings
+            from ..bench.cpu_paths import record_cpu_timings
 
             record_cpu_timings(bundle, progress=progress)
     if bundle.kept and progress:

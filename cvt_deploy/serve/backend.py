@@ -1,7 +1,7 @@
 """The model Triton runs for cvt-serve: a Triton Python-backend model (``TritonPythonModel``).
 
 It lives in Triton's Python-backend stub process (one per model instance), loads the bundle's
-runtime there as ``runtimes.load`` does, and answers each batch Triton's dynamic batcher forms
+runtime there as ``cvt_deploy.load`` does, and answers each batch Triton's dynamic batcher forms
 with one runtime call (:func:`~cvt_deploy.serve.answer.infer_batch`). Because the Python backend
 answers every request of a batch on its own, a request that cannot be answered (bytes that are
 not an image, NaN pixels, both inputs ...) gets its own error status, HTTP 400 / gRPC
@@ -27,7 +27,7 @@ class TritonPythonModel:
     """What Triton calls: ``initialize`` once per instance, ``execute`` per batch, ``finalize`` at unload."""
 
     def initialize(self, args: dict[str, Any]) -> None:
-        from ..runtimes import load
+        from ..backends import load
 
         config = json.loads(args["model_config"])
         how = json.loads(config["parameters"][PARAMETER]["string_value"])

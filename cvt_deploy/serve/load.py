@@ -276,7 +276,7 @@ def _fill(row: Any, s: Any) -> None:
 def _local_cases(options: LoadOptions, chw: list[int]) -> list[Any]:
     """In-process cases of the bundle at ``batches`` on ONNX Runtime, warmed up, to time beside the server."""
     from ..bench.timing import Case
-    from ..runtimes import load
+    from ..backends import load
 
     assert options.bundle is not None
     runtime = load(options.bundle, "onnxruntime", "cpu", "fp32", options.threads)

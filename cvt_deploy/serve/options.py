@@ -14,7 +14,7 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own de
 class ServeOptions:
     """How to serve a bundle: one object for ``cvt-serve`` and :class:`Server`, validated here.
 
-    ``backend``/``precision``/``device``/``threads`` pick the runtime as ``runtimes.load`` does
+    ``backend``/``precision``/``device``/``threads`` pick the runtime as ``cvt_deploy.load`` does
     (None: what it would pick). ``max_batch``: the largest batch Triton forms (default: the
     bundle's maximum). ``max_queue_delay_us``: how long Triton may hold a request to fill a
     batch. ``instances``: model instances, i.e. batches run at once (they share one runtime;

@@ -2,7 +2,7 @@
 
 cvt-serve runs the ``tritonserver`` binary that PyTriton ships (HTTP, gRPC, metrics) as a child
 process (serve/triton.py), serving one Triton Python-backend model (serve/backend.py) whose stub
-process loads the bundle's runtime as ``runtimes.load`` does and answers each batch Triton's
+process loads the bundle's runtime as ``cvt_deploy.load`` does and answers each batch Triton's
 dynamic batcher formed with :func:`infer_batch`: one runtime call for the whole batch, so
 requests from many clients share one model call, and a served result is exactly what
 ``predict`` gives in-process (same preprocessing, same runtime).
@@ -70,7 +70,7 @@ class Server:
     def start(self) -> Server:
         require("pytriton", "serve", "Serving on Triton")
         from ..bundle import Bundle
-        from ..runtimes import load
+        from ..backends import load
         from .triton import TritonProcess, distribution, model_config
 
         o = self.options

@@ -72,7 +72,7 @@ def build_engines(bundle: Bundle, precisions: Sequence[str], options: BuildOptio
     manifest; the same gates as the ONNX graphs (:class:`~cvt_deploy.parity.ParityFailure` when
     one fails). TensorRT-RTX engines built on a machine without a GPU are not checked: said so."""
     from ..parity import check_bundle, record_parity
-    from ..runtimes import backend_class
+    from ..backends import backend_class
 
     options = options or BuildOptions()
     require_tensorrt(f"--format {toolkit.format}", toolkit)
