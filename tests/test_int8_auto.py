@@ -247,3 +247,11 @@ def test_cvt13_auto_layers_and_ranking(cvt13_export: Any, tmp_path: Path, monkey
     ranking = json.loads(proc.stdout)
     assert len(ranking["rows"]) == 121 and ranking["images"] == 8 and ranking["cuts"] > 1
     assert all(-1 <= r["min_cosine"] <= r["mean_cosine"] <= 1 for r in ranking["rows"])
+
+
+def test_data_and_limit_count_for_auto_even_without_the_gates(no_work: None, tmp_path: Path) -> None:
+    """--no-check skips the gates, not auto's trials: --data and --limit still choose their images."""
+    args = ["--precision", "int8", "--no-check", "--data", str(tmp_path), "--limit", "64", "--out", "never"]
+    refused(run_cli("cvt-export", *args), "--data, --limit", "no effect", "--no-check")
+    proc = run_cli("cvt-export", *args, "--int8-keep-float", "auto")
+    assert "no effect" not in proc.stderr and "ran before the refusal" in proc.stderr, proc.stderr[-2000:]

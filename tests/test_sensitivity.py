@@ -226,6 +226,16 @@ def test_cvt_check_ranks_the_planted_layer_first_then_reads_the_cache(planted_in
     assert got["cached"] == len(got["rows"]) > 50 and got["images"] == 16  # every layer from the cache
 
 
+def test_cvt_check_gives_no_advice_where_int8_already_meets_its_gates(demo_full_bundle: Path, rank_cache: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's int8 passes (its parity is recorded): the table says where its error comes from, and
+    the command does not tell the user to keep a layer float."""
+    assert check_main("--bundle", str(demo_full_bundle), "--rank-int8", "--rank-layers", "head", "--limit", "8",
+                      "-q") == 0
+    out = capsys.readouterr().out
+    assert "already meets its gates" in out and "next:" not in out, out
+
+
 def test_cvt_check_rank_layers_ranks_only_those(planted_int8: Any, rank_cache: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     assert check_main("--bundle", str(planted_int8.bundle), "--rank-int8", "--rank-layers", planted_int8.module,

@@ -251,7 +251,8 @@ class NameList(ListOption):
 def refuse_no_effect(parser: argparse.ArgumentParser, args: argparse.Namespace, precisions: Sequence[str]) -> None:
     """cvt-export's flags that change nothing in the command given (see common.refuse_unused)."""
     exporting = args.bundle is None and args.format != "triton"  # a model is loaded and exported
-    checking = not args.no_check and args.format != "triton"
+    # --int8-keep-float auto plans on the check images even with --no-check: --data and --limit choose them.
+    checking = (not args.no_check or "auto" in (args.int8_keep_float or ())) and args.format != "triton"
     # flag dests -> (has an effect, why not, what would make it count)
     rules = [
         (("calib", "calib_method", "calib_count", "calib_cache", "int8_keep_float", "int8_max_drop"),
