@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..errors import CvtDeployError
 
 if TYPE_CHECKING:
@@ -74,7 +72,7 @@ def auto_plan(int8: Path, fp32: Path, base: Int8Plan, data: EvalData, *, max_dro
 
     start = time.perf_counter()
     ev = data.held(progress=progress)
-    images = ev.batch if ev.images is not None else np.concatenate(list(ev.chunks()))
+    images = ev.batch
     gates = trial_gates(max_drop, ev.labels is not None)
     ref = graph_logits(fp32, images)
     order: list[str] = []
