@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .artifacts import RUNS, select
 from .errors import CvtDeployError
 
 if TYPE_CHECKING:
@@ -65,8 +66,8 @@ def available_backends(bundle: Bundle | None = None, device: str | None = None) 
             out[name] = f"its module failed to import ({e})"
             continue
         reason = cls.unavailable_reason(device)
-        if reason is None and bundle is not None and bundle.find(cls.artifact_kind) is None:
-            reason = f"the bundle has no {cls.artifact_kind} artifact"
+        if reason is None and bundle is not None and select(bundle, name, None, device) is None:
+            reason = f"the bundle has no {' or '.join(RUNS[name])} artifact"
         out[name] = reason
     return out
 
@@ -111,7 +112,7 @@ def load(source: str | os.PathLike[str] | Bundle, backend: str | None = None, de
     if backend is None:
         reasons = available_backends(bundle, device)
         usable = [n for n in PREFERENCE if reasons[n] is None
-                  and (precision is None or bundle.find(backend_class(n).artifact_kind, precision) is not None)]
+                  and (precision is None or select(bundle, n, precision, device) is not None)]
         if not usable:
             detail = "; ".join(f"{n}: {r or f'no {precision} artifact'}" for n, r in reasons.items())
             raise CvtDeployError(f"no backend can run bundle {bundle.root} here ({detail})",
@@ -137,8 +138,7 @@ def _measured_choice(bundle: Bundle, backends: list[str], precision: str | None,
     if (device or "cpu") != "cpu" or not any(b in CPU_BACKENDS for b in backends):
         return None
     # The precision the first backend would take by itself: the most precise its artifacts hold.
-    kinds = backend_class(backends[0]).kinds()
-    found = next((a for k in kinds if (a := bundle.find(k, precision)) is not None), None)
+    found = select(bundle, backends[0], precision, device)
     if found is None:
         return None
     choice = fastest(bundle, found.precision, batch, backends)

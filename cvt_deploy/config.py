@@ -180,6 +180,13 @@ class CvtConfig:
     qkv_projections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_stages()
+        self._check_attention()
+        self._check_classes()
+        self._check_input()
+
+    def _check_stages(self) -> None:
+        """One entry per stage in every per-stage field (the paper's where none was given), each in range."""
         if not isinstance(self.variant, str) or not self.variant:
             _fail("variant", self.variant, "must be a non-empty name", f"use e.g. {CUSTOM_VARIANT!r}")
         if not isinstance(self.embed_dims, tuple) or not self.embed_dims:
@@ -210,11 +217,14 @@ class CvtConfig:
             if method not in PROJECTIONS:
                 _fail("qkv_projections", self.qkv_projections, f"{method!r} is not a CvT projection ({', '.join(PROJECTIONS)})",
                       "use 'dw_bn' (the paper's convolutional projection)")
+
+    def _check_attention(self) -> None:
+        """Heads that divide each width; q/k/v projections that keep the shapes the blocks add up."""
         for i, (dim, heads) in enumerate(zip(self.embed_dims, self.num_heads)):
             if dim % heads:
                 raise CvtDeployError(f"stage {i}: embedding width {dim} is not divisible by {heads} heads",
                                      f"give stage {i} a head count that divides {dim} (num_heads / --heads)")
-        for i in range(n):
+        for i in range(self.num_stages):
             k, s, p = self.qkv_kernels[i], self.q_strides[i], self.q_paddings[i]
             if self.qkv_projections[i] == "dw_bn" and (s != 1 or 2 * p != k - 1):
                 # The residual adds attention output to its input, so queries must keep the map size.
@@ -224,6 +234,9 @@ class CvtConfig:
             if self.qkv_projections[i] == "avg" and 2 * self.kv_paddings[i] > k:
                 _fail("kv_paddings", self.kv_paddings, f"stage {i}: average pooling pads at most half its kernel {k}",
                       "fix the key/value padding")
+
+    def _check_classes(self) -> None:
+        """Input channels, classes, their labels and the activation."""
         if not _is_int(self.in_chans) or not 1 <= self.in_chans <= _MAX_SIZE:
             _fail("in_chans", self.in_chans, "must be a positive integer", "3 for RGB images")
         if not _is_int(self.num_classes) or not 1 <= self.num_classes <= _MAX_CLASSES:
@@ -241,6 +254,9 @@ class CvtConfig:
                     f"{len(self.labels)} labels given for a model with {self.num_classes} classes",
                     "pass one label per class, in class-index order",
                 )
+
+    def _check_input(self) -> None:
+        """An image size every stage has tokens at, and preprocessing that produces it."""
         if not isinstance(self.preprocess, PreprocessConfig):
             _fail("preprocess", self.preprocess, "must be a PreprocessConfig", "use PreprocessConfig.for_size(img_size)")
         stride = math.prod(self.patch_strides)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from .artifacts import REFERENCE as FP32, RUNS
 from .errors import CvtDeployError, NotRightHere, require
 from .layer_points import Probe, PointGraph, check_mode, probes
 from .layer_report import LayerReport, LayerRow, Stats
@@ -144,13 +145,16 @@ def candidates(bundle: Bundle, backends: Sequence[str] = ("onnxruntime",),
             raise CvtDeployError(f"--layers runs graphs on {', '.join(BACKENDS)}, not {backend}",
                                  "a TensorRT engine exposes no named intermediate tensors: check the ONNX graph it "
                                  "was built from with --backend onnxruntime")
-        kind = "onnx" if backend == "onnxruntime" else "openvino"
+        kind = RUNS[backend][0]  # the backend's own form of the graph: ONNX on ONNX Runtime, the IR on OpenVINO
+        # decision: --layers compares every graph a backend runs in its own form (one table row each)
         for art in sorted(bundle.artifacts.values(), key=lambda a: (PRECISIONS.index(a.precision), a.name)):
             if art.kind == kind and art is not reference and (not precisions or art.precision in precisions):
                 plan.append((backend, art))
     if not plan:
         what = f" at {', '.join(precisions)}" if precisions else ""
-        have = ", ".join(f"{a.file} ({a.precision})" for a in bundle.artifacts.values() if a.kind in ("onnx", "openvino"))
+        forms = {RUNS[b][0] for b in BACKENDS}
+        # decision: the graphs an error lists, in the forms --layers runs
+        have = ", ".join(f"{a.file} ({a.precision})" for a in bundle.artifacts.values() if a.kind in forms)
         raise CvtDeployError(f"bundle {bundle.root} has no candidate graph{what} for --layers on {', '.join(backends)} "
                              f"(it has: {have or 'no graphs'}; the fp32 ONNX graph is the reference)",
                              f"add an IR with: cvt-export --format openvino --bundle {bundle.root}" if backends == ["openvino"]
@@ -160,7 +164,7 @@ def candidates(bundle: Bundle, backends: Sequence[str] = ("onnxruntime",),
 
 
 def reference_artifact(bundle: Bundle) -> Artifact:
-    art = bundle.find("onnx", "fp32")
+    art = bundle.find("onnx", FP32)  # decision: the portable fp32 graph is --layers' reference, by definition
     if art is None:
         raise CvtDeployError(f"bundle {bundle.root} has no fp32 ONNX graph, the reference of --layers",
                              f"re-export the bundle: cvt-export --out {bundle.root} (with the same --weights)")
@@ -207,6 +211,7 @@ def layer_parity(bundle: Bundle, artifact: str | Artifact, data: str | EvalData 
     ev = data if isinstance(data, EvalData) else load_eval_data(data, bundle.config, DEFAULT_LIMIT if limit is None else limit,
                                                                 progress)
     ev = ev.held(progress=progress)
+    # decision: how each backend --layers runs exposes a graph's intermediate tensors
     cand_side = _ort_side(bundle, art, points, rows) if backend == "onnxruntime" \
         else _openvino_side(bundle, art, points, rows, notes, min(len(ev), CHUNK))
     describe = f"{backend} {art.precision} ({art.file})"
@@ -219,7 +224,7 @@ def _check_candidate(bundle: Bundle, backend: str, art: Artifact) -> None:
     if backend not in BACKENDS:
         raise CvtDeployError(f"--layers runs graphs on {', '.join(BACKENDS)}, not {backend}",
                              "check the ONNX graph an engine was built from with --backend onnxruntime")
-    if art.kind != ("onnx" if backend == "onnxruntime" else "openvino"):
+    if art.kind != RUNS[backend][0]:
         raise CvtDeployError(f"{art.name} ({art.file}) is a {art.kind} artifact, not what --layers runs on {backend}",
                              "pick an ONNX graph for onnxruntime, an OpenVINO IR for openvino (cvt-export --format "
                              f"openvino --bundle {bundle.root} adds them)")
@@ -249,6 +254,7 @@ def _openvino_side(bundle: Bundle, art: Artifact, points: Sequence[Probe], rows:
     """An IR on OpenVINO; its points are found in the portable ONNX graph it was converted from, by tensor name."""
     from .runtimes.openvino import OpenVinoRuntime, read_ir, read_onnx
 
+    # decision: an IR's points are those of the portable graph it was converted from (older manifests: by precision)
     src_art = bundle.artifacts.get(str(art.info.get("portable", ""))) or bundle.find("onnx", art.precision)
     if src_art is None or src_art.kind != "onnx":
         raise CvtDeployError(f"{art.file} names no ONNX graph of the bundle that it was converted from, so its tensors "

@@ -60,13 +60,16 @@ def check_unlocked(out: Path) -> None:
 
 @contextlib.contextmanager
 def output_lock(out: Path) -> Iterator[None]:
-    """Hold ``out`` for one export; a :class:`CvtDeployError` when another export holds it."""
+    """Hold ``out`` for one export; a :class:`CvtDeployError` when another export holds it. Re-entrant."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     path = lock_path(out)
+    if path in _HELD:  # this process holds it already (a change inside a command that took it): flock would refuse
+        yield
+        return
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .bundle import GATE_BACKENDS
+from .artifacts import PRECISION, REFERENCE, Gates, gate_backend, runs  # noqa: F401  (Gates: re-exported)
 from .errors import CvtDeployError, NotRightHere
 from .progress import stage, track
 from .table import format_table
@@ -27,22 +27,8 @@ if TYPE_CHECKING:
     from .runtimes.base import Runtime
 
 
-@dataclass(frozen=True)
-class Gates:
-    """Limits a candidate must meet; None means not gated."""
-
-    max_abs: float | None = None          # largest |logit difference|
-    min_cosine: float | None = None       # smallest per-image cosine similarity of logits
-    min_top1_agreement: float | None = None  # fraction of images with the same top-1 class
-    max_accuracy_drop: float | None = None   # percentage points, when labels exist
-
-
-GATES = {
-    # Float rounding differences between kernels stay far below 1e-3 on CvT logits.
-    "fp32": Gates(max_abs=1e-3, min_cosine=0.99999, min_top1_agreement=0.999),
-    "fp16": Gates(min_cosine=0.999, min_top1_agreement=0.995, max_accuracy_drop=0.5),
-    "int8": Gates(min_cosine=0.98, max_accuracy_drop=1.0),
-}
+#: The gates per precision are the registry's (artifacts.PRECISION); by name here for every caller.
+GATES = {p.name: p.gates for p in PRECISION.values()}
 
 
 @dataclass
@@ -138,7 +124,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | N
     if labels is not None:
         report.accuracy_reference = float((top_ref[:, 0] == labels).mean())
         report.accuracy_candidate = float((top_cand[:, 0] == labels).mean())
-    g = gates or GATES.get(precision, GATES["fp32"])
+    g = gates or GATES.get(precision, GATES[REFERENCE])
     checks = [("max |diff|", report.max_abs, "<=", g.max_abs), ("min cosine", report.min_cosine, ">=", g.min_cosine),
               ("top-1 agreement", report.top1_agreement, ">=", g.min_top1_agreement)]
     if report.accuracy_drop is not None:
@@ -179,7 +165,7 @@ class ParityFailure(CvtDeployError):
             "parity gates failed for " + ", ".join(f"{r.candidate} ({'; '.join(r.failed)})" for r in failed),
             "see the table above; " + ("for int8: --int8-keep-float auto keeps the fewest costly layers float "
                                        "until the gates hold (or name them: cvt-check --rank-int8 and --layers on a "
-                                       "--no-check export rank and locate them); " if any(r.precision == "int8"
+                                       "--no-check export rank and locate them); " if any(PRECISION[r.precision].integer
                                                                                          for r in failed) else "")
             + "keep more ops in higher precision, calibrate on more representative data (--calib), or pass "
             "--no-check to write the bundle anyway")
@@ -203,12 +189,12 @@ def check_bundle(bundle: Bundle, *, data: str | EvalData | None = None, limit: i
     # nothing fails at once.
     plan = []
     for backend in backends:
-        cls = backend_class(backend)
+        backend_class(backend)  # an unknown name is refused before any work
+        # decision: the check's plan is every artifact each backend runs (artifacts.runs), most precise first
         for art in sorted(bundle.artifacts.values(), key=lambda a: PRECISIONS.index(a.precision)):
-            if art.kind in cls.kinds() and (not precisions or art.precision in precisions) \
+            if runs(art, backend, device) and (not precisions or art.precision in precisions) \
                     and (artifacts is None or art.name in artifacts) \
-                    and not (backend == "onnxruntime" and art is ref_artifact) \
-                    and (art.target == "portable" or (backend == "onnxruntime" and (device or "cpu") == "cpu")):
+                    and not (backend == reference.backend and art is ref_artifact):  # not against itself
                 plan.append((backend, art))
     if not plan:
         raise CvtDeployError(f"nothing to check in {bundle.root} on {', '.join(backends)}"
@@ -288,9 +274,12 @@ def _reference(bundle: Bundle, model: CvT | None) -> tuple[Any, str, Artifact | 
 
     if model is not None:
         return TorchRuntime(model, "cpu"), "torch fp32 (cpu)", None
-    if TorchRuntime.unavailable_reason() is None and bundle.find("torch", "fp32") is not None:
+    # decision: the reference is the PyTorch weights where torch runs, else the portable fp32 graph (edge devices)
+    if TorchRuntime.unavailable_reason() is None and bundle.find("torch", REFERENCE) is not None:
         return TorchRuntime.from_bundle(bundle), "torch fp32 (cpu)", None
-    return OrtRuntime.from_bundle(bundle, "fp32"), "onnxruntime fp32 (cpu; torch not installed)", bundle.find("onnx", "fp32")
+    graph = bundle.find("onnx", REFERENCE)  # decision: as above
+    return OrtRuntime.from_bundle(bundle, REFERENCE, artifact=graph.name if graph else None), \
+        "onnxruntime fp32 (cpu; torch not installed)", graph
 
 
 def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: bool = True,
@@ -299,16 +288,19 @@ def record_parity(bundle: Bundle, kind: str, reports: list[ParityReport], show: 
     show the table (``show``), and raise :class:`ParityFailure` when any gate failed (the results
     are recorded first). A report of an ``advisory`` backend that missed its gates is a warning:
     the graph is what the export gates, on its own backend."""
-    for rep in reports:
-        art = bundle.artifacts.get(rep.artifact) if rep.artifact else bundle.find(kind, rep.precision)
-        if art is not None:
-            art.record_parity(rep.backend or GATE_BACKENDS[kind], rep.to_dict())
-    bundle.save()
+    from .bundle_write import changing
+
+    with changing(bundle):
+        for rep in reports:
+            # decision: a report names its artifact; older callers' reports, by kind and precision
+            art = bundle.artifacts.get(rep.artifact) if rep.artifact else bundle.find(kind, rep.precision)
+            if art is not None:
+                art.record_parity(rep.backend or str(gate_backend(kind)), rep.to_dict())
     if show:
         print(summary_table(reports), file=sys.stderr)
-    def is_advisory(rep: ParityReport) -> bool:  # a graph is gated by its own backend (bundle.GATE_BACKENDS) only
+    def is_advisory(rep: ParityReport) -> bool:  # a graph is gated by its own backend (artifacts.KIND) only
         art = bundle.artifacts.get(rep.artifact or "")
-        return rep.backend in advisory and (art is None or GATE_BACKENDS.get(art.kind) != rep.backend)
+        return rep.backend in advisory and (art is None or gate_backend(art.kind) != rep.backend)
 
     for rep in reports:
         if not rep and is_advisory(rep):

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -143,18 +144,56 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
     """
     for module in ("onnx", "onnxruntime"):
         require(module, "onnx", "int8 layer sensitivity")
-    from onnx import helper
 
     start_time = time.perf_counter()
     int8_path, ref_path, config = _paths(source, reference)
     model, floats = _load(int8_path, ref_path)
     meta = {p.key: p.value for p in model.metadata_props}
+    config = _float_input_config(int8_path, meta, config)
+    images, description = _images(data, config, limit, int8_path, progress)
+    table = _layers_to_rank(model, int8_path, layers)
+    probs = meta.get(OUTPUT_KIND_KEY, "logits") == "probs"
+    g = QdqGraph(model, floats)
+    fixed = g.types[g.input].tensor_type.shape.dim[0].dim_value or None
+    feeds = [{g.input: b} for b in _chunks(images, fixed or CHUNK, fixed is not None)]
+    key = _cache_key(int8_path, ref_path, images)
+    cache_file = Path(cache) / f"sensitivity-{key[:24]}.json" if cache is not None else None
+    done = _read_cache(cache_file, key)
+
+    with stage(f"running {ref_path.name} (reference) on {len(images)} images", progress):
+        ref = graph_logits(ref_path, images, threads)
+
+    def score(outs: list[list[np.ndarray]]) -> tuple[float, float, float]:
+        return _metrics(ref, _logits(outs, len(images), probs))
+
+    plans = _variant_plans(g, table, done)
+    with stage(f"running {int8_path.name} (every layer int8) on {len(images)} images", progress):
+        outs, stored = _run_int8(g, plans, feeds, threads)
+    base = score(outs)
+    del outs
+    _score_variants(g, plans, stored, score, done, functools.partial(_write_cache, cache_file, key), threads, progress)
+    err = 1.0 - base[1]
+    rows = [LayerSensitivity(node, module, op, *done[node], gain=(done[node][1] - base[1]) / err if err > 0 else 0.0)
+            for node, op, module in table]
+    rows.sort(key=lambda r: (-r.gain, -r.min_cosine, -r.top1_agreement))
+    return SensitivityReport(rows, *base, images=len(images), data=description, graph=str(int8_path),
+                             reference=str(ref_path), seconds=time.perf_counter() - start_time,
+                             cached=len(table) - len(plans), cuts=len(g.cuts))
+
+
+def _float_input_config(int8_path: Path, meta: dict[str, str], config: CvtConfig | None) -> CvtConfig | None:
+    """The config to read check images with (a graph file's own, from its metadata), once the
+    graph is known to take preprocessed float images."""
     if meta.get(INPUT_FORMAT_KEY, "float") != "float":
         raise CvtDeployError(f"{int8_path} takes {meta[INPUT_FORMAT_KEY]} pixels, not preprocessed float images",
                              "rank the float graphs (export without --input-format, rank, then embed the input)")
     if config is None and CONFIG_KEY in meta:
         config = CvtConfig.from_json(meta[CONFIG_KEY], f"{int8_path} (metadata_props {CONFIG_KEY})")
-    images, description = _images(data, config, limit, int8_path, progress)
+    return config
+
+
+def _layers_to_rank(model: Any, int8_path: Path, layers: Sequence[str] | None) -> list[tuple[str, str, str]]:
+    """The quantized layers, ``layers`` only where given (each must be quantized)."""
     table = quantized_layers(model)
     if layers is not None:
         from .export.names import resolve
@@ -167,16 +206,13 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
     if not table:
         raise CvtDeployError(f"{int8_path} has no quantized layer (no Conv/MatMul/Gemm behind a DequantizeLinear)",
                              "rank an int8 Q/DQ graph (cvt-export --precision int8 writes model.int8.onnx)")
-    probs = meta.get(OUTPUT_KIND_KEY, "logits") == "probs"
-    g = QdqGraph(model, floats)
-    fixed = g.types[g.input].tensor_type.shape.dim[0].dim_value or None
-    feeds = [{g.input: b} for b in _chunks(images, fixed or CHUNK, fixed is not None)]
-    key = _cache_key(int8_path, ref_path, images)
-    cache_file = Path(cache) / f"sensitivity-{key[:24]}.json" if cache is not None else None
-    done = _read_cache(cache_file, key)
+    return table
 
-    with stage(f"running {ref_path.name} (reference) on {len(images)} images", progress):
-        ref = graph_logits(ref_path, images, threads)
+
+def _variant_plans(g: QdqGraph, table: list[tuple[str, str, str]],
+                   done: dict[str, Any]) -> dict[str, tuple[dict[int, str], list[int], list[str]]]:
+    """Per layer not yet measured: its float inputs, and the nodes its variant runs from the last
+    cut before it, with the tensors they start from."""
     index = {n.name: i for i, n in enumerate(g.nodes)}
     plans = {}
     for node, _, _ in table:
@@ -184,14 +220,27 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
             inputs = g.float_inputs(index[node])
             cut = g.cuts[bisect.bisect_right(g.cuts, g.limit(index[node], inputs)) - 1]
             plans[node] = (inputs, *g.suffix({index[node]: inputs}, cut))
-    kept = sorted({t for _, _, frontier in plans.values() for t in frontier} - {g.input})
-    with stage(f"running {int8_path.name} (every layer int8) on {len(images)} images", progress):
-        session = ort_session(g.with_outputs(kept), threads)
-        outs = [session.run([g.outputs[0], *kept], f) for f in feeds]
-    base = _metrics(ref, _logits(outs, len(images), probs))
-    stored = [{**f, **dict(zip(kept, o[1:]))} for f, o in zip(feeds, outs)]
-    del outs, session
+    return plans
 
+
+def _run_int8(g: QdqGraph, plans: dict[str, tuple[Any, list[int], list[str]]], feeds: list[dict[str, np.ndarray]],
+              threads: int | None) -> tuple[list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The int8 graph once: its outputs per batch, and per batch the tensors the variants start from."""
+    kept = sorted({t for _, _, frontier in plans.values() for t in frontier} - {g.input})
+    session = ort_session(g.with_outputs(kept), threads)
+    outs = [session.run([g.outputs[0], *kept], f) for f in feeds]
+    return outs, [{**f, **dict(zip(kept, o[1:]))} for f, o in zip(feeds, outs)]
+
+
+def _score_variants(g: QdqGraph, plans: dict[str, tuple[dict[int, str], list[int], list[str]]],
+                    stored: list[dict[str, np.ndarray]], score: Callable[[list[list[np.ndarray]]], tuple[float, float, float]],
+                    done: dict[str, tuple[float, float, float]], persist: Callable[[dict[str, Any]], None],
+                    threads: int | None, progress: bool) -> None:
+    """Each layer's variant run from its cut and scored into ``done``, persisted after each layer
+    (an interrupted ranking resumes there)."""
+    from onnx import helper
+
+    index = {n.name: i for i, n in enumerate(g.nodes)}
     bar = Progress(len(plans), "  keeping each int8 layer float in turn", progress, unit="layers")
     try:
         for node in _interleaved(plans):
@@ -199,19 +248,11 @@ def rank_int8_layers(source: Bundle | str | os.PathLike[str], reference: str | o
             typed = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(a.dtype), [None, *a.shape[1:]]
                                                    if a.ndim else []) for t in frontier for a in [stored[0][t]]]
             sess = ort_session(g.subgraph(keep, typed, {index[node]: inputs}).SerializeToString(), threads)
-            y = _logits([sess.run(None, {t: s[t] for t in frontier}) for s in stored], len(images), probs)
-            done[node] = _metrics(ref, y)
-            _write_cache(cache_file, key, done)
+            done[node] = score([sess.run(None, {t: s[t] for t in frontier}) for s in stored])
+            persist(done)
             bar.advance()
     finally:
         bar.close()
-    err = 1.0 - base[1]
-    rows = [LayerSensitivity(node, module, op, *done[node], gain=(done[node][1] - base[1]) / err if err > 0 else 0.0)
-            for node, op, module in table]
-    rows.sort(key=lambda r: (-r.gain, -r.min_cosine, -r.top1_agreement))
-    return SensitivityReport(rows, *base, images=len(images), data=description, graph=str(int8_path),
-                             reference=str(ref_path), seconds=time.perf_counter() - start_time,
-                             cached=len(table) - len(plans), cuts=len(g.cuts))
 
 
 def graph_logits(graph: str | os.PathLike[str] | bytes, images: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -241,6 +282,7 @@ def _paths(source: Any, reference: Any) -> tuple[Path, Path, Any]:
         if reference is not None:
             raise CvtDeployError("a bundle brings its own fp32 graph: reference= is for an int8 graph file",
                                  "pass the bundle alone")
+        # decision: the ranking is of the portable int8 graph against the portable fp32 graph, by definition
         int8, fp32 = source.find("onnx", "int8"), source.find("onnx", "fp32")
         if int8 is None or fp32 is None:
             raise CvtDeployError(f"{source.root} has no {'int8' if int8 is None else 'fp32'} ONNX graph to rank",

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from .artifacts import PRECISIONS, check_precision  # noqa: F401  (re-exported: they were defined here)
 from .errors import CvtDeployError
 from .interrupt import signals_held
 
 VERSION = "0.1.0"  # cvt_deploy.__version__; keep in step with pyproject.toml
-PRECISIONS = ("fp32", "fp16", "int8")
 
 # Metadata keys. Graphs and our safetensors carry the model config under CONFIG_KEY; graphs
 # also say their precision under PRECISION_KEY.
@@ -37,13 +37,6 @@ OUTPUT_KIND_KEY = META_PREFIX + "output_kind"
 # net-scale-factor=1, offsets=0) or uint8 in either layout. "probs" graphs end in a Softmax.
 INPUT_FORMATS = ("float", "float-pixels", "uint8-nchw", "uint8-nhwc")
 OUTPUT_KINDS = ("logits", "probs")
-
-
-def check_precision(precision: Any, what: str = "precision") -> str:
-    """``precision`` if it is one cvt-deploy knows, else an error naming it."""
-    if precision not in PRECISIONS:
-        raise CvtDeployError(f"unknown {what} {precision!r}", f"use one of {', '.join(PRECISIONS)}")
-    return str(precision)
 
 
 def check_choice(value: Any, choices: Sequence[str], what: str) -> str:

@@ -14,6 +14,8 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
+from cvt_deploy import bundle_write
+
 from cvt_deploy.bench import (COLUMN_NAMES, COLUMNS, SCHEMA, BenchResult, Case, count_macs, mac_breakdown,
                               measure_interleaved, summarize)
 from cvt_deploy.bundle import Artifact, BatchRange, Bundle
@@ -46,7 +48,6 @@ class RecordingRuntime(InProcessRuntime):
     """A small numpy 'model' that logs each call: the scheduler under test, not a backend."""
 
     backend: ClassVar[str] = "recording"
-    artifact_kind: ClassVar[str] = "none"
 
     def __init__(self, name: str, log: list[str], fail_after: int | None = None) -> None:
         super().__init__(get_config("cvt-tiny"), "fp32", "cpu")
@@ -142,7 +143,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = load_checkpoint(DEMO_WEIGHTS)
     out = tmp_path_factory.mktemp("bench") / "demo"
     batch = BatchRange(1, 2, 8)
-    with Bundle.create(out, model.cfg, batch, extra={}) as b:
+    with bundle_write.create(out, model.cfg, batch, extra={}) as b:
         save_checkpoint(model, b.root / "model.safetensors")
         b.add(Artifact("torch-fp32", "model.safetensors", "torch", "fp32"))
         export_onnx(model, b.root / "model.onnx", batch=batch)

@@ -526,7 +526,9 @@ def test_check_refuses_a_class_folder_that_only_looks_like_an_index(demo_bundle,
     (["--triton-instances", "2"], ["--triton-instances has no effect", "add --format triton"]),
     (["--classifier-threshold", "0.3"], ["--classifier-threshold has no effect", "add --format deepstream"]),
     (["--format", "deepstream", "--operate-on-gie-id", "3"], ["--operate-on-gie-id has no effect here: only a secondary"]),
-    (["--format", "trt", "--bundle", "b", "--opset", "18"], ["--opset has no effect here: --bundle is used as it is"]),
+    (["--format", "trt", "--bundle", "b", "--opset", "18"],
+     ["--opset has no effect here: nothing is exported (--bundle): that bundle is used as it is",
+      "export anew without --bundle"]),
     (["--format", "triton", "--bundle", "b", "--out", "r", "--weights", "w.pth"], ["--weights has no effect"]),
 ])
 def test_a_flag_that_changes_nothing_is_refused_before_any_work(no_work, args, words):

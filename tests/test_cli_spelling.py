@@ -84,7 +84,7 @@ def record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Record:
     monkeypatch.setattr(Bundle, "open", staticmethod(lambda path: seen.setdefault("bundle_path", Path(path))))
     monkeypatch.setattr(export, "load_model_from_args", lambda args: (MODEL, "test"))
     monkeypatch.setattr(cvt_deploy.export.pipeline, "export_bundle", recorder("model", "out", "options"))
-    monkeypatch.setattr(cvt_deploy.trt.loader, "build_engines", recorder("bundle", "precisions", "build"))
+    monkeypatch.setattr(cvt_deploy.export.pipeline, "add_engines", recorder("bundle", "precisions", "build"))
     monkeypatch.setattr(cvt_deploy.parity, "check_bundle", recorder("bundle"))
     monkeypatch.setattr(cvt_deploy.trt.readiness, "check_bundle_readiness", recorder("bundle", "versions", "precisions"))
     monkeypatch.setattr(cvt_deploy.backends, "load", recorder("bundle"))

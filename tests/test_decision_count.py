@@ -116,3 +116,35 @@ def test_the_real_package_has_sites_of_every_concept(tool: ModuleType, capsys: p
     assert report["selection"]["sites"] > 0
     sizes = [f["lines"] for f in report["largest"]]
     assert len(sizes) == 3 and sizes == sorted(sizes, reverse=True)
+
+
+def test_owners_and_justified_sites_are_told_apart(tool: ModuleType, tmp_path: Path) -> None:
+    """A site in its concept's owner module is the owner deciding; elsewhere a ``# decision:``
+    comment (on the line or the comment line above) justifies it; asking the registry is no site."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "artifacts.py").write_text('GATES = {"fp32": 1, "int8": 2}\n')
+    (pkg / "user.py").write_text(textwrap.dedent('''
+        def f(p, bundle):
+            if p == "int8":  # decision: the int8 stage's own step
+                pass
+            # decision: the reference graph, by definition
+            ref = bundle.find("onnx", "fp32")
+            chosen = bundle.select("onnxruntime", p)
+            return p == "fp16", ref, chosen
+    '''))
+    report = tool.collect(pkg, tmp_path)
+    precision = report["switch"]["precision"]
+    assert precision["sites"] == 3 and precision["outside_owners"] == 2 and precision["justified"] == 1
+    assert [s["line"] for s in precision["unjustified"]] == [8]
+    selection = report["selection"]
+    assert selection["sites"] == 1 and selection["justified"] == 1 and selection["unjustified"] == []
+
+
+def test_every_decision_outside_its_owner_says_why(tool: ModuleType) -> None:
+    """The registry (cvt_deploy/artifacts.py) owns precision, target, backend and selection; a site
+    elsewhere carries a ``# decision:`` comment, so a new one that copies the registry fails here."""
+    report = tool.collect(tool.ROOT / "cvt_deploy", tool.ROOT)
+    loose = {c: report["switch"][c]["unjustified"] for c in report["switch"]} | {
+        "selection": report["selection"]["unjustified"]}
+    assert not any(loose.values()), {c: [f"{s['file']}:{s['line']}" for s in v] for c, v in loose.items() if v}

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from cvt_deploy.bundle_write import changing  # noqa: E402
 from cvt_deploy import layers  # noqa: E402
 from cvt_deploy.bundle import Bundle  # noqa: E402
 from cvt_deploy.cli import check as check_cli  # noqa: E402
@@ -167,7 +168,8 @@ def _break_layer(bundle_dir: Path, module: str) -> str:
     scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 8, scale.name))
     onnx.save(model, str(bundle.path(art)))
-    bundle.add(art)  # the manifest's sha256 follows the change
+    with changing(bundle):
+        bundle.add(art)  # the manifest's sha256 follows the change
     return node_name
 
 

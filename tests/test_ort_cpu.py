@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cvt_deploy import bundle_write
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -101,7 +103,7 @@ def test_export_stage_says_why_and_writes_nothing_when_the_pattern_is_missing(tm
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3, 64, 64])
     graph = helper.make_model(helper.make_graph([helper.make_node("Softmax", ["pixel_values"], ["logits"], axis=-1)],
                                                 "g", [x], [y]))
-    with Bundle.create(tmp_path / "b", get_config("cvt-tiny"), BatchRange(), {}) as bundle:
+    with bundle_write.create(tmp_path / "b", get_config("cvt-tiny"), BatchRange(), {}) as bundle:
         onnx.save(graph, str(bundle.root / "model.onnx"))
         bundle.add(Artifact("onnx-fp32", "model.onnx", "onnx", "fp32"))
         assert write_ort_cpu_graphs(bundle, ("fp32", "int8"), {"fp32": {}, "int8": {}}) == []

@@ -20,6 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from conftest import export_to, raw_pixel_copy  # noqa: E402
+from cvt_deploy.bundle_write import changing  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.export.portable import (decompose_layernorm, flatten_weight_matmuls, make_portable,  # noqa: E402
                                         split_shape_ranges)
@@ -576,7 +577,8 @@ def test_require_ready_refuses_a_bundle_graph_that_would_not_parse(bundle_copy: 
     model.graph.node.append(helper.make_node("Shape", [model.graph.input[0].name], ["planted_shape"],
                                              name="planted_shape", start=0, end=1))
     onnx.save(model, str(bundle.path(art)))
-    bundle.add(art)
+    with changing(bundle):
+        bundle.add(art)
     with pytest.raises(CvtDeployError, match=r"TensorRT 8\.6: node 'planted_shape' \(Shape\): attribute: .*source: "
                                              r"onnx-tensorrt .*release/8\.6-GA .*L4434"):
         require_ready(bundle)

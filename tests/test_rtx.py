@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from cvt_deploy.bundle_write import changing  # noqa: E402
 from cvt_deploy.bundle import Bundle
 from cvt_deploy.errors import CvtDeployError
 from cvt_deploy.trt.util import TENSORRT_RTX, tensorrt_unavailable_reason
@@ -90,7 +91,8 @@ def test_a_graph_the_parser_refuses_fails_with_the_parsers_words(bundle_copy: Pa
     model.graph.node.append(helper.make_node("Mystery", ["planted_in"], [out], name="planted_mystery", domain="com.example"))
     model.opset_import.append(helper.make_opsetid("com.example", 1))
     onnx.save(model, str(bundle.path(art)))
-    bundle.add(art)
+    with changing(bundle):
+        bundle.add(art)
     before = json.loads((bundle_copy / "manifest.json").read_text())
     with pytest.raises(CvtDeployError) as e:
         require_builds(bundle, progress=False)

@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
+from cvt_deploy.bundle_write import changing  # noqa: E402
 from cvt_deploy.bundle import BatchRange, Bundle  # noqa: E402
 from cvt_deploy.errors import CvtDeployError  # noqa: E402
 from cvt_deploy.preprocess import preprocess  # noqa: E402
@@ -225,7 +226,8 @@ def test_corrupt_onnx_with_matching_hash_still_is_a_clear_error(bundle_copy):
     path, name = _graph_load_runs(bundle_copy)
     path.write_bytes(path.read_bytes()[:1000])
     bundle = Bundle.open(bundle_copy)
-    bundle.add(bundle.artifacts[name])  # re-hashes the file
+    with changing(bundle):
+        bundle.add(bundle.artifacts[name])  # re-hashes the file
     with pytest.raises(CvtDeployError) as e:
         load(bundle_copy, backend="onnxruntime")
     assert "ONNX Runtime cannot load" in e.value.message and "re-export" in (e.value.hint or "")

@@ -20,6 +20,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import pytest
 
+from cvt_deploy import bundle_write
+
 import cvt_deploy.backends as rt
 from cvt_deploy.bundle import PRECISIONS, Artifact, BatchRange, Bundle
 from cvt_deploy.config import CvtConfig, get_config
@@ -63,7 +65,7 @@ def write_tiny_onnx(path: Path, cfg: CvtConfig, fixed_batch: int | None = None) 
 @pytest.fixture
 def onnx_bundle(tmp_path: Path) -> Bundle:
     cfg = get_config("cvt-tiny", num_classes=10)
-    with Bundle.create(tmp_path / "b", cfg, BatchRange(1, 4, 8), extra={}) as bundle:
+    with bundle_write.create(tmp_path / "b", cfg, BatchRange(1, 4, 8), extra={}) as bundle:
         write_tiny_onnx(bundle.root / "model.onnx", cfg)
         bundle.add(Artifact(name="onnx-fp32", file="model.onnx", kind="onnx", precision="fp32",
                             info={"input": "pixel_values", "output": "logits"}))
@@ -351,7 +353,6 @@ class MeanLinearRuntime(InProcessRuntime):
     """Logits = per-channel image mean @ W: real arithmetic, so padding or order bugs show."""
 
     backend: ClassVar[str] = "test"
-    artifact_kind: ClassVar[str] = "onnx"
 
     def __init__(self, batch: BatchRange | None) -> None:
         super().__init__(get_config("cvt-tiny", num_classes=5), "fp32", "cpu", batch)

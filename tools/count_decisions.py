@@ -26,9 +26,15 @@ The TensorRT release strings "8.5", "8.6", "10" count (as target) only where the
 named like version/tensorrt/trt/target/release, or beside another release string in one literal.
 
 A *selection site* decides which artifact a backend runs: a ``find``/``require``/
-``artifacts_for``/``select`` attribute call whose receiver is named like ``*bundle*`` or whose
+``artifacts_for`` attribute call whose receiver is named like ``*bundle*`` or whose
 first argument is an artifact-kind string (``call``), or a loop/comprehension over
 ``*.artifacts`` that compares an artifact's ``.kind``/``.precision``/``.target`` (``loop``).
+
+Each concept has owners, the modules whose job the decision is (``OWNERS``: the artifact
+registry for all three; the backend registry for backends; the static TensorRT readiness check
+for the release rules it encodes). A site outside its owners is *justified* when its line, or
+the comment block right above it, carries a ``# decision:`` comment saying why it is decided
+there; the report gives, per concept, the sites outside the owners and how many are justified.
 
 Functions are ranked by ``end_lineno - lineno + 1`` (decorators excluded); their parameter
 count leaves out a method's ``self``/``cls``.
@@ -57,7 +63,18 @@ VALUES: dict[str, str] = {
 RELEASES = frozenset({"8.5", "8.6", "10"})  # bare "10" is too common to count without context
 RELEASE_CONTEXT = re.compile(r"version|tensorrt|trt|target|release", re.IGNORECASE)
 ARTIFACT_KINDS = frozenset({"onnx", "tensorrt", "tensorrt-rtx", "torch", "deepstream", "openvino"})  # bundle.py
-SELECTORS = frozenset({"find", "require", "artifacts_for", "select"})
+# A lookup by kind and precision that a caller makes itself; ``select``/``candidates``/``engine_source``
+# (the registry's selection, also as ``Bundle.select``) ask the owner and are not sites.
+SELECTORS = frozenset({"find", "require", "artifacts_for"})
+SELECTION = "selection"
+#: The modules a decision belongs to (paths inside the package).
+OWNERS: dict[str, tuple[str, ...]] = {
+    PRECISION: ("artifacts.py",),
+    BACKEND: ("artifacts.py", "backends.py"),
+    TARGET: ("artifacts.py", "trt/readiness.py", "trt/qdq_rules.py", "trt/parser_facts.py"),
+    SELECTION: ("artifacts.py",),
+}
+JUSTIFIED = re.compile(r"#\s*decision:")
 ARTIFACT_FIELDS = frozenset({"kind", "precision", "target"})
 
 
@@ -66,6 +83,7 @@ class Site(NamedTuple):
     line: int
     concept: str
     kind: str
+    justified: bool = False
 
 
 class Func(NamedTuple):
@@ -187,6 +205,28 @@ def functions(tree: ast.AST, file: str, prefix: str = "") -> list[Func]:
     return out
 
 
+def _justify(site: Site, lines: list[str]) -> Site:
+    """Justified: ``# decision:`` on the site's line or in the comment block right above it."""
+    found = bool(JUSTIFIED.search(lines[site.line - 1])) if site.line <= len(lines) else False
+    i = site.line - 2
+    while not found and i >= 0 and lines[i].strip().startswith("#"):
+        found, i = bool(JUSTIFIED.search(lines[i])), i - 1
+    return site._replace(justified=found)
+
+
+def _owned(site: Site, package: str, concept: str) -> bool:
+    return any(site.file == f"{package}/{owner}" for owner in OWNERS[concept])
+
+
+def _block(sites: list[Site], package: str, concept: str) -> dict[str, Any]:
+    outside = [s for s in sites if not _owned(s, package, concept)]
+    return {"sites": len(sites), "files": len({s.file for s in sites}),
+            "kinds": dict(sorted(Counter(s.kind for s in sites).items())),
+            "outside_owners": len(outside), "justified": sum(s.justified for s in outside),
+            "unjustified": [s._asdict() for s in outside if not s.justified],
+            "per_file": _by_file(sites), "list": [s._asdict() for s in sites]}
+
+
 def _by_file(sites: list[Site]) -> list[tuple[str, int]]:
     return sorted(Counter(s.file for s in sites).items(), key=lambda kv: (-kv[1], kv[0]))
 
@@ -199,23 +239,22 @@ def collect(package: Path, base: Path, top: int = 10) -> dict[str, Any]:
     files = sorted(package.rglob("*.py"))
     for path in files:
         rel = path.relative_to(base).as_posix()
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
-        switches |= switch_sites(tree, rel)
-        selections |= selection_sites(tree, rel)
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        tree = ast.parse(text, filename=rel)
+        switches |= {_justify(s, lines) for s in switch_sites(tree, rel)}
+        selections |= {_justify(s, lines) for s in selection_sites(tree, rel)}
         funcs += functions(tree, rel)
     per: dict[str, list[Site]] = defaultdict(list)
     for s in sorted(switches):
         per[s.concept].append(s)
     sel = sorted(selections)
+    name = package.relative_to(base).as_posix()
     return {
-        "package": package.relative_to(base).as_posix(),
+        "package": name,
         "files_scanned": len(files),
-        "switch": {c: {"sites": len(per[c]), "files": len({s.file for s in per[c]}),
-                       "kinds": dict(sorted(Counter(s.kind for s in per[c]).items())),
-                       "per_file": _by_file(per[c]), "list": [s._asdict() for s in per[c]]} for c in CONCEPTS},
-        "selection": {"sites": len(sel), "files": len({s.file for s in sel}),
-                      "kinds": dict(sorted(Counter(s.kind for s in sel).items())),
-                      "per_file": _by_file(sel), "list": [s._asdict() for s in sel]},
+        "switch": {c: _block(per[c], name, c) for c in CONCEPTS},
+        "selection": _block(sel, name, SELECTION),
         "largest": [f._asdict() for f in sorted(funcs, key=lambda f: (-f.lines, f.file, f.qualname))[:top]],
     }
 
@@ -225,10 +264,12 @@ def render(report: dict[str, Any], listing: bool = False) -> str:
 
     def section(title: str, block: dict[str, Any]) -> None:
         kinds = ", ".join(f"{k} {n}" for k, n in block["kinds"].items())
-        out.append(f"{title}: {block['sites']} sites in {block['files']} files ({kinds})")
+        out.append(f"{title}: {block['sites']} sites in {block['files']} files ({kinds}); outside its owners "
+                   f"{block['outside_owners']}, {block['justified']} of them justified (# decision:)")
         out.extend(f"    {n:4d}  {f}" for f, n in block["per_file"])
         if listing:
             out.extend(f"          {s['file']}:{s['line']} {s['kind']}" for s in block["list"])
+        out.extend(f"      unjustified: {s['file']}:{s['line']} {s['kind']}" for s in block["unjustified"])
 
     out.append("\nswitch sites")
     for concept in CONCEPTS:

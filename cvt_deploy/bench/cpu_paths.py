@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..cpu import cpu_key
+from ..artifacts import PRECISION
 from ..errors import CvtDeployError
 from ..preprocess import normalize
 from ..progress import stage
@@ -29,8 +30,8 @@ def record_cpu_timings(bundle: Bundle, precisions: Sequence[str] | None = None, 
     """Time every CPU path of the bundle where a precision has more than one, interleaved, and
     record the p50s in the manifest under this CPU's key; returns the entry (None: nothing to choose)."""
     wanted = [p for p in PRECISIONS if p in (precisions or {a.precision for a in bundle.artifacts.values()})]
-    # fp16 is left out: no CPU backend here computes in fp16 (docs/precision.md), so it is never the fast path.
-    paths = {p: cpu_paths(bundle, p) for p in wanted if p != "fp16"}
+    # A precision the CPU backends compute in f32 (fp16: docs/precision.md) is never the fast path.
+    paths = {p: cpu_paths(bundle, p) for p in wanted if PRECISION[p].cpu_arithmetic}
     paths = {p: found for p, found in paths.items() if len(found) > 1}
     sizes = [b for b in batches if bundle.batch.min <= b <= bundle.batch.max] or [bundle.batch.opt]
     if not paths:
@@ -67,8 +68,10 @@ def record_cpu_timings(bundle: Bundle, precisions: Sequence[str] | None = None, 
     for (p, b, a, n), case in cases.items():
         if case.times:
             entry["batches"].setdefault(str(n), {}).setdefault(p, {})[path_name(b, a)] = round(summarize(case.times).p50, 3)
-    bundle.extra.setdefault(MANIFEST_KEY, {})[cpu_key()] = entry
-    bundle.save()
+    from ..bundle_write import changing
+
+    with changing(bundle):
+        bundle.extra.setdefault(MANIFEST_KEY, {})[cpu_key()] = entry
     for line in skipped:
         print(f"  note: not timed, so never chosen: {line}", file=sys.stderr)
     if progress:

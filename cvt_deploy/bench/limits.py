@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import PRECISION
 from .timing import Case, summarize
 
 SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
@@ -124,7 +125,7 @@ def _torch_gemm(size: int, device: str, dtype: str) -> tuple[Case, str]:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    t = getattr(torch, {"fp32": "float32", "fp16": "float16"}[dtype])
+    t = getattr(torch, str(PRECISION[dtype].torch_dtype))
     a = torch.randn(size, size, generator=gen).to(device, t)
     b = torch.randn(size, size, generator=gen).to(device, t)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
@@ -185,7 +186,7 @@ def ceilings(size: int, device: str, threads: int) -> list[Ceiling]:
 
 def best(found: list[Ceiling], precision: str) -> Ceiling | None:
     """The fastest measured ceiling for a row of ``precision`` (int8 rows: the integer GEMM)."""
-    kinds = {"int8": ("int8",), "fp16": ("fp16", "fp32")}.get(precision, ("fp32",))
+    kinds = PRECISION[precision].gemm_kinds
     timed = [c for c in found if c.kind in kinds and c.gops is not None]
     return max(timed, key=lambda c: c.gops or 0.0, default=None)
 

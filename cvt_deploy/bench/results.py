@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..artifacts import label
 from ..errors import CvtDeployError, require
 from ..table import format_table
 from ..jsonio import read_json
@@ -218,13 +219,9 @@ def _cache_note(result: BenchResult) -> str | None:
 
 
 def _graph_note(graph: str | None) -> str:
-    """What a row's artifact name (bundle.artifact_name: KIND-PRECISION[-TARGET]) adds to its
-    backend: which of the bundle's graphs it ran."""
-    kind, _, rest = (graph or "").partition("-")
-    target = rest.partition("-")[2] or "portable"
-    if kind == "openvino":
-        return " (IR)"
-    return f" ({'ort-cpu' if target == 'onnxruntime-cpu' else target})" if kind == "onnx" else ""
+    """What a row's artifact name adds to its backend: which of the bundle's graphs it ran."""
+    note = label(graph or "")
+    return f" ({note})" if note else ""
 
 
 def table(result: BenchResult) -> str:

@@ -3,54 +3,33 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import platform
-import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from .. import backends as rt
+from ..artifacts import PRECISION, REFERENCE
 from ..bundle import Bundle
-from ..cpu import cpu_key
 from ..errors import CvtDeployError
 from ..preprocess import normalize
 from ..progress import stage
 from ..runtimes.base import Runtime
-from ..util import PRECISIONS, default_threads, tool_versions
+from ..util import PRECISIONS, default_threads
 from .cost import count_macs, linear_gemms
-from .limits import (SYSFS_CACHE, best, ceilings, ceilings_meta, fits_llc, int8_attainable, int8_limit, linear_gemm_cases,
-                     llc_bytes)
+from .facts import BASELINE, host_meta, loadavg, matmul_meta, peak_cuda_mb, peak_rss_mb, recorded_parity, weights_mb
+from .limits import Ceiling, LinearGemms, best, ceilings, fits_llc, int8_attainable, int8_limit, linear_gemm_cases, llc_bytes
 from .results import BenchResult, BenchRow
-from .timing import Case, check_settings, measure_interleaved, summarize
+from .timing import Case, TimingOptions, check_settings, measure_interleaved, summarize
 
 if TYPE_CHECKING:
+    from ..config import CvtConfig
     from ..util import BatchRange
 
-BASELINE = ("torch", "fp32")  # what ratio_vs_torch divides by: our model, PyTorch eager, fp32
-
-
-def _loadavg() -> float | None:
-    """1-minute system load average (None where the OS has none): shows competing processes."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):
-        return None
-
-
-def _peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 2**20 if sys.platform == "darwin" else kb / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _peak_cuda_mb(device: str) -> float | None:
-    if not device.startswith("cuda") or importlib.util.find_spec("torch") is None:
-        return None
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+#: One combination to time: (backend, precision, batch, role: "baseline" | "reference" | "backend").
+Combo = tuple[str, str, int, str]
 
 
 def _backend_reasons(bundle: Bundle, device: str, names: Sequence[str]) -> dict[str, str | None]:
@@ -67,72 +46,9 @@ def _backend_reasons(bundle: Bundle, device: str, names: Sequence[str]) -> dict[
                 out[name] = f"the {name} backend module cannot be imported ({e})"
                 continue
             out[name] = cls.unavailable_reason(device)
-            if out[name] is None and bundle.find(cls.artifact_kind) is None:
-                out[name] = f"the bundle has no {cls.artifact_kind} artifact"
+            if out[name] is None and cls.artifact_in(bundle, device=device) is None:
+                out[name] = f"the bundle has no {' or '.join(cls.kinds())} artifact"
         return out
-
-
-def _recorded_parity(bundle: Bundle, backend: str, precision: str,
-                     runtime: Runtime | str) -> tuple[float | None, float | None]:
-    """(accuracy, top-1 agreement) recorded for the artifact this row runs, as this backend runs
-    it (another backend's figures for the same graph are not this row's), if any."""
-    if (backend, precision) == BASELINE:
-        # PyTorch fp32 is the reference of every parity check: its accuracy is recorded there.
-        for art in bundle.artifacts.values():
-            parity = art.info.get("parity")
-            if isinstance(parity, dict) and parity.get("accuracy_reference") is not None:
-                return float(parity["accuracy_reference"]), None
-        return None, None
-    path = getattr(runtime, "path", None)
-    found = next((a for a in bundle.artifacts.values() if path and str(bundle.path(a)) == str(path)), None)
-    if found is None:
-        try:
-            found = bundle.find(rt.backend_class(backend).artifact_kind, precision)
-        except ImportError:
-            return None, None
-    parity = found.parity_on(backend) if found is not None else None
-    if parity is None:
-        return None, None
-
-    def first(*keys: str) -> float | None:
-        return next((float(parity[k]) for k in keys if parity.get(k) is not None), None)
-
-    return first("accuracy_candidate", "accuracy"), first("top1_agreement", "agreement")
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
-
-
-def _ceiling_name(gemms: list[Any], precision: str) -> str | None:
-    found = best(gemms, precision)
-    return None if found is None else found.name
-
-
-def _weights_mb(bundle: Bundle, runtime: Runtime | str) -> float | None:
-    """Size of the file the runtime's weights come from (its graph, engine or safetensors), MB."""
-    if isinstance(runtime, str):
-        return None
-    path = getattr(runtime, "path", None)
-    ran = bundle.artifacts.get(runtime.artifact or "")
-    if ran is not None and ran.info.get("weights_file"):  # an OpenVINO IR: its .bin, not its .xml
-        path = bundle.root / str(ran.info["weights_file"])
-    if path is None:
-        try:
-            art = bundle.find(rt.backend_class(runtime.backend).artifact_kind, runtime.precision)
-        except (ImportError, CvtDeployError):
-            return None
-        path = bundle.path(art) if art is not None else None
-    try:
-        return round(os.path.getsize(path) / 2**20, 2) if path is not None else None
-    except OSError:
-        return None
-
-
-def _versions() -> dict[str, str]:
-
-    return {"python": platform.python_version(),
-            **tool_versions(("numpy", "torch", "onnxruntime", "openvino", "tensorrt", "transformers"))}
 
 
 def _check_choices(values: Sequence[str], choices: Sequence[str], what: str) -> list[str]:
@@ -186,6 +102,8 @@ class BenchOptions:
     compiled_reference: bool = False
     openvino_reference: bool = False
     matmul_size: int = 2048
+    #: The fields above that the load test shares, validated there (built here, not passed).
+    timing: TimingOptions = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.backends is not None:
@@ -199,10 +117,16 @@ class BenchOptions:
                 raise CvtDeployError(f"batch size {bad[0] if bad else 'list'} is {'below 1' if bad else 'empty'}",
                                      "use whole numbers >= 1, e.g. --batch 1,8,32")
             object.__setattr__(self, "batches", batches)
+        object.__setattr__(self, "timing", TimingOptions(min_time=self.min_time, warmup=self.warmup, rounds=self.rounds,
+                                                         settle=self.settle, threads=self.threads))
         # Named as cvt-bench spells them: the CLI passes its flags straight through.
         check_settings([("--" + name.replace("_", "-"), getattr(self, name), low) for name, low in (
-            ("threads", 1), ("iterations", 1), ("rounds", 1), ("warmup", 0), ("settle", 0), ("min_iterations", 1),
-            ("matmul_size", 16))], self.min_time)
+            ("iterations", 1), ("min_iterations", 1), ("matmul_size", 16))])
+
+    @classmethod
+    def with_timing(cls, timing: TimingOptions, **fields: Any) -> BenchOptions:
+        """The options with ``timing``'s fields (``cvt-bench`` builds one for the benchmark and the load test)."""
+        return cls(**timing.fields(), **fields)
 
 
 def check_batches(bundle: Bundle, batches: Sequence[int]) -> None:
@@ -246,67 +170,127 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
     if options is not None and (fields or backends or precisions or batches):
         raise TypeError("pass BenchOptions or its fields as arguments, not both")
     options = options or BenchOptions(backends=backends, precisions=precisions, batches=batches, **fields)
-    threads, device, iterations, min_time = options.threads, options.device, options.iterations, options.min_time
-    warmup, rounds, settle, min_iterations = options.warmup, options.rounds, options.settle, options.min_iterations
-    reference, hf_reference, matmul_size = options.reference, options.hf_reference, options.matmul_size
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    load_before = _loadavg()
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-    cfg = bundle.config
-    backends = list(options.backends or rt.PREFERENCE)
-    precisions = list(options.precisions or sorted({a.precision for a in bundle.artifacts.values()},
-                                                   key=PRECISIONS.index) or ["fp32"])
-    batches = list(options.batches or default_batches(bundle.batch))
-    check_batches(bundle, batches)
-    threads = threads or default_threads()
+    load_before = loadavg()
+    run = _Run.of(bundle if isinstance(bundle, Bundle) else Bundle.open(bundle), options)
+    _set_torch_threads(run.threads)
+    references = _references(options)
+    combos = _combinations(run, options.reference, references)
+    reasons = _backend_reasons(run.bundle, run.device, run.backends)
+    reasons.update({name: rt.backend_class(name).unavailable_reason(run.device) for name in references})
+    runtimes = _load_runtimes(run, combos, reasons, progress)
+    rows, cases = _rows(run, combos, runtimes)
+    gemms, linear = _measure(run, options, rows, cases, progress)
+
+    macs = count_macs(run.cfg)
+    llc = llc_bytes() if run.device == "cpu" else None
+    for i, case in cases.items():
+        row = rows[i]
+        if _fill_timings(row, case, macs, gemms):
+            row.weights_mb = weights_mb(run.bundle, runtimes[i])
+            row.weights_fit_llc = fits_llc(None if row.weights_mb is None else int(row.weights_mb * 2**20), llc)
+    _fill_ratios(rows)
+    limit = int8_limit(gemms)
+    _fill_int8(rows, limit, linear)
+    t = options.timing
+    meta = {"model": run.cfg.variant, "img_size": run.cfg.img_size, "num_classes": run.cfg.num_classes, "macs": macs,
+            "gmacs": macs / 1e9, "bundle": str(run.bundle.root), "device": run.device, "threads": run.threads,
+            "thread_controls": "torch.set_num_threads (process-wide), onnxruntime intra_op_num_threads and "
+                               "openvino INFERENCE_NUM_THREADS",
+            "warmup": max(1, t.warmup), "rounds": t.rounds, "settle": t.settle, "iterations": options.iterations,
+            "min_time_s": t.min_time, "matmul": matmul_meta(options.matmul_size, gemms, limit, linear),
+            **host_meta(run.device, llc, load_before, started),
+            "timing": "per-iteration time.perf_counter around runtime.run (+ synchronize), interleaved rounds; "
+                      "percentiles interpolate linearly"}
+    return BenchResult(rows, meta)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one run covers: the options' choices, the bundle's defaults where none was made."""
+
+    bundle: Bundle
+    backends: list[str]
+    precisions: list[str]
+    batches: list[int]
+    threads: int
+    device: str
+
+    @classmethod
+    def of(cls, bundle: Bundle, options: BenchOptions) -> _Run:
+        backends = list(options.backends or rt.PREFERENCE)
+        precisions = list(options.precisions or sorted({a.precision for a in bundle.artifacts.values()},
+                                                       key=PRECISIONS.index) or ["fp32"])
+        batches = list(options.batches or default_batches(bundle.batch))
+        check_batches(bundle, batches)
+        return cls(bundle, backends, precisions, batches, options.threads or default_threads(), options.device)
+
+    @property
+    def cfg(self) -> CvtConfig:
+        return self.bundle.config
+
+
+def _set_torch_threads(threads: int) -> None:
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         torch.set_num_threads(threads)  # process-wide: the torch backend, HF and the matmul all use it
 
-    # combinations: the baseline and the references first at each batch, then the backends asked for
-    references = [name for name, wanted in (("hf-transformers", hf_reference),
-                                            ("torch-compile", options.compiled_reference),
-                                            ("openvino-plain", options.openvino_reference)) if wanted]
-    combos: list[tuple[str, str, int, str]] = []
-    for b in batches:
-        if reference or (BASELINE[0] in backends and BASELINE[1] in precisions):
+
+def _references(options: BenchOptions) -> list[str]:
+    return [name for name, wanted in (("hf-transformers", options.hf_reference),
+                                      ("torch-compile", options.compiled_reference),
+                                      ("openvino-plain", options.openvino_reference)) if wanted]
+
+
+def _combinations(run: _Run, reference: bool, references: list[str]) -> list[Combo]:
+    """The baseline and the references first at each batch, then the backends asked for."""
+    combos: list[Combo] = []
+    for b in run.batches:
+        if reference or (BASELINE[0] in run.backends and BASELINE[1] in run.precisions):
             combos.append((*BASELINE, b, "baseline"))
         combos += [(name, p, b, "reference") for name in references
-                   for p in (precisions if name in rt.GRAPH_REFERENCES else ["fp32"])]
-        combos += [(be, p, b, "backend") for be in backends for p in precisions if (be, p) != BASELINE]
+                   for p in (run.precisions if name in rt.GRAPH_REFERENCES else ["fp32"])]
+        combos += [(be, p, b, "backend") for be in run.backends for p in run.precisions if (be, p) != BASELINE]
+    return combos
 
-    reasons = _backend_reasons(bundle, device, backends)
-    reasons.update({name: rt.backend_class(name).unavailable_reason(device) for name in references})
+
+def _load_runtimes(run: _Run, combos: list[Combo], reasons: dict[str, str | None], progress: bool) -> list[Runtime | str]:
+    """Each combination's runtime as load() gives it for its batch size (the graph measured fastest
+    for it), loaded once per graph and shared by the batch sizes that run it; or why not."""
     loaded: dict[tuple[str, str, str], Runtime | str] = {}
-
-    def runtime_for(backend: str, precision: str, batch: int) -> Runtime | str:
-        """The runtime as load() gives it for this batch size (the graph measured fastest for it),
-        loaded once per graph and shared by the batch sizes that run it; or why not."""
+    out = []
+    with stage(f"loading {len({c[:2] for c in combos})} runtimes", progress):
         from ..runtimes.choice import fastest
 
-        choice = fastest(bundle, precision, batch, [backend]) if (device or "cpu") == "cpu" else None
-        key = (backend, precision, choice.artifact if choice else "")
-        if key not in loaded:
-            why = reasons.get(backend)
-            if why is None:
-                try:
-                    loaded[key] = rt.load(bundle, backend, device, precision, threads, batch=batch)
-                except CvtDeployError as e:  # e.g. no int8 artifact, fp16 torch on CPU: a skipped row
-                    loaded[key] = e.message
-            else:
-                loaded[key] = why
-        return loaded[key]
+        for backend, precision, batch, _ in combos:
+            choice = fastest(run.bundle, precision, batch, [backend]) if (run.device or "cpu") == "cpu" else None
+            key = (backend, precision, choice.artifact if choice else "")
+            if key not in loaded:
+                loaded[key] = _load(run, backend, precision, batch, reasons.get(backend))
+            out.append(loaded[key])
+    return out
 
+
+def _load(run: _Run, backend: str, precision: str, batch: int, why: str | None) -> Runtime | str:
+    if why is not None:
+        return why
+    try:
+        return rt.load(run.bundle, backend, run.device, precision, run.threads, batch=batch)
+    except CvtDeployError as e:  # e.g. no int8 artifact, fp16 torch on CPU: a skipped row
+        return e.message
+
+
+def _rows(run: _Run, combos: list[Combo], runtimes: list[Runtime | str]) -> tuple[list[BenchRow], dict[int, Case]]:
+    """A row per combination, and a case to time for each that can run (by row index)."""
+    cfg = run.cfg
     rows: list[BenchRow] = []
-    cases: dict[int, Case] = {}  # row index -> case
+    cases: dict[int, Case] = {}
     inputs: dict[int, np.ndarray] = {}
-    with stage(f"loading {len({c[:2] for c in combos})} runtimes", progress):
-        runtimes = [runtime_for(backend, precision, b) for backend, precision, b, _ in combos]
     for (backend, precision, b, role), runtime in zip(combos, runtimes):
-        row = BenchRow(cfg.variant, backend, precision, b, device, threads, role=role)
+        row = BenchRow(cfg.variant, backend, precision, b, run.device, run.threads, role=role)
         row.graph = getattr(runtime, "artifact", None)
-        row.accuracy, row.top1_agreement = _recorded_parity(bundle, backend, precision, runtime)
+        row.accuracy, row.top1_agreement = recorded_parity(run.bundle, backend, precision, runtime)
         if isinstance(runtime, str):
             row.status, row.reason = "skipped", runtime
         elif runtime.batch_range is not None and not runtime.batch_range.min <= b <= runtime.batch_range.max:
@@ -321,57 +305,71 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             x = normalize(inputs[b], cfg.preprocess) if runtime.input_format == "float" else inputs[b]
             cases[len(rows)] = Case.for_runtime(f"{backend} {precision} b{b}", runtime, x)
         rows.append(row)
+    return rows, cases
 
+
+def _measure(run: _Run, options: BenchOptions, rows: list[BenchRow], cases: dict[int, Case],
+             progress: bool) -> tuple[list[Ceiling], list[LinearGemms]]:
+    """Every case, the matmul ceilings and the model's Linear GEMMs, timed interleaved."""
     all_cases = list(cases.values())
     row_of = {id(case): rows[i] for i, case in cases.items()}
 
     def note_memory(case: Case) -> None:
         # process-wide peak once this combination is loaded and warm (warm-up runs in row order)
         if id(case) in row_of:
-            row_of[id(case)].peak_rss_mb = round(_peak_rss_mb(), 1)
-            row_of[id(case)].peak_cuda_mb = _peak_cuda_mb(device)
+            row_of[id(case)].peak_rss_mb = round(peak_rss_mb(), 1)
+            row_of[id(case)].peak_cuda_mb = peak_cuda_mb(run.device)
 
-    gemms = ceilings(matmul_size, device, threads)
+    t = options.timing
+    gemms = ceilings(options.matmul_size, run.device, run.threads)
     # The model's own Linear GEMMs, where int8 rows are measured against them (int8_attainable).
-    int8_batches = sorted({rows[i].batch for i in cases if rows[i].precision == "int8"})
-    linear = linear_gemm_cases(linear_gemms(cfg), int8_batches, threads) if device == "cpu" else []
+    int8_batches = sorted({rows[i].batch for i in cases if PRECISION[rows[i].precision].integer})
+    linear = linear_gemm_cases(linear_gemms(run.cfg), int8_batches, run.threads) if run.device == "cpu" else []
     if progress:
-        print(f"benchmarking {len(all_cases)} combinations ({len(rows) - len(all_cases)} skipped) of {cfg.variant} "
-              f"on {device} with {threads} threads, {rounds} interleaved rounds", file=sys.stderr)
+        print(f"benchmarking {len(all_cases)} combinations ({len(rows) - len(all_cases)} skipped) of {run.cfg.variant} "
+              f"on {run.device} with {run.threads} threads, {t.rounds} interleaved rounds", file=sys.stderr)
     linear_cases = [case for group in linear for pair in group.cases for case in pair[:2]]
-    measure_interleaved(all_cases + [c.case for c in gemms] + linear_cases, iterations=iterations, min_time=min_time, warmup=warmup, rounds=rounds,
-                        settle=settle, min_iterations=min_iterations, progress=progress, after_warmup=note_memory)
+    measure_interleaved(all_cases + [c.case for c in gemms] + linear_cases, iterations=options.iterations,
+                        min_time=t.min_time, warmup=t.warmup, rounds=t.rounds, settle=t.settle,
+                        min_iterations=options.min_iterations, progress=progress, after_warmup=note_memory)
+    return gemms, linear
 
-    macs = count_macs(cfg)
-    llc = llc_bytes() if device == "cpu" else None
-    for i, case in cases.items():
-        row = rows[i]
-        if case.error is not None or not case.times:
-            row.status, row.reason = "failed", case.error or "no timings"
-            continue
-        s = summarize(case.times)
-        row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms, row.min_ms, row.max_ms = (
-            round(v, 4) for v in (s.p50, s.p90, s.p99, s.mean, s.min, s.max))
-        row.iterations = s.n
-        ips = row.batch / (s.p50 / 1e3)
-        row.throughput_ips = round(ips, 3)
-        row.gflops = round(macs * 2 * ips / 1e9, 3)
-        ceiling = best(gemms, row.precision)
-        if ceiling is not None and ceiling.gops:
-            row.pct_matmul_peak, row.matmul_ceiling = round(100 * row.gflops / ceiling.gops, 2), ceiling.name
-        if case.first is not None:
-            row.first_call_ms = round(case.first * 1e3, 4)
-        row.weights_mb = _weights_mb(bundle, runtimes[i])
-        row.weights_fit_llc = fits_llc(None if row.weights_mb is None else int(row.weights_mb * 2**20), llc)
+
+def _fill_timings(row: BenchRow, case: Case, macs: int, gemms: list[Ceiling]) -> bool:
+    """The row's latency statistics, throughput and share of the matmul ceiling; False (and why
+    in the row) when it has none."""
+    if case.error is not None or not case.times:
+        row.status, row.reason = "failed", case.error or "no timings"
+        return False
+    s = summarize(case.times)
+    row.p50_ms, row.p90_ms, row.p99_ms, row.mean_ms, row.min_ms, row.max_ms = (
+        round(v, 4) for v in (s.p50, s.p90, s.p99, s.mean, s.min, s.max))
+    row.iterations = s.n
+    ips = row.batch / (s.p50 / 1e3)
+    row.throughput_ips = round(ips, 3)
+    row.gflops = round(macs * 2 * ips / 1e9, 3)
+    ceiling = best(gemms, row.precision)
+    if ceiling is not None and ceiling.gops:
+        row.pct_matmul_peak, row.matmul_ceiling = round(100 * row.gflops / ceiling.gops, 2), ceiling.name
+    if case.first is not None:
+        row.first_call_ms = round(case.first * 1e3, 4)
+    return True
+
+
+def _fill_ratios(rows: list[BenchRow]) -> None:
+    """ratio_vs_torch: the baseline's p50 at the same batch over each row's."""
     for row in rows:
         base = next((r for r in rows if (r.backend, r.precision, r.batch) == (*BASELINE, row.batch) and r.p50_ms), None)
         if base is not None and row.p50_ms:
             assert base.p50_ms is not None
             row.ratio_vs_torch = round(base.p50_ms / row.p50_ms, 3)
-    limit = int8_limit(gemms)
+
+
+def _fill_int8(rows: list[BenchRow], limit: float | None, linear: list[LinearGemms]) -> None:
+    """Each int8 row's speed-up over its backend's fp32 row, against what the CPU's GEMMs allow."""
     for row in rows:
-        fp32 = next((r for r in rows if (r.backend, r.precision, r.batch) == (row.backend, "fp32", row.batch) and r.p50_ms), None)
-        if row.precision == "int8" and row.p50_ms and fp32 is not None and fp32.p50_ms:
+        fp32 = next((r for r in rows if (r.backend, r.precision, r.batch) == (row.backend, REFERENCE, row.batch) and r.p50_ms), None)
+        if PRECISION[row.precision].integer and row.p50_ms and fp32 is not None and fp32.p50_ms:
             row.int8_speedup = round(fp32.p50_ms / row.p50_ms, 3)
             row.int8_speedup_of_limit = None if limit is None else round(row.int8_speedup / limit, 3)
             group = next((g for g in linear if g.batch == row.batch), None)
@@ -379,23 +377,3 @@ def benchmark(bundle: Bundle | str | os.PathLike[str], backends: Sequence[str] |
             if attainable:
                 row.int8_attainable = round(attainable, 3)
                 row.int8_speedup_of_attainable = round(row.int8_speedup / attainable, 3)
-
-    meta = {"model": cfg.variant, "img_size": cfg.img_size, "num_classes": cfg.num_classes, "macs": macs,
-            "gmacs": macs / 1e9, "bundle": str(bundle.root), "device": device, "threads": threads,
-            "thread_controls": "torch.set_num_threads (process-wide), onnxruntime intra_op_num_threads and "
-                               "openvino INFERENCE_NUM_THREADS",
-            "warmup": max(1, warmup), "rounds": rounds, "settle": settle, "iterations": iterations, "min_time_s": min_time,
-            "matmul": {"size": matmul_size, "ceilings": ceilings_meta(gemms),
-                       **{p: _ceiling_name(gemms, p) for p in PRECISIONS},
-                       "int8_limit": None if limit is None else round(limit, 3),
-                       "linear_gemms": {str(g.batch): {"fp32_ms": _round(g.total_ms(False)), "int8_ms": _round(g.total_ms(True)),
-                                                       "shapes": len(g.cases)} for g in linear}},
-            "llc_bytes": llc, "llc_source": str(SYSFS_CACHE) if llc else "unknown (no sysfs cache information)",
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "peak_cuda_mb": _peak_cuda_mb(device),
-            "loadavg_1min": {"before": load_before, "after": _loadavg()},
-            "host": {"platform": platform.platform(), "machine": platform.machine(), "cpus_usable": default_threads(),
-                     "cpus_total": os.cpu_count(), "cpu": cpu_key()},
-            "versions": _versions(), "started": started,
-            "timing": "per-iteration time.perf_counter around runtime.run (+ synchronize), interleaved rounds; "
-                      "percentiles interpolate linearly"}
-    return BenchResult(rows, meta)

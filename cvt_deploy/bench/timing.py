@@ -1,11 +1,12 @@
 """Timing: latency statistics and the interleaved scheduler that measures several cases fairly."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -30,14 +31,41 @@ class Stats:
     n: int
 
 
-def check_settings(lows: Sequence[tuple[str, float | None, int]], min_time: float) -> None:
+def check_settings(lows: Sequence[tuple[str, float | None, int]], min_time: float | None = None) -> None:
     """The timing flags of any benchmark, checked before anything runs: each ``(flag, value,
-    lowest allowed)`` (None: the default) and ``--min-time``."""
+    lowest allowed)`` (None: the default) and ``--min-time`` (None: not this caller's)."""
     for flag, value, low in lows:
         if value is not None and value < low:
             raise CvtDeployError(f"{flag} {value:g} is below {low}", f"pass {flag} {low} or more")
-    if not min_time > 0:
+    if min_time is not None and not min_time > 0:
         raise CvtDeployError(f"--min-time {min_time:g} must be positive", "use e.g. --min-time 2")
+
+
+@dataclass(frozen=True)
+class TimingOptions:
+    """How long and how fairly to time: what the in-process benchmark (``BenchOptions``) and the
+    load test of a server (``LoadOptions``) share, validated here once for both (named as
+    ``cvt-bench`` spells the flags, which map onto it).
+
+    ``min_time``: seconds of timed calls per row (spread over the rounds). ``warmup``: untimed
+    calls per row first. ``rounds``: interleaved rounds. ``settle``: untimed calls at the start
+    of each block (the first call after a switch pays for the previous row). ``threads``: CPU
+    threads of the runtimes timed in this process (None: their default).
+    """
+
+    min_time: float = 2.0
+    warmup: int = 3
+    rounds: int = 5
+    settle: int = 1
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check_settings([("--threads", self.threads, 1), ("--rounds", self.rounds, 1), ("--warmup", self.warmup, 0),
+                        ("--settle", self.settle, 0)], self.min_time)
+
+    def fields(self) -> dict[str, Any]:
+        """The fields as keywords, for the options objects that take them flat (``BenchOptions(**t.fields())``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def summarize(seconds: Sequence[float]) -> Stats:

@@ -166,6 +166,24 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
     require("torch", "torch", "Loading a checkpoint")
     from ..model import CvT
 
+    path = _resolve(source)
+    overrides, config_source = _overrides(config, heads, img_size, activation, labels)
+    read = _read_hf_folder(path, img_size) if path.is_dir() else _read_file(path, variant, overrides, config_source)
+    cfg = read.cfg
+    # Files that record their architecture (config.json, our metadata) take the given fields over
+    # it; an official checkpoint's config was inferred with them, checked against the tensors.
+    if overrides and read.arch is not None:
+        cfg = _override_recorded(cfg, overrides, read.arch, path, config_source)
+    if variant and get_config(variant).arch() != cfg.arch():
+        want = get_config(variant)
+        raise wrong_variant(str(path), cfg.variant if cfg.variant in list_variants() else None, want, cfg.arch_diff(want))
+    model = CvT(cfg).eval()
+    load_state_into(model, read.state, f"{read.kind} {path}")
+    return model
+
+
+def _resolve(source: str | os.PathLike[str]) -> Path:
+    """The local file or folder ``source`` names, or the hub id's download."""
     path = Path(source)
     if not path.exists():
         # A path whose folder exists here, or with a checkpoint's suffix, is a missing local
@@ -176,6 +194,14 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         else:
             raise CvtDeployError(f"checkpoint {str(source)!r} does not exist",
                                  "pass a path to a .safetensors/.pth file, a Hugging Face folder, or a hub id like microsoft/cvt-13")
+    return path
+
+
+def _overrides(config: Mapping[str, Any] | str | os.PathLike[str] | None, heads: Sequence[int] | None,
+               img_size: int | None, activation: str | None,
+               labels: Sequence[str] | None) -> tuple[dict[str, Any], str]:
+    """The CvtConfig fields the caller gives (``config`` and the single arguments over it), and
+    how errors name where they came from."""
     is_file = isinstance(config, (str, os.PathLike))
     if isinstance(config, (str, os.PathLike)):
         overrides = read_json_object(config, 'write an object of CvtConfig fields, e.g. {"num_heads": [1, 3, 6]}')
@@ -189,56 +215,69 @@ def load_checkpoint(source: str | os.PathLike[str], variant: str | None = None, 
         overrides["activation"] = activation
     if labels is not None:
         overrides["labels"] = list(labels)
-    config_source = str(config) if is_file else "the architecture given (heads/config)"
+    return overrides, str(config) if is_file else "the architecture given (heads/config)"
 
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CvtDeployError(f"{path} is a folder without config.json", "pass a Hugging Face CvT folder or a checkpoint file")
-        raw = read_hf_config(path)
-        if (path / "model.safetensors").is_file():
-            state, _ = _read_safetensors(path / "model.safetensors")
-        elif (path / "pytorch_model.bin").is_file():
-            state = _read_torch_file(path / "pytorch_model.bin")
-        else:
-            raise CvtDeployError(f"{path} has config.json but no model.safetensors or pytorch_model.bin",
-                                 "copy the weights file into the folder")
-        state = hf_to_official(state)
-        arch = WeightsArch.read(state)
-        cfg = hf_config(path, raw, arch, "gelu", img_size)
-        source_kind = "Hugging Face checkpoint"
+
+@dataclass
+class _Read:
+    """A checkpoint read: its tensors (official keys), the config they are loaded into, and what it was."""
+
+    state: dict[str, Any]
+    cfg: CvtConfig
+    arch: WeightsArch | None  # where the file records its config; None: inferred from the tensors
+    kind: str
+
+
+def _read_hf_folder(path: Path, img_size: int | None) -> _Read:
+    if not (path / "config.json").is_file():
+        raise CvtDeployError(f"{path} is a folder without config.json", "pass a Hugging Face CvT folder or a checkpoint file")
+    raw = read_hf_config(path)
+    if (path / "model.safetensors").is_file():
+        state, _ = _read_safetensors(path / "model.safetensors")
+    elif (path / "pytorch_model.bin").is_file():
+        state = _read_torch_file(path / "pytorch_model.bin")
     else:
-        state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else (_read_torch_file(path), {})
-        if CONFIG_KEY in meta:
-            cfg = CvtConfig.from_json(meta[CONFIG_KEY], f"{path} (its cvt-deploy metadata)")
-            arch = WeightsArch.read(state)
-            problems = arch.disagreements(cfg)
-            if problems:
-                raise CvtDeployError(f"{path}: its metadata disagrees with its own tensors: " + "; ".join(problems),
-                                     "the file is damaged: save the model again with save_checkpoint or re-export it")
-            source_kind = "safetensors checkpoint"
-        else:
-            state, default_act = _official_keys(state)
-            m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
-            if m and "img_size" not in overrides:
-                overrides["img_size"] = int(m.group(1))
-            cfg = infer_config(state, variant, None, overrides, config_source, activation=default_act)
-            overrides = {}  # infer_config applied them, checked against the tensors
-            source_kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
-    if overrides:  # only files that record their architecture (config.json, our metadata) get here
-        changed = [f"{k}: recorded {show(getattr(cfg, k))}, given {show(tuple(v) if isinstance(v, list) else v)}"
-                   for k, v in overrides.items() if k in ARCH_FIELDS and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
-        if changed:
-            raise CvtDeployError(f"{path} records its own architecture, and {config_source} changes it: " + "; ".join(changed),
-                                 "drop those fields: the checkpoint's recorded values are what its weights were trained with")
-        cfg = apply_overrides(cfg, overrides, arch, config_source)
-        if cfg.variant in list_variants() or cfg.variant == CUSTOM_VARIANT:
-            cfg = named(cfg)
-    if variant and get_config(variant).arch() != cfg.arch():
-        want = get_config(variant)
-        raise wrong_variant(str(path), cfg.variant if cfg.variant in list_variants() else None, want, cfg.arch_diff(want))
-    model = CvT(cfg).eval()
-    load_state_into(model, state, f"{source_kind} {path}")
-    return model
+        raise CvtDeployError(f"{path} has config.json but no model.safetensors or pytorch_model.bin",
+                             "copy the weights file into the folder")
+    state = hf_to_official(state)
+    arch = WeightsArch.read(state)
+    return _Read(state, hf_config(path, raw, arch, "gelu", img_size), arch, "Hugging Face checkpoint")
+
+
+def _read_file(path: Path, variant: str | None, overrides: dict[str, Any], config_source: str) -> _Read:
+    """Our .safetensors (its config recorded, checked against its tensors) or an official or
+    Hugging Face-keyed .pth/.safetensors (the config inferred from the tensors and ``overrides``)."""
+    state, meta = _read_safetensors(path) if path.suffix == ".safetensors" else (_read_torch_file(path), {})
+    if CONFIG_KEY in meta:
+        cfg = CvtConfig.from_json(meta[CONFIG_KEY], f"{path} (its cvt-deploy metadata)")
+        arch = WeightsArch.read(state)
+        problems = arch.disagreements(cfg)
+        if problems:
+            raise CvtDeployError(f"{path}: its metadata disagrees with its own tensors: " + "; ".join(problems),
+                                 "the file is damaged: save the model again with save_checkpoint or re-export it")
+        return _Read(state, cfg, arch, "safetensors checkpoint")
+    state, default_act = _official_keys(state)
+    overrides = dict(overrides)
+    m = re.search(r"(\d{3})x\1", path.name)  # official names say e.g. CvT-13-384x384-IN-22k.pth
+    if m and "img_size" not in overrides:
+        overrides["img_size"] = int(m.group(1))
+    cfg = infer_config(state, variant, None, overrides, config_source, activation=default_act)
+    kind = "official checkpoint" if default_act == "quick_gelu" else "Hugging Face-keyed checkpoint"
+    return _Read(state, cfg, None, kind)
+
+
+def _override_recorded(cfg: CvtConfig, overrides: dict[str, Any], arch: WeightsArch, path: Path,
+                       config_source: str) -> CvtConfig:
+    """The recorded config with the caller's fields: those that change the architecture refused."""
+    changed = [f"{k}: recorded {show(getattr(cfg, k))}, given {show(tuple(v) if isinstance(v, list) else v)}"
+               for k, v in overrides.items() if k in ARCH_FIELDS and (tuple(v) if isinstance(v, list) else v) != getattr(cfg, k)]
+    if changed:
+        raise CvtDeployError(f"{path} records its own architecture, and {config_source} changes it: " + "; ".join(changed),
+                             "drop those fields: the checkpoint's recorded values are what its weights were trained with")
+    cfg = apply_overrides(cfg, overrides, arch, config_source)
+    if cfg.variant in list_variants() or cfg.variant == CUSTOM_VARIANT:
+        cfg = named(cfg)
+    return cfg
 
 
 def _official_keys(state: dict[str, Any]) -> tuple[dict[str, Any], str]:

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CvtDeployError
-from .common import (ListOption, add_backend_arg, add_json_arg, add_precision_arg, add_quiet_arg, aliases_note,
-                     cli_entry, decimal_number, deprecated_alias, refuse_unused, warn_deprecated, whole_number)
+from .common import (ListOption, add_backend_arg, add_groups, add_json_arg, add_precision_arg, add_quiet_arg,
+                     aliases_note, cli_entry, decimal_number, deprecated_alias, refuse_unused, warn_deprecated,
+                     whole_number)
 
 if TYPE_CHECKING:
     from ..bench import BenchResult
+    from ..bench.timing import TimingOptions
 
 # --quick: a few seconds for the demo model (the demo's own smoke run), still interleaved.
 QUICK: dict[str, float] = {"min_time": 0.1, "warmup": 1, "rounds": 3, "min_iterations": 5, "matmul_size": 1024}
@@ -111,49 +113,85 @@ def _as(fmt: str) -> Any:
     return lambda text: (Path(text), fmt)
 
 
+GROUPS = (  # --help's groups, one per job: (title, when its flags apply)
+    ("what to time", "--bundle: the bundle timed in this process, on every backend (with --url: on ONNX Runtime\n"
+     "fp32, beside the served model); --batch and --threads: its rows, with --url too."),
+    ("rows of the benchmark", "Without --url: the backend x precision rows of --bundle, and the reference rows beside\n"
+     "them."),
+    ("timing", "Every run, with --url too; --iterations: without --url; --quick: not with all three of\n"
+     "--min-time, --warmup and --rounds (each of them wins over it)."),
+    ("recording the CPU paths (--record)",
+     "Without --url, on --device cpu: before the benchmark, the fastest CPU path at each --batch\n"
+     "is recorded in the bundle's manifest for this CPU."),
+    ("load test of a served model (--url)",
+     "With --url: the load test against a running server (cvt-serve, or any Triton serving the\n"
+     "model); the other flags here need --url."),
+    ("output", "Every run, with --url too."),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, formatter_class=_Formatter)
+    adders = (_add_what, _add_rows, _add_timing, _add_record, _add_served, _add_output)
+    add_groups(ap, GROUPS, adders)
+    deprecated_alias(ap, "--backends", "--backend")
+    deprecated_alias(ap, "--precisions", "--precision")
+    deprecated_alias(ap, "--batches", "--batch")
+    deprecated_alias(ap, "--no-progress", "--quiet")
+    deprecated_alias(ap, "--csv", "--save", type=_as("csv"), old_usage="--csv FILE", new_usage="--save FILE.csv")
+    deprecated_alias(ap, "--model", "--model-name", note="--model is the architecture variant in the other commands")
+    ap.epilog = epilog() + aliases_note(ap, "--json FILE (--save FILE.json)")
+    return ap
+
+
+def _add_what(g: argparse._ArgumentGroup) -> None:
     from ..bench import default_threads
+
+    g.add_argument("--bundle", type=Path, help="bundle folder written by cvt-export")
+    g.add_argument("--batch", action=ListOption, what="batch size", metavar="N[,N]",
+                   help="batch sizes to time, a comma list or repeated: --batch 1,8 (default: 1,8,32 inside the "
+                        "bundle's batch range, which cvt-export --batch-range sets)")
+    g.add_argument("--threads", type=whole_number, metavar="N",
+                   help=f"CPU threads for every backend (default: the CPUs this process may use, here {default_threads()})")
+
+
+def _add_rows(g: argparse._ArgumentGroup) -> None:
     from ..backends import BACKENDS
+
+    add_backend_arg(g, list(BACKENDS), many=True, default="all; those that cannot run here are 'skipped' rows")
+    add_precision_arg(g, many=True, default="those the bundle holds")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    g.add_argument("--no-reference", action="store_true",
+                   help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
+    g.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers reference row")
+    g.add_argument("--plain-openvino", action="store_true",
+                   help="add reference rows: OpenVINO reading the portable ONNX as your own code would (one compile, "
+                        "batch left dynamic), at each --precision; the openvino rows are cvt-deploy's own path")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="add our model through torch.compile (inductor) as a reference row; each batch size "
+                        "compiles first (tens of seconds, shown as 'first ms')")
+
+
+def _add_timing(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--iterations", type=whole_number, metavar="N",
+                   help="timed calls per row (default: enough for --min-time seconds, at least 10)")
+    g.add_argument("--min-time", type=decimal_number, metavar="S", help=f"seconds of timed calls per row (default {NORMAL['min_time']:g})")
+    g.add_argument("--warmup", type=whole_number, metavar="N", help=f"untimed calls per row first (default {NORMAL['warmup']})")
+    g.add_argument("--rounds", type=whole_number, metavar="N", help=f"interleaved rounds (default {NORMAL['rounds']})")
+    g.add_argument("--quick", action="store_true",
+                   help="a few seconds in all: ~0.1 s per row, 1 warm-up call, 3 rounds (figures are rough)")
+
+
+def _add_record(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--record", action="store_true",
+                   help="first time every CPU path of the bundle (ONNX Runtime on each graph, OpenVINO) at --batch "
+                        "(default 1 and 8) and record the fastest in its manifest for this CPU: what cvt-predict and "
+                        "cvt_deploy.load then pick here (cvt-export does this on the machine it exports on)")
+
+
+def _add_served(g: argparse._ArgumentGroup) -> None:
     from ..serve.protocol import DEFAULT_MODEL_NAME
 
-    ap = argparse.ArgumentParser(prog="cvt-bench", description=__doc__, formatter_class=_Formatter)
-    ap.add_argument("--bundle", type=Path, help="bundle folder written by cvt-export")
-    add_backend_arg(ap, list(BACKENDS), many=True, default="all; those that cannot run here are 'skipped' rows")
-    add_precision_arg(ap, many=True, default="those the bundle holds")
-    ap.add_argument("--batch", action=ListOption, what="batch size", metavar="N[,N]",
-                    help="batch sizes to time, a comma list or repeated: --batch 1,8 (default: 1,8,32 inside the "
-                         "bundle's batch range, which cvt-export --batch-range sets)")
-    ap.add_argument("--threads", type=whole_number, metavar="N",
-                    help=f"CPU threads for every backend (default: the CPUs this process may use, here {default_threads()})")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
-    ap.add_argument("--iterations", type=whole_number, metavar="N",
-                    help="timed calls per row (default: enough for --min-time seconds, at least 10)")
-    ap.add_argument("--min-time", type=decimal_number, metavar="S", help=f"seconds of timed calls per row (default {NORMAL['min_time']:g})")
-    ap.add_argument("--warmup", type=whole_number, metavar="N", help=f"untimed calls per row first (default {NORMAL['warmup']})")
-    ap.add_argument("--rounds", type=whole_number, metavar="N", help=f"interleaved rounds (default {NORMAL['rounds']})")
-    add_json_arg(ap, "the result (rows and run details, as --save FILE.json writes)", action=_JsonFlag, nargs="?",
-                 default=False)
-    ap.add_argument("--save", action=_Save, metavar="FILE",
-                    help="also write the result to FILE: .json (rows and run details) or .csv (one row per "
-                         "combination); repeatable")
-    ap.add_argument("--plot", type=Path, metavar="FILE.png", help="latency and throughput vs batch (needs the 'plot' extra)")
-    ap.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers reference row")
-    ap.add_argument("--plain-openvino", action="store_true",
-                    help="add reference rows: OpenVINO reading the portable ONNX as your own code would (one compile, "
-                         "batch left dynamic), at each --precision; the openvino rows are cvt-deploy's own path")
-    ap.add_argument("--torch-compile", action="store_true",
-                    help="add our model through torch.compile (inductor) as a reference row; each batch size "
-                         "compiles first (tens of seconds, shown as 'first ms')")
-    ap.add_argument("--record", action="store_true",
-                    help="first time every CPU path of the bundle (ONNX Runtime on each graph, OpenVINO) at --batch "
-                         "(default 1 and 8) and record the fastest in its manifest for this CPU: what cvt-predict and "
-                         "cvt_deploy.load then pick here (cvt-export does this on the machine it exports on)")
-    ap.add_argument("--no-reference", action="store_true",
-                    help="leave out the PyTorch-eager baseline unless torch fp32 is asked for (no 'vs torch' then)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a few seconds in all: ~0.1 s per row, 1 warm-up call, 3 rounds (figures are rough)")
-    add_quiet_arg(ap)
-    g = ap.add_argument_group("a served model (cvt-serve)")
     g.add_argument("--url", help="a running Triton server, e.g. http://localhost:8000 (gRPC: localhost:8001 with --protocol grpc)")
     g.add_argument("--model-name", default=DEFAULT_MODEL_NAME, metavar="NAME",
                    help=f"served model name, as cvt-serve --model-name (default {DEFAULT_MODEL_NAME})")
@@ -164,14 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels: preprocessed float32 (default); images: an encoded PNG, preprocessed by the server")
     g.add_argument("--images-per-request", type=whole_number, default=1, metavar="N", help="batch of one request (default 1)")
     g.add_argument("--metrics-url", help="Triton's metrics (default: the --url host, port 8002)")
-    deprecated_alias(ap, "--backends", "--backend")
-    deprecated_alias(ap, "--precisions", "--precision")
-    deprecated_alias(ap, "--batches", "--batch")
-    deprecated_alias(ap, "--no-progress", "--quiet")
-    deprecated_alias(ap, "--csv", "--save", type=_as("csv"), old_usage="--csv FILE", new_usage="--save FILE.csv")
-    deprecated_alias(ap, "--model", "--model-name", note="--model is the architecture variant in the other commands")
-    ap.epilog = epilog() + aliases_note(ap, "--json FILE (--save FILE.json)")
-    return ap
+
+
+def _add_output(g: argparse._ArgumentGroup) -> None:
+    add_json_arg(g, "the result (rows and run details, as --save FILE.json writes)", action=_JsonFlag, nargs="?",
+                 default=False)
+    g.add_argument("--save", action=_Save, metavar="FILE",
+                   help="also write the result to FILE: .json (rows and run details) or .csv (one row per "
+                        "combination); repeatable")
+    g.add_argument("--plot", type=Path, metavar="FILE.png", help="latency and throughput vs batch (needs the 'plot' extra)")
+    add_quiet_arg(g)
 
 
 @cli_entry
@@ -199,13 +239,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CvtDeployError("nothing to benchmark", "pass --bundle DIR, or --url URL for a served model")
 
     settings = _settings(args)
-    # Validated by BenchOptions, before the bundle is read or anything is measured.
-    options = BenchOptions(backends=args.backend, precisions=args.precision, batches=args.batch, threads=args.threads,
-                           device=args.device, iterations=args.iterations, min_time=float(settings["min_time"]),
-                           warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
-                           min_iterations=int(settings["min_iterations"]), matmul_size=int(settings["matmul_size"]),
-                           reference=not args.no_reference, hf_reference=not args.no_hf,
-                           compiled_reference=args.torch_compile, openvino_reference=args.plain_openvino)
+    # Validated by TimingOptions and BenchOptions, before the bundle is read or anything is measured.
+    options = BenchOptions.with_timing(
+        _timing(args, settings), backends=args.backend, precisions=args.precision, batches=args.batch,
+        device=args.device, iterations=args.iterations, min_iterations=int(settings["min_iterations"]),
+        matmul_size=int(settings["matmul_size"]), reference=not args.no_reference, hf_reference=not args.no_hf,
+        compiled_reference=args.torch_compile, openvino_reference=args.plain_openvino)
     bundle = Bundle.open(args.bundle)  # a wrong path is reported before anything is printed or measured
     if options.batches:  # sizes the bundle was not exported for, before the banner and the model loads
         check_batches(bundle, options.batches)
@@ -224,10 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         require("matplotlib", "plot", "--plot")
 
     if args.record:
-        from ..outlock import output_lock
         from ..bench.cpu_paths import BATCHES, record_cpu_timings
+        from ..outlock import output_lock
 
-        with output_lock(bundle.root):  # no export replaces the bundle while its manifest is rewritten
+        with output_lock(bundle.root):  # no export replaces the bundle while its timings are recorded
             bundle = Bundle.open(bundle.root)  # re-read under the lock: an export may have just finished
             if record_cpu_timings(bundle, batches=options.batches or BATCHES, threads=args.threads, progress=show) is None:
                 print(f"note: nothing recorded: {bundle.root} has one CPU path per precision (nothing to choose)",
@@ -249,6 +288,15 @@ def _settings(args: argparse.Namespace) -> dict[str, float]:
     return settings
 
 
+def _timing(args: argparse.Namespace, settings: dict[str, float]) -> TimingOptions:
+    """--min-time, --warmup, --rounds (over --quick's or the usual) and --threads: the timing the
+    benchmark and the load test of a served model share."""
+    from ..bench.timing import TimingOptions
+
+    return TimingOptions(min_time=float(settings["min_time"]), warmup=int(settings["warmup"]),
+                         rounds=int(settings["rounds"]), threads=args.threads)
+
+
 def _report(result: BenchResult, args: argparse.Namespace, extra: str | None = None) -> None:
     """The table (or --json) on stdout, then the --save and --plot files."""
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
@@ -263,13 +311,11 @@ def _report(result: BenchResult, args: argparse.Namespace, extra: str | None = N
 def _served(args: argparse.Namespace) -> int:
     from ..serve.load import LoadOptions, comparison, sweep
 
-    settings = _settings(args)
-    options = LoadOptions(url=args.url, model=args.model_name, concurrency=args.concurrency,
-                          protocol=args.protocol, metrics_url=args.metrics_url, send=args.send,
-                          images_per_request=args.images_per_request, min_time=float(settings["min_time"]),
-                          warmup=int(settings["warmup"]), rounds=int(settings["rounds"]),
-                          bundle=str(args.bundle) if args.bundle else None,
-                          batches=args.batch or (1, 8, 32), threads=args.threads)
+    options = LoadOptions.with_timing(_timing(args, _settings(args)), url=args.url, model=args.model_name,
+                                      concurrency=args.concurrency, protocol=args.protocol,
+                                      metrics_url=args.metrics_url, send=args.send,
+                                      images_per_request=args.images_per_request,
+                                      bundle=str(args.bundle) if args.bundle else None, batches=args.batch or (1, 8, 32))
     result = sweep(options, progress=not args.quiet)
     ratios = comparison(result)
     if ratios:

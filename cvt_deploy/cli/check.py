@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import CvtDeployError
 from ..export.portable import TENSORRT_TARGETS
 from ..backends import BACKENDS
-from .common import (ListOption, add_backend_arg, add_json_arg, add_limit_arg, add_precision_arg, add_quiet_arg,
-                     cli_entry)
+from .common import (ListOption, add_backend_arg, add_groups, add_json_arg, add_limit_arg, add_precision_arg,
+                     add_quiet_arg, cli_entry)
 from .export import NameList
 
 if TYPE_CHECKING:
@@ -68,45 +68,90 @@ ONNX Runtime's version: an interrupted ranking resumes where it stopped.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..sensitivity import DEFAULT_IMAGES
+GROUPS = (  # --help's groups, one per job: (title, when its flags apply)
+    ("what to check", "--bundle: every check; --precision: every check but --rank-int8; --backend: the parity\n"
+     "check and --layers (there: onnxruntime or openvino)."),
+    ("images", "Every check but --tensorrt (with --rank-int8: fewer by default)."),
+    ("the parity check (the default)",
+     "Without --tensorrt, --layers or --rank-int8: every artifact against PyTorch fp32, gated\n"
+     "(--preprocess deepstream: DeepStream's resize beside the model's own, not gated)."),
+    ("layer by layer (--layers)",
+     "With --layers: where each candidate graph's error first jumps (a diagnosis); --plot needs\n"
+     "--layers. Not with --tensorrt or --rank-int8, --device or --preprocess."),
+    ("which int8 layers to keep float (--rank-int8)",
+     "With --rank-int8: a ranking on ONNX Runtime's CPU provider (a diagnosis); --rank-layers\n"
+     "needs --rank-int8. Not with --tensorrt or --layers, --backend (but onnxruntime), --precision,\n"
+     "--device, --preprocess or --plot."),
+    ("TensorRT readiness (--tensorrt)",
+     "With --tensorrt: a static check of every portable graph, no images, no backend: not with\n"
+     "--backend, --device, --data, --limit, --preprocess or --plot."),
+    ("output", "Every check."),
+)
 
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cvt-check", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
-    add_backend_arg(ap, [b for b in BACKENDS if b != "torch"], many=True, default="onnxruntime")
-    add_precision_arg(ap, many=True, default="every precision in the bundle")
-    ap.add_argument("--device", help="device for the checked backend (cpu, cuda)")
-    ap.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
-    add_limit_arg(ap, "the check")
-    limit = ap._option_string_actions["--limit"]  # the ranking runs every image once per layer: fewer by default
-    limit.help = f"{limit.help}; {DEFAULT_IMAGES} with --rank-int8"
-    ap.add_argument("--preprocess", choices=("model", "deepstream"), default="model",
-                    help="model (default): the parity check; deepstream: the same artifact on the model's own "
-                         "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
-                         "accuracy of each and top-1 agreement, reported, not gated")
-    ap.add_argument("--tensorrt", action=ListOption, what="TensorRT version", valid=TENSORRT_TARGETS,
-                    metavar="VERSION[,VERSION]", example="8.5,10",
-                    help="instead of the parity check: check every portable graph against the ONNX parser of "
-                         "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); several as a "
-                         "comma list or repeated")
-    ap.add_argument("--layers", nargs="?", const="named", choices=("named", "all"), metavar="all",
-                    help="instead of the parity check: compare each candidate graph with the fp32 graph layer by "
-                         "layer and mark where the error first jumps (a diagnosis: exit 0); 'all' adds every "
-                         "weighted node (attention MatMuls)")
-    ap.add_argument("--plot", metavar="FILE.png",
-                    help="with --layers: plot min cosine and relative error against depth, one line per candidate "
-                         "(needs the 'plot' extra: pip install 'cvt-deploy[plot]')")
-    ap.add_argument("--rank-int8", action="store_true",
-                    help="instead of the parity check: rank every quantized layer of the bundle's portable int8 graph "
-                         "by what keeping that one layer float gives back (a diagnosis: exit 0), on --limit images "
-                         f"of --data (default {DEFAULT_IMAGES}); results per layer are cached, so a rerun resumes")
-    ap.add_argument("--rank-layers", action=NameList, what="layer name", default=None, metavar="NAME[,NAME]",
-                    help="with --rank-int8: rank only these layers (a comma list or repeated): modules, module "
-                         "prefixes (stage2.blocks.1) or ONNX node names")
-    add_json_arg(ap, "the reports")
-    add_quiet_arg(ap)
+    adders = (_add_what, _add_images, _add_parity, _add_layers, _add_rank_int8, _add_tensorrt)
+    add_groups(ap, GROUPS, adders)
+    output = ap.add_argument_group(*GROUPS[-1])
+    add_json_arg(output, "the reports")
+    add_quiet_arg(output)
     return ap
+
+
+def _add_what(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--bundle", type=Path, required=True, help="bundle folder written by cvt-export")
+    # decision: torch is the reference cvt-check measures against, not a candidate
+    add_backend_arg(g, [b for b in BACKENDS if b != "torch"], many=True, default="onnxruntime")
+    add_precision_arg(g, many=True, default="every precision in the bundle")
+
+
+def _add_images(g: argparse._ArgumentGroup) -> None:
+    from ..sensitivity import DEFAULT_IMAGES
+
+    g.add_argument("--data", metavar="DIR", help="image folder, one sub-folder per class (default: demo held-out digits)")
+    add_limit_arg(g, "the check")
+    limit = g._option_string_actions["--limit"]  # the ranking runs every image once per layer: fewer by default
+    limit.help = f"{limit.help}; {DEFAULT_IMAGES} with --rank-int8"
+
+
+def _add_parity(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--device", help="device for the checked backend (cpu, cuda)")
+    g.add_argument("--preprocess", choices=("model", "deepstream"), default="model",
+                   help="model (default): the parity check; deepstream: the same artifact on the model's own "
+                        "preprocessing vs DeepStream's direct bilinear resize to the network size (no crop): "
+                        "accuracy of each and top-1 agreement, reported, not gated")
+
+
+def _add_layers(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--layers", nargs="?", const="named", choices=("named", "all"), metavar="all",
+                   help="instead of the parity check: compare each candidate graph with the fp32 graph layer by "
+                        "layer and mark where the error first jumps (a diagnosis: exit 0); 'all' adds every "
+                        "weighted node (attention MatMuls)")
+    g.add_argument("--plot", metavar="FILE.png",
+                   help="with --layers: plot min cosine and relative error against depth, one line per candidate "
+                        "(needs the 'plot' extra: pip install 'cvt-deploy[plot]')")
+
+
+def _add_rank_int8(g: argparse._ArgumentGroup) -> None:
+    from ..sensitivity import DEFAULT_IMAGES
+
+    g.add_argument("--rank-int8", action="store_true",
+                   help="instead of the parity check: rank every quantized layer of the bundle's portable int8 graph "
+                        "by what keeping that one layer float gives back (a diagnosis: exit 0), on --limit images "
+                        f"of --data (default {DEFAULT_IMAGES}); results per layer are cached, so a rerun resumes")
+    g.add_argument("--rank-layers", action=NameList, what="layer name", default=None, metavar="NAME[,NAME]",
+                   help="with --rank-int8: rank only these layers (a comma list or repeated): modules, module "
+                        "prefixes (stage2.blocks.1) or ONNX node names")
+
+
+def _add_tensorrt(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--tensorrt", action=ListOption, what="TensorRT version", valid=TENSORRT_TARGETS,
+                   metavar="VERSION[,VERSION]", example="8.5,10",
+                   help="instead of the parity check: check every portable graph against the ONNX parser of "
+                        "TensorRT 8.5 (JetPack 5.1), 8.6 (JetPack 6.0) or 10 (JetPack 6.1+, x86); several as a "
+                        "comma list or repeated")
 
 
 @cli_entry
@@ -236,7 +281,7 @@ def _rank_int8(args: argparse.Namespace) -> int:
             raise CvtDeployError(f"--rank-int8 and {other} are two different checks (which int8 layers to keep "
                                  f"float; {what})", "run cvt-check once with each")
     # The ranking edits the int8 ONNX graph's Q/DQ layer by layer: ONNX Runtime, its CPU provider, model preprocessing.
-    backends = ",".join(b for b in args.backend or [] if b != "onnxruntime")
+    backends = ",".join(b for b in args.backend or [] if b != "onnxruntime")  # decision: the ranking's own backend
     unused = [f"{flag} {value}" for flag, value in (
         ("--backend", backends), ("--precision", ",".join(args.precision or [])), ("--device", args.device),
         ("--preprocess", "" if args.preprocess == "model" else args.preprocess), ("--plot", args.plot)) if value]
@@ -249,7 +294,8 @@ def _rank_int8(args: argparse.Namespace) -> int:
         raise CvtDeployError("--limit 0: the ranking needs at least one image",
                              f"omit --limit for the default ({DEFAULT_IMAGES}), or pass a whole number >= 1")
     bundle = Bundle.open(args.bundle)
-    if bundle.find("onnx", "int8") is None:  # before the ranking's own error: the fix names the bundle's checkpoint
+    # decision: the ranking reads the portable int8 graph; before its own error, as the fix names the checkpoint
+    if bundle.find("onnx", "int8") is None:
         raise CvtDeployError(f"{bundle.root} has no int8 ONNX graph to rank (it holds "
                              f"{', '.join(sorted(bundle.artifacts))})",
                              "export it with one: " + _export_command(bundle))
@@ -262,7 +308,7 @@ def _rank_int8(args: argparse.Namespace) -> int:
     top = report.rows[0]
     print(report, end="\n\n")
     print(f"ranked {len(report.rows)} layer(s) in {report.seconds:.1f} s, {report.cached} from the cache ({cache})")
-    int8 = bundle.find("onnx", "int8")
+    int8 = bundle.find("onnx", "int8")  # decision: the graph just ranked
     recorded = int8.parity_on("onnxruntime") if int8 is not None else None
     if recorded and recorded.get("passed"):  # nothing to mend: the table only says where int8's error comes from
         print("the int8 graph already meets its gates (as recorded in the bundle): nothing needs to stay float")
@@ -283,6 +329,7 @@ def _export_command(bundle: Bundle, *flags: str) -> str:
     source = bundle.extra.get("source")
     ckpt = source.get("checkpoint") if isinstance(source, dict) and source.get("sha256") else None
     weights = f"--weights {shlex.quote(ckpt)} " if isinstance(ckpt, str) else ""
+    # decision: the re-export keeps the reduced precisions the bundle has, and int8 (what the ranking is of)
     precisions = ",".join(p for p in PRECISIONS[1:] if p == "int8" or bundle.find("onnx", p))
     return " ".join(["cvt-export", f"{weights}...", "--precision", precisions, *map(shlex.quote, flags), "--out",
                      shlex.quote(str(bundle.root))])

@@ -191,6 +191,20 @@ class ListOption(argparse.Action):
         return f"pass {what}, as a comma list or repeated, e.g. {flag} {self.example}"
 
 
+class NameList(ListOption):
+    """A :class:`ListOption` of names (layer names): any non-empty word; an empty one is refused."""
+
+    def _item(self, flag: str, text: str, part: str) -> Any:
+        if not part:
+            raise CvtDeployError(f"{flag} {text!r}: an empty {self.what}", self._fix(flag))
+        return part
+
+    def _fix(self, typed: str) -> str:
+        flag = next((o for o in self.option_strings if o.startswith("--")), typed)
+        return (f"pass one or more {self.what}s, as a comma list or repeated, e.g. {flag} "
+                "stage2.blocks.1.attn.proj,head (cvt-check --layers lists them)")
+
+
 _warned: set[str] = set()  # old spellings already warned about in this process
 
 
@@ -233,6 +247,11 @@ def deprecated_alias(ap: argparse.ArgumentParser, old: str, new: str, *, type: C
                     metavar=target.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
 
 
+def or_list(words: Sequence[str]) -> str:
+    """``a, b or c``."""
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else "".join(words)
+
+
 def aliases_note(ap: argparse.ArgumentParser, *extra: str) -> str:
     """One line for --help's epilog: the older spellings this command still accepts."""
     pairs = [*extra, *(f"{a.old_usage or a.option_strings[0]} ({a.new_usage or a.new})"
@@ -267,12 +286,12 @@ def add_limit_arg(ap: argparse._ActionsContainer, what: str) -> None:
                     help=f"use at most N images of --data for {what} (default {DEFAULT_LIMIT})")
 
 
-def add_quiet_arg(ap: argparse.ArgumentParser) -> None:
+def add_quiet_arg(ap: argparse._ActionsContainer) -> None:
     ap.add_argument("-q", "--quiet", action="store_true",
                     help="no progress on stderr (results, warnings and errors still print)")
 
 
-def add_json_arg(ap: argparse.ArgumentParser, what: str, instead: str = "the table", **overrides: Any) -> None:
+def add_json_arg(ap: argparse._ActionsContainer, what: str, instead: str = "the table", **overrides: Any) -> None:
     """--json: the result as JSON on stdout, for scripts (progress and messages stay on stderr)."""
     kw: dict[str, Any] = {"action": "store_true", **overrides}
     ap.add_argument("--json", help=f"print {what} as JSON on stdout" + (f" instead of {instead}" if instead else ""),
@@ -283,13 +302,29 @@ def add_json_arg(ap: argparse.ArgumentParser, what: str, instead: str = "the tab
 UnusedRule = tuple[Sequence[str], bool, str, str]
 
 
+def given_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, dests: Sequence[str]) -> list[str]:
+    """The flags among ``dests`` that the command line set to other than their default, spelt ``--flag``."""
+    # An older spelling shares its dest with a SUPPRESS default: the real default is the other's.
+    defaults = {a.dest: a.default for a in reversed(parser._actions) if a.default is not argparse.SUPPRESS}
+    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d, None) != defaults.get(d)]
+
+
+def no_effect(flags: Sequence[str], why: str, fix: str) -> CvtDeployError:
+    """The refusal of flags given where they change nothing (see :func:`refuse_unused`)."""
+    return CvtDeployError(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect here: {why}", fix)
+
+
 def refuse_unused(parser: argparse.ArgumentParser, args: argparse.Namespace, rules: Sequence[UnusedRule]) -> None:
     """A flag given where it changes nothing is refused before any work: the user meant
     something that would not happen. ``rules`` are the command's own."""
-    # An older spelling shares its dest with a SUPPRESS default: the real default is the other's.
-    defaults = {a.dest: a.default for a in reversed(parser._actions) if a.default is not argparse.SUPPRESS}
     for dests, effect, why, fix in rules:
-        given = [d for d in dests if getattr(args, d, None) != defaults.get(d)]
+        given = given_flags(parser, args, dests)
         if given and not effect:
-            flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            raise CvtDeployError(f"{flags} {'has' if len(given) == 1 else 'have'} no effect here: {why}", fix)
+            raise no_effect(given, why, fix)
+
+
+def add_groups(ap: argparse.ArgumentParser, groups: Sequence[tuple[str, str]],
+               adders: Sequence[Callable[[Any], None]]) -> None:
+    """--help's groups, one per job: each (title, when its flags apply) filled by its adder, in order."""
+    for (title, description), add in zip(groups, adders):
+        add(ap.add_argument_group(title, description))

@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..demo import DEMO_SAMPLES, DEMO_WEIGHTS
     from ..export.pipeline import export_bundle
     from ..errors import NotRightHere
+    from ..artifacts import precisions_present
     from ..backends import available_backends, load
 
     args = build_parser().parse_args(argv)
@@ -52,8 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason is not None:
             print(f"  {backend}: skipped ({reason})")
             continue
-        precisions = ["fp32"] if backend == "torch" else list(dict.fromkeys(
-            a.precision for a in result.bundle.artifacts.values() if a.kind == "onnx"))
+        precisions = precisions_present(result.bundle, backend, "cpu")
         for precision in precisions:
             try:
                 rt = load(result.bundle, backend=backend, precision=precision)

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..artifacts import PRECISION, REFERENCE, artifact_file, select
 from ..bundle import Artifact, artifact_name
+from ..bundle_write import changing
 from ..errors import CvtDeployError
 from ..util import atomic_write_text, check_choice
 
@@ -41,11 +43,11 @@ if TYPE_CHECKING:
     from ..data import EvalData
     from ..parity import ParityReport
 
-CONFIG_FILE = "nvinfer_config.txt"
+CONFIG_FILE = artifact_file("deepstream", REFERENCE)  # one per bundle, whatever its precision
 LABELS_FILE = "labels.txt"
 MODES = ("primary", "secondary")
-#: nvinfer's network-mode values (plugin manual: 0 FP32, 1 INT8, 2 FP16).
-NETWORK_MODE = {"fp32": 0, "int8": 1, "fp16": 2}
+#: nvinfer's network-mode value per precision (the registry's: artifacts.PRECISION).
+NETWORK_MODE = {p.name: p.nvinfer_mode for p in PRECISION.values()}
 #: Agreement below this with exact normalisation is called out when approximating.
 APPROX_WARN = 0.99
 
@@ -99,15 +101,17 @@ def labels_text(cfg: CvtConfig) -> str:
 def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, progress: bool = True) -> DeepStreamResult:
     """Write ``nvinfer_config.txt`` and ``labels.txt`` into ``bundle`` (see the module doc)."""
     options = options or DeepStreamOptions()
+    # decision: DeepStream's default is fp16 (a Jetson's usual engine) where the bundle has it
     precision = options.precision or ("fp16" if bundle.find("onnx", "fp16") else "fp32")
-    graph = bundle.require("onnx", precision)
+    graph = bundle.require("onnx", precision)  # decision: nvinfer's onnx-file is the portable graph of that precision
     fmt, kind = graph.info.get("input_format", "float"), graph.info.get("output_kind", "logits")
     check_graph_io(fmt, kind, f"{bundle.root}'s {precision} graph", precision)
-    engine = bundle.find("tensorrt", precision)
-    if precision == "int8" and engine is None:
-        raise CvtDeployError("an int8 config needs the int8 engine in the bundle: nvinfer builds int8 with implicit "
-                             "calibration (int8-calib-file), which explicit Q/DQ graphs do not use",
-                             f"build it on the device first: cvt-export --format trt --bundle {bundle.root} --precision int8")
+    engine = select(bundle, "tensorrt", precision, "cuda")
+    if not PRECISION[precision].nvinfer_builds and engine is None:
+        raise CvtDeployError(f"an {precision} config needs the {precision} engine in the bundle: nvinfer builds "
+                             f"{precision} with implicit calibration (int8-calib-file), which explicit Q/DQ graphs do "
+                             "not use", f"build it on the device first: cvt-export --format trt --bundle {bundle.root} "
+                                        f"--precision {precision}")
     check_free(bundle.root)
     cfg = bundle.config
     approximation = None
@@ -121,25 +125,26 @@ def write_deepstream(bundle: Bundle, options: DeepStreamOptions | None = None, p
         raise CvtDeployError(f"DeepStream batch size {batch} is outside the bundle's batch range "
                              f"{bundle.batch.min}..{bundle.batch.max}", "pick a batch inside it, or re-export with --batch-range")
     text = nvinfer_config(cfg, graph, engine, precision, batch, scale, offsets, options, approximation)
-    config, labels = bundle.root / CONFIG_FILE, bundle.root / LABELS_FILE
-    atomic_write_text(labels, labels_text(cfg))
-    atomic_write_text(config, text)  # after the labels: a config only ever names a label file that is in place
-    # The manifest (rewritten last) lists the config as the bundle's, so copies carry it and a
-    # re-export replaces it; one config per bundle, whatever precision it was written for.
-    for name in [n for n, a in bundle.artifacts.items() if a.kind == "deepstream"]:
-        del bundle.artifacts[name]
     info: dict[str, Any] = {"labels": LABELS_FILE, "source": graph.name, "exact": approximation is None}
     if engine is not None:
         info["engine"] = engine.name
     if approximation is not None:
         info["parity"] = approximation.to_dict()
-    bundle.add(Artifact(artifact_name("deepstream", precision), CONFIG_FILE, "deepstream", precision, info=info))
-    return DeepStreamResult(config, labels, approximation is None, approximation)
+    with changing(bundle):
+        atomic_write_text(bundle.new_file(LABELS_FILE), labels_text(cfg))
+        # After the labels: a config only ever names a label file that is in place.
+        atomic_write_text(bundle.new_file(CONFIG_FILE), text)
+        # The manifest lists the config as the bundle's, so copies carry it and a re-export
+        # replaces it; one config per bundle, whatever precision it was written for.
+        for name in [n for n, a in bundle.artifacts.items() if a.kind == "deepstream"]:  # decision: as said above
+            del bundle.artifacts[name]
+        bundle.add(Artifact(artifact_name("deepstream", precision), CONFIG_FILE, "deepstream", precision, info=info))
+    return DeepStreamResult(bundle.root / CONFIG_FILE, bundle.root / LABELS_FILE, approximation is None, approximation)
 
 
 def check_free(root: Path) -> None:
     """Refuse to overwrite a config or label file in ``root`` that is not its bundle's (a user's own)."""
-    from ..bundle import bundle_files
+    from ..bundle_write import bundle_files
 
     ours = bundle_files(root) or set()
     taken = [name for name in (CONFIG_FILE, LABELS_FILE) if (root / name).exists() and name not in ours]

@@ -3,23 +3,23 @@ by ONNX Runtime's quantizer from ranges calibrated by :mod:`cvt_deploy.export.ca
 ranges, in seconds), with a cache of the ranges (see :mod:`cvt_deploy.export.precision`)."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import inspect
 import json
-import math
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..errors import CvtDeployError, require
 from ..progress import Progress, track
-from ..jsonio import read_json
 from ..util import atomic_output, encode_metadata, file_sha256, scratch_dir, write_failure
 from .calibrate import METHODS as CALIBRATED_HERE, calibrate, save_ranges, tensors_to_calibrate
+# check_cache_location and CACHE_FORMAT stay importable from here (export/pipeline.py imports the first).
+from .int8_cache import CACHE_FORMAT, CACHE_VERSION, cache_file, check_cache_location, read_cache, write_cache
 from .int8_plan import Int8Plan, float_consumers, qdq_counts
 from .onnx import save_graph, set_metadata_props
 from .portable import flatten_weight_matmuls
@@ -67,8 +67,7 @@ QUANTIZED_OPS: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
 # them (both inputs get Q/DQ, so TensorRT may pick int8 kernels there).
 DEFAULT_ATTENTION_MATMULS = False
 CALIB_BATCH = 8  # images per calibration forward pass (bounds the memory of histogram methods)
-CACHE_FORMAT = "cvt-deploy-calibration"
-CACHE_VERSION = 1  # export/calibrate.py gives ONNX Runtime's ranges: caches of either serve both
+_read_cache = read_cache  # the name callers before export/int8_cache.py import
 
 
 
@@ -147,63 +146,6 @@ def _method_settings(method: str) -> dict[str, Any]:
     return settings
 
 
-def check_cache_location(cache: Path) -> Path:
-    """``cache`` if it is a folder, a path to create, or one of our cache files; a user's
-    other file is never overwritten with a cache."""
-    if cache.is_dir() or not cache.exists():
-        return cache
-    if cache.is_file() and cache.suffix.lower() == ".json":
-        with contextlib.suppress(OSError, ValueError):
-            raw = read_json(cache)
-            if isinstance(raw, dict) and raw.get("format") == CACHE_FORMAT:
-                return cache
-    raise CvtDeployError(f"--calib-cache {cache} is an existing file that is not a cvt-deploy calibration cache; "
-                         "refusing to overwrite it",
-                         "pass a folder (one cache file per model and data is kept inside) or a new FILE.json; "
-                         "if it is a damaged cache of ours, delete it")
-
-
-def _cache_file(cache: Path, key: str) -> Path:
-    """``cache`` is a folder (one file per key inside) or a single ``.json`` file."""
-    check_cache_location(cache)
-    if cache.is_dir() or (not cache.exists() and cache.suffix.lower() != ".json"):
-        return cache / f"calib-{key[:24]}.json"
-    return cache
-
-
-def _finite_number(v: Any) -> bool:
-    if isinstance(v, dict):  # ORT serialises numpy values as {"data": x or [x], "dtype": ..., "CLS": "numpy.array"}
-        v = v.get("data")
-        if isinstance(v, list) and len(v) == 1:
-            v = v[0]
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _read_cache(path: Path, key: str) -> dict[str, Any] | None:
-    """The cached ranges for ``key``; None (calibrate again, then rewrite it) when missing,
-    for other data, or damaged (said on stderr, naming the file: a cache never fails an export)."""
-    if not path.exists():
-        return None
-    try:
-        raw = read_json(path)
-        if not isinstance(raw, dict) or raw.get("format") != CACHE_FORMAT:
-            raise ValueError("not a cvt-deploy calibration cache")
-        if raw.get("key") != key:
-            return None
-        ranges = raw.get("ranges")
-        data = ranges.get("data") if isinstance(ranges, dict) else None
-        if not isinstance(data, dict) or not data:
-            raise ValueError("it holds no ranges")
-        for name, r in data.items():
-            if not (isinstance(r, dict) and _finite_number(r.get("lowest")) and _finite_number(r.get("highest"))):
-                raise ValueError(f"the range of {name!r} is not two finite numbers")
-        return ranges
-    except (OSError, ValueError) as e:
-        print(f"  note: ignoring the damaged calibration cache {path} ({e}); calibrating again and rewriting it",
-              file=sys.stderr)
-        return None
-
-
 def _ort_cache_supported() -> bool:
     from onnxruntime.quantization import quantize_static
 
@@ -234,6 +176,61 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
     if method not in METHODS:
         raise CvtDeployError(f"unknown calibration method {method!r}", f"use one of {', '.join(METHODS)}")
     src, dst = Path(src), Path(dst)
+    g = _read_source(src, calib, plan, attention_matmuls)
+    quantize = _quantizer(g, method, per_channel)
+    r = _plan_ranges(src, g, method, cache)
+    reader = None if r.cached is not None or r.ours else _Reader(g.input_name, r.batches, progress)
+
+    # Scratch beside dst (in the bundle being assembled), so a killed run leaves nothing elsewhere.
+    with scratch_dir(dst.parent, "int8") as scratch, atomic_output(dst) as tmp:
+        ranges_file = Path(scratch) / "ranges.json"
+        source = Path(scratch) / "fp32-2d.onnx"
+        save_graph(g.model, source, g.external)
+        g.model = None  # the quantizer reads the file: the graph in memory is no longer needed
+        _write_ranges(r, ranges_file, source, method, progress)
+        try:
+            with _quiet():
+                quantize(str(source), str(tmp), reader, **r.handed_over(ranges_file))
+        except CvtDeployError:
+            raise
+        except Exception as e:
+            raise _failure(e, src, dst, r) from None
+        finally:
+            if reader is not None:
+                reader.finish()
+        r.store(ranges_file, method, len(g.calib))
+
+        import onnx
+
+        qmodel = onnx.load(str(tmp))
+        float_consumers(qmodel, QUANTIZED_OPS, g.kept)
+        info = _facts(qmodel, g, r, method, per_channel, attention_matmuls, plan)
+        # The graph records what it is, not how this run went (cache hit or miss, which calibrator
+        # made the same ranges), so that a cache hit reproduces the calibrated graph byte for byte.
+        set_metadata_props(qmodel, {**encode_metadata({"precision": "int8", "conversion": {
+            k: v for k, v in info.items() if k not in ("cache", "calibrator")}}),
+                                    **(metadata or {})})
+        save_graph(qmodel, tmp)
+        _verify(tmp, "int8", g.chw, g.fixed_batch)
+    return info
+
+
+@dataclass
+class _Source:
+    """The fp32 graph as the quantizer gets it (token MatMuls 2-D), and what quantizing it needs."""
+
+    model: Any  # None once written for the quantizer
+    fixed_batch: int | None
+    chw: tuple[int, ...]
+    calib: np.ndarray
+    input_name: str
+    external: bool  # weights in external data (over 2 GB)
+    excluded: list[str]  # the activation MatMuls, left float unless attention_matmuls
+    kept: list[str]  # the plan's nodes, left float
+    flattened: int  # token MatMuls made 2-D
+
+
+def _read_source(src: Path, calib: Any, plan: Int8Plan | None, attention_matmuls: bool) -> _Source:
     model = _load(src)
     _check_fp32_source(model, src)
     fixed_batch, chw = _input_dims(model)
@@ -249,7 +246,12 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
                              "make the list with cvt_deploy.export.int8_plan.plan_int8 from this graph")
     # TensorRT 8.x takes per-channel weight scales on a MatMul only when both inputs are 2-D.
     flattened = flatten_weight_matmuls(model)
+    return _Source(model, fixed_batch, chw, calib, input_name, external, excluded, kept, flattened)
 
+
+def _quantizer(g: _Source, method: str, per_channel: bool) -> Callable[..., None]:
+    """ONNX Runtime's ``quantize_static`` with the settings TensorRT wants (module comment) bound:
+    call it with (source, destination, reader or None, [calibration_cache_path])."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     extra: dict[str, Any] = {
@@ -268,93 +270,97 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], cali
         extra["CalibTensorRangeSymmetric"] = True
     ort_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                   "entropy": CalibrationMethod.Entropy}[method]
+    return functools.partial(quantize_static, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
+                             per_channel=per_channel, reduce_range=False, activation_type=QuantType.QInt8,
+                             weight_type=QuantType.QInt8, calibrate_method=ort_method,
+                             use_external_data_format=g.external, nodes_to_exclude=[*g.excluded, *g.kept],
+                             extra_options=extra)
 
-    key = calibration_key(src, calib, method)
-    cache_path = _cache_file(Path(cache), key) if cache is not None else None
-    cache_supported = _ort_cache_supported()
-    cached = _read_cache(cache_path, key) if cache_path is not None and cache_supported else None
+
+@dataclass(frozen=True)
+class _Ranges:
+    """Where the activation ranges come from: the cache, our calibrator, or ONNX Runtime's."""
+
+    key: str
+    cache_path: Path | None
+    supported: bool  # this onnxruntime takes ranges from a calibration cache file
+    cached: dict[str, Any] | None
+    ours: bool
+    batches: list[np.ndarray]
+    tensors: list[str]  # what our calibrator measures (none on a cache hit or with ONNX Runtime's)
+
+    def handed_over(self, ranges_file: Path) -> dict[str, Any]:
+        """quantize_static's keyword that hands it the ranges in ``ranges_file`` (none: it calibrates)."""
+        return {"calibration_cache_path": str(ranges_file)} if self.supported and (
+            self.cache_path is not None or self.ours) else {}
+
+    def store(self, ranges_file: Path, method: str, samples: int) -> None:
+        """The ranges used into the cache, where one was asked for and missed."""
+        if self.cache_path is not None and self.supported and self.cached is None:
+            write_cache(self.cache_path, self.key, method, samples, json.loads(ranges_file.read_text()))
+
+
+def _plan_ranges(src: Path, g: _Source, method: str, cache: str | os.PathLike[str] | None) -> _Ranges:
+    key = calibration_key(src, g.calib, method)
+    cache_path = cache_file(Path(cache), key) if cache is not None else None
+    supported = _ort_cache_supported()
+    cached = read_cache(cache_path, key) if cache_path is not None and supported else None
     # Our calibrator (export/calibrate.py: seconds, bounded memory) hands ONNX Runtime its ranges
     # through the calibration cache file; entropy, and an onnxruntime without that file, use its own.
-    ours = cache_supported and method in CALIBRATED_HERE
-    batches = _calib_batches(calib, fixed_batch)
-    reader = None if cached is not None or ours else _Reader(input_name, batches, progress)
-    tensors = tensors_to_calibrate(model, QUANTIZED_OPS, excluded) if ours and cached is None else []
+    ours = supported and method in CALIBRATED_HERE
+    batches = _calib_batches(g.calib, g.fixed_batch)
+    tensors = tensors_to_calibrate(g.model, QUANTIZED_OPS, g.excluded) if ours and cached is None else []
+    return _Ranges(key, cache_path, supported, cached, ours, batches, tensors)
 
-    # Scratch beside dst (in the bundle being assembled), so a killed run leaves nothing elsewhere.
-    with scratch_dir(dst.parent, "int8") as scratch, atomic_output(dst) as tmp:
-        kwargs: dict[str, Any] = {}
-        ranges_file = Path(scratch) / "ranges.json"
-        source = Path(scratch) / "fp32-2d.onnx"
-        save_graph(model, source, external)
-        del model
-        if cached is not None:
-            ranges_file.write_text(json.dumps(cached))
-        elif tensors:
-            bar = Progress(sum(len(b) for b in batches), "  calibrating", progress, unit="images")
-            try:
-                ranges = calibrate(source, batches, tensors, method, progress=bar,
-                                   percentile=PERCENTILE if method == "percentile" else None)
-            finally:
-                bar.close()
-            save_ranges(ranges, method, ranges_file)
-        if cache_supported and (cache_path is not None or ours):
-            kwargs["calibration_cache_path"] = str(ranges_file)
+
+def _write_ranges(r: _Ranges, ranges_file: Path, source: Path, method: str, progress: bool) -> None:
+    """The cached ranges, or those our calibrator measures on ``source``, into ``ranges_file``."""
+    if r.cached is not None:
+        ranges_file.write_text(json.dumps(r.cached))
+    elif r.tensors:
+        bar = Progress(sum(len(b) for b in r.batches), "  calibrating", progress, unit="images")
         try:
-            with _quiet():
-                quantize_static(str(source), str(tmp), reader, quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
-                                reduce_range=False, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=ort_method, use_external_data_format=external,
-                                nodes_to_exclude=[*excluded, *kept],
-                                extra_options=extra, **kwargs)
-        except CvtDeployError:
-            raise
-        except Exception as e:
-            written = write_failure(e, dst)
-            if written is not None:
-                raise written from None
-            if cached is not None:
-                raise CvtDeployError(f"int8 quantization with the cached calibration ranges in {cache_path} failed "
-                                     f"({type(e).__name__}: {str(e)[:200]})",
-                                     f"delete {cache_path}: the next export calibrates again and rewrites it") from None
-            raise CvtDeployError(f"int8 quantization of {src} failed: {type(e).__name__}: {str(e)[:300]}",
-                                 "report this with the fp32 graph; try another --calib-method meanwhile") from None
+            ranges = calibrate(source, r.batches, r.tensors, method, progress=bar,
+                               percentile=PERCENTILE if method == "percentile" else None)
         finally:
-            if reader is not None:
-                reader.finish()
-        if cache_path is not None and cache_supported and cached is None:
-            _write_cache(cache_path, key, method, len(calib), json.loads(ranges_file.read_text()))
+            bar.close()
+        save_ranges(ranges, method, ranges_file)
 
-        import onnx
 
-        qmodel = onnx.load(str(tmp))
-        float_consumers(qmodel, QUANTIZED_OPS, kept)
-        info: dict[str, Any] = {
-            "precision": "int8",
-            "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
-            "method": method,
-            **({"percentile": PERCENTILE} if method == "percentile" else {}),
-            "samples": int(len(calib)),
-            "per_channel": bool(per_channel),
-            "symmetric": True,
-            "quantized_ops": list(QUANTIZED_OPS),
-            "matmuls_2d": flattened,
-            "attention_matmuls": bool(attention_matmuls),
-            "calibrator": "cvt-deploy (export/calibrate.py)" if ours else "onnxruntime",
-            "cache": ("hit" if cached is not None else "miss") if cache_path is not None and cache_supported
-            else ("unsupported by this onnxruntime" if cache_path is not None else "off"),
-            "cache_key": key[:24],
-            **qdq_counts(qmodel),
-            **(plan.recorded() if plan else {}),
-        }
-        # The graph records what it is, not how this run went (cache hit or miss, which calibrator
-        # made the same ranges), so that a cache hit reproduces the calibrated graph byte for byte.
-        set_metadata_props(qmodel, {**encode_metadata({"precision": "int8", "conversion": {
-            k: v for k, v in info.items() if k not in ("cache", "calibrator")}}),
-                                    **(metadata or {})})
-        save_graph(qmodel, tmp)
-        _verify(tmp, "int8", chw, fixed_batch)
-    return info
+def _failure(e: Exception, src: Path, dst: Path, r: _Ranges) -> CvtDeployError:
+    """What to say when the quantizer raised: a refused write, stale cached ranges, or its own error."""
+    written = write_failure(e, dst)
+    if written is not None:
+        return written
+    if r.cached is not None:
+        return CvtDeployError(f"int8 quantization with the cached calibration ranges in {r.cache_path} failed "
+                              f"({type(e).__name__}: {str(e)[:200]})",
+                              f"delete {r.cache_path}: the next export calibrates again and rewrites it")
+    return CvtDeployError(f"int8 quantization of {src} failed: {type(e).__name__}: {str(e)[:300]}",
+                          "report this with the fp32 graph; try another --calib-method meanwhile")
+
+
+def _facts(qmodel: Any, g: _Source, r: _Ranges, method: str, per_channel: bool, attention_matmuls: bool,
+           plan: Int8Plan | None) -> dict[str, Any]:
+    """What the manifest records of this int8 graph."""
+    return {
+        "precision": "int8",
+        "quantizer": "onnxruntime.quantization.quantize_static (QDQ)",
+        "method": method,
+        **({"percentile": PERCENTILE} if method == "percentile" else {}),
+        "samples": int(len(g.calib)),
+        "per_channel": bool(per_channel),
+        "symmetric": True,
+        "quantized_ops": list(QUANTIZED_OPS),
+        "matmuls_2d": g.flattened,
+        "attention_matmuls": bool(attention_matmuls),
+        "calibrator": "cvt-deploy (export/calibrate.py)" if r.ours else "onnxruntime",
+        "cache": ("hit" if r.cached is not None else "miss") if r.cache_path is not None and r.supported
+        else ("unsupported by this onnxruntime" if r.cache_path is not None else "off"),
+        "cache_key": r.key[:24],
+        **qdq_counts(qmodel),
+        **(plan.recorded() if plan else {}),
+    }
 
 
 def narrow_weights(model: Any, limit: int) -> int:
@@ -393,15 +399,3 @@ def _activation_matmuls(model: Any) -> list[str]:
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node
             if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
-
-
-def _write_cache(path: Path, key: str, method: str, samples: int, ranges: dict[str, Any]) -> None:
-    import onnxruntime
-
-    payload = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "method": method, "samples": samples,
-               "onnxruntime": onnxruntime.__version__, "ranges": ranges}
-    try:
-        with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(payload))
-    except (CvtDeployError, OSError) as e:  # an unwritable cache must not fail the export
-        print(f"  note: calibration cache not written: {getattr(e, 'message', e)}", file=sys.stderr)

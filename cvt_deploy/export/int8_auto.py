@@ -53,7 +53,7 @@ def trial_gates(max_drop: float | None, labels: bool) -> Gates:
     have labels, else on top-1 disagreement with fp32 (which bounds the drop from above)."""
     from ..parity import GATES
 
-    g = GATES["int8"]
+    g = GATES["int8"]  # decision: this module plans int8 graphs, and only those
     if max_drop is None:
         return g
     if labels:

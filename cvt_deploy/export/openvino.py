@@ -22,23 +22,42 @@ first layer only: the figure may say more about the overflow than about NNCF.)
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from ..artifacts import PRECISIONS, REFERENCE, artifact_file
 from ..cpu import SAFE_INT8_WEIGHT
 from ..errors import CvtDeployError, require
-from ..interrupt import signals_held
 from ..progress import stage
 from ..util import current_umask, file_sha256, scratch_dir
 
 if TYPE_CHECKING:
     from ..bundle import Artifact, Bundle
 
-FILES = {"fp32": "model.openvino.xml", "fp16": "model.fp16.openvino.xml", "int8": "model.int8.openvino.xml"}
+FILES = {p: artifact_file("openvino", p) for p in PRECISIONS}
+
+
+def _message(e: BaseException) -> str:
+    """The sentence in an OpenVINO error, without its source-file locations and check expressions."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    said = [ln for ln in lines if ln and not ln.startswith(("Exception from ", "Check '", "FrontEnd API failed"))]
+    return " ".join(said or lines[:1])[:300] or type(e).__name__
+
+
+def read_onnx(path: str | os.PathLike[str]) -> Any:
+    """An ONNX file as an OpenVINO model, or a clear error."""
+    from openvino.frontend import FrontEndManager
+
+    try:
+        # The ONNX frontend itself, not Core.read_model: that one tries every other frontend
+        # (TensorFlow, PaddlePaddle ...) on a file ONNX cannot parse, and they print to stderr.
+        frontend = FrontEndManager().load_by_framework("onnx")
+        return frontend.convert(frontend.load(str(path)))
+    except Exception as e:  # OpenVINO raises GeneralFailure, RuntimeError ...
+        raise CvtDeployError(f"OpenVINO cannot read {path}: {_message(e)}",
+                             "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
 
 
 def weights_file(xml: str) -> str:
@@ -53,7 +72,6 @@ def convert_openvino(src: str | Path, dst: str | Path) -> dict[str, Any]:
     require("openvino", "openvino", "Writing OpenVINO IR")
     import openvino as ov
 
-    from ..runtimes.openvino import _message, read_onnx
 
     dst = Path(dst)
     if dst.suffix != ".xml":
@@ -100,7 +118,8 @@ def write_openvino_irs(bundle: Bundle, precisions: Sequence[str], progress: bool
     return their artifacts; checked by the caller (parity on the openvino backend)."""
     from ..bundle import Artifact, artifact_name
 
-    sources = {p: bundle.find("onnx", p) for p in FILES if p in {"fp32", *precisions}}
+    # decision: an IR is the portable graph converted; the reference's IR always
+    sources = {p: bundle.find("onnx", p) for p in FILES if p in {REFERENCE, *precisions}}
     for precision, src in sources.items():  # all refused before any IR is written
         if src is None:
             raise CvtDeployError(f"bundle {bundle.root} has no {precision} ONNX graph to convert to OpenVINO IR",
@@ -109,50 +128,16 @@ def write_openvino_irs(bundle: Bundle, precisions: Sequence[str], progress: bool
     for precision, src in sources.items():
         assert src is not None
         name = FILES[precision]
-        with stage(f"writing the OpenVINO IR of {src.file} ({name} + {weights_file(name)})", progress):
-            info = convert_openvino(bundle.verified_path(src), bundle.root / name)
         weights = weights_file(name)
+        bundle.new_file(weights)  # written beside the .xml by convert_openvino
+        with stage(f"writing the OpenVINO IR of {src.file} ({name} + {weights})", progress):
+            info = convert_openvino(bundle.verified_path(src), bundle.new_file(name))
         arts.append(bundle.add(Artifact(artifact_name("openvino", precision), name, "openvino", precision,
                                         info={**info, "portable": src.name, "weights_file": weights,
-                                              "weights_sha256": file_sha256(bundle.root / weights),
+                                              "weights_sha256": file_sha256(bundle.new_file(weights)),
                                               # converted from that graph: it keeps the same layers float
                                               **{k: v for k, v in src.info.items() if k == "int8_plan"}})))
     if progress:
         print(f"  OpenVINO IR: {', '.join(a.file for a in arts)} (runs with: cvt-predict --backend openvino)",
               file=sys.stderr)
     return arts
-
-
-@contextlib.contextmanager
-def irs_restored_on_failure(bundle: Bundle) -> Iterator[None]:
-    """Adding IRs to a bundle in place (``--format openvino --bundle``): if the block fails for
-    any reason (a missed gate, unreadable --data, a signal), the IR files and their manifest
-    entries are put back as they were, so ``load()`` never finds an IR that was not checked and
-    a good old IR is not lost to a failed new one."""
-    from ..bundle import artifact_name
-
-    before = {n: bundle.artifacts.get(n) for n in (artifact_name("openvino", p) for p in FILES)}
-    files = [f for xml in FILES.values() for f in (xml, weights_file(xml))]
-    with scratch_dir(bundle.root, "openvino-previous") as aside:
-        for f in files:
-            if (bundle.root / f).is_file():
-                try:  # a second name for the old file: the new one replaces the name, not the data
-                    os.link(bundle.root / f, aside / f)
-                except OSError:  # file systems without hard links
-                    shutil.copy2(bundle.root / f, aside / f)
-        try:
-            yield
-        except BaseException:
-            with signals_held():
-                for f in files:
-                    if (aside / f).is_file():
-                        os.replace(aside / f, bundle.root / f)
-                    else:
-                        (bundle.root / f).unlink(missing_ok=True)
-                for n, art in before.items():
-                    if art is None:
-                        bundle.artifacts.pop(n, None)
-                    else:
-                        bundle.artifacts[n] = art
-                bundle.save()
-            raise

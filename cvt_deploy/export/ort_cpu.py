@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifacts import TARGET as TARGETS_BY_NAME, artifact_file
 from ..bundle import Artifact, artifact_name
 from ..errors import CvtDeployError
 from ..progress import stage
@@ -46,7 +47,8 @@ from .int8_plan import Int8Plan
 
 MS_DOMAIN = "com.microsoft"
 TARGET = "onnxruntime-cpu"  # the manifest's target of these graphs ("portable" for the others)
-FILES = {"fp32": "model.ort-cpu.onnx", "int8": "model.ort-cpu.int8.onnx"}
+TARGET_INFO = TARGETS_BY_NAME[TARGET]
+FILES = {p: artifact_file("onnx", p, TARGET) for p in TARGET_INFO.precisions}
 # The rewrite must reproduce the portable fp32 graph to float rounding (seen: 4e-6 on CvT-13).
 SELF_CHECK_ATOL = 1e-4
 
@@ -355,37 +357,39 @@ def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[
     from .onnx import INPUT_NAME, OUTPUT_NAME, save_graph, set_metadata_props, trial_run
     from .precision import _input_dims
 
-    src = bundle.root / "model.onnx"
+    # The target's graphs (artifacts.TARGET): the float rewrite, and its dynamic quantization.
+    floats, ints = TARGET_INFO.precisions
+    src = bundle.new_file(artifact_file("onnx", floats))
     arts = []
     try:
         with stage("rewriting for ONNX Runtime CPU (MultiHeadAttention, NHWC token maps)", progress):
             model = onnx.load(str(src))
             fixed, chw = _input_dims(model)
             rewritten, counts = rewrite_for_ort_cpu(model)
-            set_metadata_props(rewritten, metadata["fp32"])
-            dst = bundle.root / FILES["fp32"]
+            set_metadata_props(rewritten, metadata[floats])
+            dst = bundle.new_file(FILES[floats])
             save_graph(rewritten, dst)
             sizes = [fixed] if fixed else [1, 3, 8]
             diff = _self_check(src, dst, chw, sizes, SELF_CHECK_ATOL)
-        base = {"target": TARGET, "input": INPUT_NAME, "output": OUTPUT_NAME, "portable": "onnx-fp32"}
-        arts.append(bundle.add(Artifact(artifact_name("onnx", "fp32", TARGET), dst.name, "onnx", "fp32",
-                                        info={**base, "rewrite": counts, "self_check_max_abs": diff})))
-        if "int8" in precisions:
-            with stage("quantizing the ONNX Runtime CPU graph to int8 (dynamic, per-channel weights)", progress):
-                dst8 = bundle.root / FILES["int8"]
+        base = {"target": TARGET, "input": INPUT_NAME, "output": OUTPUT_NAME}
+        arts.append(bundle.add(Artifact(artifact_name("onnx", floats, TARGET), dst.name, "onnx", floats,
+                                        info={**base, "portable": artifact_name("onnx", floats), "rewrite": counts,
+                                              "self_check_max_abs": diff})))
+        if ints in precisions:
+            with stage(f"quantizing the ONNX Runtime CPU graph to {ints} (dynamic, per-channel weights)", progress):
+                dst8 = bundle.new_file(FILES[ints])
                 info = quantize_dynamic_int8(dst, dst8, plan)
                 q = onnx.load(str(dst8))
-                set_metadata_props(q, metadata["int8"])
+                set_metadata_props(q, metadata[ints])
                 save_graph(q, dst8)
-                trial_run(dst8, "ONNX Runtime CPU int8", chw, sizes, "report this with the fp32 graph that caused it")
-            arts.append(bundle.add(Artifact(artifact_name("onnx", "int8", TARGET), dst8.name, "onnx", "int8",
-                                            info={**base, "portable": "onnx-int8", **info})))
+                trial_run(dst8, f"ONNX Runtime CPU {ints}", chw, sizes, "report this with the fp32 graph that caused it")
+            arts.append(bundle.add(Artifact(artifact_name("onnx", ints, TARGET), dst8.name, "onnx", ints,
+                                            info={**base, "portable": artifact_name("onnx", ints), **info})))
     except PatternNotFound as e:
         for art in arts:
             bundle.artifacts.pop(art.name, None)
-        bundle.save()
         for name in FILES.values():
-            (bundle.root / name).unlink(missing_ok=True)
+            bundle.new_file(name).unlink(missing_ok=True)
         if progress:
             print(f"  note: {e.message}; {e.hint}", file=sys.stderr)
         return []

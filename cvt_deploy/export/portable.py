@@ -32,31 +32,10 @@ from typing import Any
 
 import numpy as np
 
+# The releases a bundle's portable graphs can be written for, and their forms, are the registry's
+# (artifacts.RELEASE): the oldest one chosen sets the graph's form. Re-exported for the callers here.
+from ..artifacts import DEFAULT_TENSORRT, RELEASE, TENSORRT_TARGETS, check_tensorrt_target, targets_from  # noqa: F401
 from ..errors import CvtDeployError, require
-
-#: TensorRT releases a bundle's portable graphs can be written for: the oldest one chosen
-#: sets the graph's form (JetPack 5.1 = 8.5, 6.0 = 8.6, 6.1/6.2 = 10.3; x86 wheels are 10.x).
-TENSORRT_TARGETS = ("8.5", "8.6", "10")
-#: The default graphs (single LayerNormalization nodes) parse on 8.6 and 10.x; 8.5 needs
-#: ``--tensorrt 8.5``, which decomposes LayerNorm (a little slower on 8.6+, which fuse it).
-DEFAULT_TENSORRT = "8.6"
-
-
-def check_tensorrt_target(value: Any, flag: str = "--tensorrt") -> str:
-    """``value`` as a known TensorRT target ("8.5", "8.6", "10"); accepts "10.3" style for 10."""
-    text = str(value).strip()
-    if text.startswith("10"):
-        text = "10"
-    if text not in TENSORRT_TARGETS:
-        raise CvtDeployError(f"{flag} {value!r} is not a TensorRT release this tool writes graphs for "
-                             f"(valid: {', '.join(TENSORRT_TARGETS)})",
-                             f"use {flag} 8.5 for JetPack 5.1, 8.6 for JetPack 6.0, 10 for JetPack 6.1+ and x86")
-    return text
-
-
-def targets_from(oldest: str) -> list[str]:
-    """The TensorRT releases a graph written for ``oldest`` must parse on (it and every newer one)."""
-    return list(TENSORRT_TARGETS[TENSORRT_TARGETS.index(check_tensorrt_target(oldest)):])
 
 
 class _Graph:
@@ -232,9 +211,10 @@ def make_portable(model: Any, tensorrt: str = DEFAULT_TENSORRT) -> dict[str, Any
     tensorrt = check_tensorrt_target(tensorrt)
     shapes = split_shape_ranges(model)
     kernels = write_kernel_shapes(model)
-    fp32_nodes = decompose_layernorm(model) if tensorrt == "8.5" else []
+    decomposed = RELEASE[tensorrt].layernorm == "decomposed"
+    fp32_nodes = decompose_layernorm(model) if decomposed else []
     return {"tensorrt": targets_from(tensorrt), "shape_slices": shapes, "kernel_shapes": kernels,
-            "layernorm": "decomposed" if tensorrt == "8.5" else "LayerNormalization",
+            "layernorm": "decomposed" if decomposed else "LayerNormalization",
             **({"fp32_nodes": fp32_nodes} if fp32_nodes else {})}
 
 

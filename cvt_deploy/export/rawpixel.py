@@ -20,6 +20,7 @@ correctly typed and the int8 graph's QuantizeLinear still quantizes the normalis
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +42,14 @@ PROBS_NAME = "probs"
 def embed_bundle_io(bundle: Bundle, input_format: str, output: str, progress: bool = True) -> None:
     """:func:`embed_io` on every ONNX graph of ``bundle``, recorded in its manifest. The export's
     last graph stage: the precision stages all start from the float fp32 graph."""
-    with stage(f"making the graphs take {input_format} input and give {output}", progress):
-        for art in [a for a in bundle.artifacts.values() if a.kind == "onnx"]:
-            art.info.update(embed_io(bundle.path(art), bundle.config.preprocess, input_format, output))
+    from ..bundle_write import changing
+
+    with stage(f"making the graphs take {input_format} input and give {output}", progress), changing(bundle):
+        for art in [a for a in bundle.artifacts.values() if a.kind == "onnx"]:  # decision: every graph takes the same input
+            src, dst = bundle.path(art), bundle.new_file(art.file)
+            if dst != src:  # changing a bundle in place: the rewrite is staged, the original kept until it lands
+                shutil.copyfile(src, dst)
+            art.info.update(embed_io(dst, bundle.config.preprocess, input_format, output))
             bundle.add(art)
 
 
@@ -57,11 +63,40 @@ def embed_io(path: str | os.PathLike[str], cfg: PreprocessConfig, input_format: 
     """
     require("onnx", "onnx", "raw-pixel graphs")
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     check_choice(input_format, INPUT_FORMATS, "input format")
     check_choice(output, OUTPUT_KINDS, "output kind")
     path = Path(path)
+    model = _float_graph(path)
+    graph = model.graph
+    image, logits = graph.input[0], graph.output[0]
+    in_name, out_name = image.name, logits.name
+    batch_dim = image.type.tensor_type.shape.dim[0]
+    batch: Any = batch_dim.dim_param or batch_dim.dim_value or "batch"
+
+    nodes = _take_pixels(graph, cfg, input_format, batch) if input_format != "float" else []
+    rest = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + rest)  # topological order: the new nodes feed the network
+    if output == "probs":
+        out_name = _give_probs(graph, batch)
+    set_metadata_props(model, encode_metadata({"input_format": input_format, "output_kind": output}))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as e:  # checker and shape-inference errors come as assorted types
+        raise CvtDeployError(f"the raw-pixel graph of {path.name} does not check: {str(e)[:300]}",
+                             "report this; meanwhile export with --input-format float") from None
+    with atomic_output(path) as tmp:
+        save_graph(model, tmp, external=False)
+        _trial(tmp, cfg, input_format, output)
+    return {"input_format": input_format, "output_kind": output, "input": in_name, "output": out_name}
+
+
+def _float_graph(path: Path) -> Any:
+    """The graph at ``path``, refused unless it is an in-file classifier taking float32 images."""
+    import onnx
+    from onnx import TensorProto
+
     if (path.parent / (path.name + ".data")).exists():
         raise CvtDeployError(f"{path.name} keeps its weights in external data (over 2 GB); raw-pixel inputs are "
                              "added to in-file graphs only", "export with --input-format float for this model")
@@ -73,55 +108,53 @@ def embed_io(path: str | os.PathLike[str], cfg: PreprocessConfig, input_format: 
     if len(graph.input) != 1 or len(graph.output) != 1:
         raise CvtDeployError(f"{path.name} has {len(graph.input)} inputs and {len(graph.output)} outputs; a CvT "
                              "classifier graph has one of each", "re-export it with cvt-export")
-    image, logits = graph.input[0], graph.output[0]
-    if image.type.tensor_type.elem_type != TensorProto.FLOAT:
-        raise CvtDeployError(f"{path.name}'s input {image.name!r} is not float32", "pass a graph cvt-export wrote")
-    in_name, out_name = image.name, logits.name
-    batch_dim = image.type.tensor_type.shape.dim[0]
-    batch: Any = batch_dim.dim_param or batch_dim.dim_value or "batch"
+    if graph.input[0].type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise CvtDeployError(f"{path.name}'s input {graph.input[0].name!r} is not float32", "pass a graph cvt-export wrote")
+    return model
 
+
+def _take_pixels(graph: Any, cfg: PreprocessConfig, input_format: str, batch: Any) -> list[Any]:
+    """Make the graph input ``input_format`` pixels (same name) and return the nodes that normalise
+    them into the tensor the network now reads."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    image = graph.input[0]
+    in_name = image.name
+    # The network now reads an internal tensor; the graph input keeps the name apps know.
+    inner = in_name + "_normalized"
+    for node in graph.node:
+        node.input[:] = [inner if i == in_name else i for i in node.input]
+    mean = np.asarray(cfg.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(1, -1, 1, 1)
+    graph.initializer.extend([numpy_helper.from_array(np.asarray(255.0, np.float32), "rawpixel_255"),
+                              numpy_helper.from_array(mean, "rawpixel_mean"),
+                              numpy_helper.from_array(std, "rawpixel_std")])
     nodes = []
-    if input_format != "float":
-        # The network now reads an internal tensor; the graph input keeps the name apps know.
-        inner = in_name + "_normalized"
-        for node in graph.node:
-            node.input[:] = [inner if i == in_name else i for i in node.input]
-        mean = np.asarray(cfg.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(cfg.std, np.float32).reshape(1, -1, 1, 1)
-        graph.initializer.extend([numpy_helper.from_array(np.asarray(255.0, np.float32), "rawpixel_255"),
-                                  numpy_helper.from_array(mean, "rawpixel_mean"),
-                                  numpy_helper.from_array(std, "rawpixel_std")])
-        x = in_name
-        if input_format.startswith("uint8"):
-            nodes.append(helper.make_node("Cast", [x], ["rawpixel_float"], "rawpixel/cast", to=TensorProto.FLOAT))
-            x = "rawpixel_float"
-        if input_format == "uint8-nhwc":
-            nodes.append(helper.make_node("Transpose", [x], ["rawpixel_nchw"], "rawpixel/to_nchw", perm=[0, 3, 1, 2]))
-            x = "rawpixel_nchw"
-        nodes += [helper.make_node("Div", [x, "rawpixel_255"], ["rawpixel_unit"], "rawpixel/scale"),
-                  helper.make_node("Sub", ["rawpixel_unit", "rawpixel_mean"], ["rawpixel_centered"], "rawpixel/mean"),
-                  helper.make_node("Div", ["rawpixel_centered", "rawpixel_std"], [inner], "rawpixel/std")]
-        elem = TensorProto.UINT8 if input_format.startswith("uint8") else TensorProto.FLOAT
-        graph.input.remove(image)
-        graph.input.append(helper.make_tensor_value_info(in_name, elem, [batch, *graph_dims(cfg, input_format)]))
-    rest = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + rest)  # topological order: the new nodes feed the network
-    if output == "probs":
-        out_name = PROBS_NAME
-        graph.node.append(helper.make_node("Softmax", [logits.name], [out_name], "rawpixel/softmax", axis=-1))
-        graph.output.remove(logits)
-        graph.output.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [batch, _class_dim(logits)]))
-    set_metadata_props(model, encode_metadata({"input_format": input_format, "output_kind": output}))
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # checker and shape-inference errors come as assorted types
-        raise CvtDeployError(f"the raw-pixel graph of {path.name} does not check: {str(e)[:300]}",
-                             "report this; meanwhile export with --input-format float") from None
-    with atomic_output(path) as tmp:
-        save_graph(model, tmp, external=False)
-        _trial(tmp, cfg, input_format, output)
-    return {"input_format": input_format, "output_kind": output, "input": in_name, "output": out_name}
+    x = in_name
+    if input_format.startswith("uint8"):
+        nodes.append(helper.make_node("Cast", [x], ["rawpixel_float"], "rawpixel/cast", to=TensorProto.FLOAT))
+        x = "rawpixel_float"
+    if input_format == "uint8-nhwc":
+        nodes.append(helper.make_node("Transpose", [x], ["rawpixel_nchw"], "rawpixel/to_nchw", perm=[0, 3, 1, 2]))
+        x = "rawpixel_nchw"
+    nodes += [helper.make_node("Div", [x, "rawpixel_255"], ["rawpixel_unit"], "rawpixel/scale"),
+              helper.make_node("Sub", ["rawpixel_unit", "rawpixel_mean"], ["rawpixel_centered"], "rawpixel/mean"),
+              helper.make_node("Div", ["rawpixel_centered", "rawpixel_std"], [inner], "rawpixel/std")]
+    elem = TensorProto.UINT8 if input_format.startswith("uint8") else TensorProto.FLOAT
+    graph.input.remove(image)
+    graph.input.append(helper.make_tensor_value_info(in_name, elem, [batch, *graph_dims(cfg, input_format)]))
+    return nodes
+
+
+def _give_probs(graph: Any, batch: Any) -> str:
+    """A Softmax after the logits, its output the graph's; returns its name."""
+    from onnx import TensorProto, helper
+
+    logits = graph.output[0]
+    graph.node.append(helper.make_node("Softmax", [logits.name], [PROBS_NAME], "rawpixel/softmax", axis=-1))
+    graph.output.remove(logits)
+    graph.output.append(helper.make_tensor_value_info(PROBS_NAME, TensorProto.FLOAT, [batch, _class_dim(logits)]))
+    return PROBS_NAME
 
 
 def _class_dim(value_info: Any) -> Any:

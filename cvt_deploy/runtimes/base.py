@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
+from ..artifacts import PRECISIONS, RUNS, select
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from ..preprocess import Images, graph_input, preprocess, preprocess_pixels
@@ -100,9 +101,7 @@ class Runtime(ABC):
     #: What to install for this backend, shown when it is unavailable.
     install_hint: ClassVar[str]
 
-    #: The bundle artifact kind this backend runs ("torch", "onnx", "tensorrt").
-    artifact_kind: ClassVar[str]
-    #: Every kind it runs, preferred first, where that is more than ``artifact_kind`` (OpenVINO: IR, then ONNX).
+    #: The artifact kinds a reference implementation runs (a backend's are the registry's: artifacts.RUNS).
     artifact_kinds: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: CvtConfig, precision: str, device: str, batch_range: BatchRange | None = None) -> None:
@@ -118,7 +117,16 @@ class Runtime(ABC):
     @classmethod
     def kinds(cls) -> tuple[str, ...]:
         """The bundle artifact kinds this backend runs."""
-        return cls.artifact_kinds or (cls.artifact_kind,)
+        return RUNS.get(cls.backend) or cls.artifact_kinds
+
+    @classmethod
+    def artifact_in(cls, bundle: Bundle, precision: str | None = None, device: str | None = "cpu") -> Any | None:
+        """The artifact this backend would run of ``bundle`` (artifacts.select), None if it has none;
+        a reference's: the first of its kinds."""
+        if cls.backend in RUNS:
+            return select(bundle, cls.backend, precision, device)
+        # decision: a reference implementation is not in the registry: it names its kinds itself
+        return next((a for k in cls.artifact_kinds if (a := bundle.find(k, precision)) is not None), None)
 
     @classmethod
     @abstractmethod
@@ -193,7 +201,7 @@ class Runtime(ABC):
                 f"the input batch holds values from {lo:.3g} to {hi:.3g}, far outside what normalised images hold "
                 f"(about -3..3), and the {self.backend} {self.precision} model produced NaN/inf logits for it",
                 "pass images and let preprocessing normalise them, or check how the batch was made")
-        if self.precision == "fp32":
+        if self.precision == PRECISIONS[0]:  # the most precise: no precision to blame, the weights are suspect
             return CvtDeployError(f"the {self.backend} fp32 model produced NaN/inf logits for normal input",
                                   "the weights may be damaged: run cvt-check on the bundle, or re-export it")
         return CvtDeployError(

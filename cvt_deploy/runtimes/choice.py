@@ -19,10 +19,11 @@ features that decide these kernels, and a oneDNN instruction-set cap where one i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from ..artifacts import candidates
 from ..cpu import cpu_key
 from ..errors import CvtDeployError
 
@@ -49,12 +50,7 @@ def cpu_paths(bundle: Bundle, precision: str, backends: Sequence[str] = CPU_BACK
     for backend in backends:
         if backend not in CPU_BACKENDS or _runtime_class(backend).unavailable_reason("cpu") is not None:
             continue
-        if backend == "onnxruntime":
-            found = [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.precision == precision
-                     and a.target in ("portable", "onnxruntime-cpu")]
-        else:
-            art = bundle.find("openvino", precision) or bundle.find("onnx", precision)
-            found = [art] if art is not None else []
+        found = candidates(bundle, backend, precision, "cpu")
         # A graph that missed its gates as this backend runs it (the advisory check at export) is never chosen.
         out += [(backend, a.name) for a in found if (a.parity_on(backend) or {}).get("passed") is not False]
     return out
@@ -76,7 +72,7 @@ def _runtime_class(backend: str) -> type[OrtRuntime] | type[OpenVinoRuntime]:
     from .openvino import OpenVinoRuntime
     from .ort import OrtRuntime
 
-    return OrtRuntime if backend == "onnxruntime" else OpenVinoRuntime
+    return {cls.backend: cls for cls in (OrtRuntime, OpenVinoRuntime)}[backend]
 
 
 @dataclass(frozen=True)

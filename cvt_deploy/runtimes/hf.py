@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ..checkpoints.hf import hf_config_kwargs, hf_unsupported
+from ..artifacts import REFERENCE
 from ..config import CvtConfig
 from ..errors import CvtDeployError
 from .base import Runtime
@@ -25,7 +26,6 @@ class HFReferenceRuntime(Runtime):
     """
 
     backend: ClassVar[str] = "hf-transformers"
-    artifact_kind: ClassVar[str] = "none"
     install_hint: ClassVar[str] = "pip install transformers torch"
 
     def __init__(self, config: CvtConfig, device: str = "cpu") -> None:
@@ -49,7 +49,7 @@ class HFReferenceRuntime(Runtime):
     def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
                     threads: int | None = None) -> HFReferenceRuntime:
         cfg = bundle.config
-        if precision not in (None, "fp32"):
+        if precision not in (None, REFERENCE):  # a reference is the run's baseline, not a backend with precisions
             raise CvtDeployError(f"the Hugging Face reference runs fp32 only, not {precision}", "compare it at fp32")
         reason = hf_unsupported(cfg)
         if reason:

@@ -42,10 +42,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..artifacts import KIND, PRECISION, runnable, runs
 from ..config import CvtConfig
 from ..cpu import SAFE_INT8_WEIGHT, int8_saturation
 from ..errors import CvtDeployError, NotRightHere, require
 from ..util import INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, BatchRange
+from ..export.openvino import _message, read_onnx  # noqa: F401  (the IR writer reads graphs as this backend does)
 from .base import Runtime
 from .graph import check_graph_io, graph_identity
 
@@ -58,13 +60,6 @@ F32, F16 = "f32", "f16"
 MAX_STATIC_BATCHES = 4  # batch sizes compiled each with its size fixed (each holds its own weights)
 
 
-def _message(e: BaseException) -> str:
-    """The sentence in an OpenVINO error, without its source-file locations and check expressions."""
-    lines = [ln.strip() for ln in str(e).splitlines()]
-    said = [ln for ln in lines if ln and not ln.startswith(("Exception from ", "Check '", "FrontEnd API failed"))]
-    return " ".join(said or lines[:1])[:300] or type(e).__name__
-
-
 def compile_config(threads: int | None, precision_hint: str) -> dict[str, Any]:
     """The CPU plugin's settings for one latency-bound call at a time (cvt-bench's rows, cvt-predict)."""
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision_hint}
@@ -73,10 +68,12 @@ def compile_config(threads: int | None, precision_hint: str) -> dict[str, Any]:
     return config
 
 
+#: The backend this file is, by name: what the registry (artifacts.RUNS) says it runs; the plain reference runs the same.
+BACKEND = "openvino"
+
+
 class OpenVinoRuntime(Runtime):
-    backend: ClassVar[str] = "openvino"
-    artifact_kind: ClassVar[str] = "onnx"
-    artifact_kinds: ClassVar[tuple[str, ...]] = ("openvino", "onnx")  # what it runs of a bundle, preferred first
+    backend: ClassVar[str] = BACKEND
     per_batch: ClassVar[bool] = True  # compile a dynamic-batch graph per batch size (module docstring)
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[openvino]'"
 
@@ -93,7 +90,7 @@ class OpenVinoRuntime(Runtime):
         meta = {k: v.astype(str) for k, v in model.get_rt_info(["framework"]).astype(dict).items()} \
             if model.has_rt_info(["framework"]) else {}
         config, precision = graph_identity(meta, path, config, precision)
-        if precision == "int8":
+        if PRECISION[precision].integer:
             _check_int8_weights(model, path)
         super().__init__(config, precision, device)
         self.set_io(meta.get(INPUT_FORMAT_KEY), meta.get(OUTPUT_KIND_KEY), f"{path} (metadata_props)")
@@ -107,6 +104,7 @@ class OpenVinoRuntime(Runtime):
         if isinstance(in_shape[0], int):  # a static batch: the base class pads and splits to it
             self.batch_range = BatchRange(in_shape[0], in_shape[0], in_shape[0])
         core = ov.Core()
+        # decision: OpenVINO's f16 inference hint is for fp16 graphs, where the CPU has fp16 arithmetic
         self.compute = F16 if precision == "fp16" and "FP16" in _capabilities(core) else F32
         self._compile = lambda m: core.compile_model(m, DEVICES[device], compile_config(threads, self.compute))  # noqa: E731
         # A static-batch graph: compiled as it is. A dynamic one: per batch size (_compiled_for).
@@ -148,13 +146,12 @@ class OpenVinoRuntime(Runtime):
             raise CvtDeployError(f"backend openvino cannot run here: {reason}", cls.install_hint)
         if artifact is not None:
             art = bundle.artifacts.get(artifact)
-            if art is None or art.kind not in cls.artifact_kinds or art.target != "portable":
-                runnable = [n for n, a in bundle.artifacts.items() if a.kind in cls.artifact_kinds and a.target == "portable"]
+            if art is None or not runs(art, BACKEND, device):
                 raise CvtDeployError(f"bundle {bundle.root} has no graph named {artifact!r} that OpenVINO runs",
-                                     f"choose one of: {', '.join(runnable)}")
+                                     f"choose one of: {', '.join(runnable(bundle, BACKEND, device))}")
         else:
-            art = bundle.find("openvino", precision) or bundle.require("onnx", precision)
-        if art.kind == "openvino":
+            art = bundle.select(BACKEND, precision, device)
+        if KIND[art.kind].weights_file:  # an IR: its .xml and .bin
             runtime = cls(bundle.path(art), bundle.config, art.precision, device, threads, ir=bundle.verified_ir(art))
         else:
             runtime = cls(bundle.verified_path(art), bundle.config, art.precision, device, threads)
@@ -168,7 +165,7 @@ class OpenVinoRuntime(Runtime):
 
     def describe(self) -> str:
         text = super().describe() + (" (IR)" if self.path.endswith(".xml") else "")
-        if self.precision == "fp16" and self.compute == F32:
+        if self.precision == "fp16" and self.compute == F32:  # decision: the hint above, said when it could not apply
             return text + " (computed in f32: this CPU has no fp16 arithmetic)"
         return text
 
@@ -235,20 +232,6 @@ class OpenVinoRuntime(Runtime):
         self._model = None
 
 
-def read_onnx(path: str | os.PathLike[str]) -> Any:
-    """An ONNX file as an OpenVINO model, or a clear error."""
-    from openvino.frontend import FrontEndManager
-
-    try:
-        # The ONNX frontend itself, not Core.read_model: that one tries every other frontend
-        # (TensorFlow, PaddlePaddle ...) on a file ONNX cannot parse, and they print to stderr.
-        frontend = FrontEndManager().load_by_framework("onnx")
-        return frontend.convert(frontend.load(str(path)))
-    except Exception as e:  # OpenVINO raises GeneralFailure, RuntimeError ...
-        raise CvtDeployError(f"OpenVINO cannot read {path}: {_message(e)}",
-                             "the file is truncated or corrupt, or not an ONNX model: re-export it with cvt-export") from None
-
-
 def read_ir(path: str | os.PathLike[str], xml: bytes, weights: bytes) -> Any:
     """An IR from its .xml and .bin bytes (``path`` names the .xml in errors)."""
     import openvino as ov
@@ -304,4 +287,5 @@ class PlainOpenVinoRuntime(OpenVinoRuntime):
     @classmethod
     def from_bundle(cls, bundle: Bundle, precision: str | None = None, device: str | None = None,
                     threads: int | None = None, artifact: str | None = None) -> OpenVinoRuntime:
+        # decision: the plain reference is OpenVINO on the portable ONNX graph, by definition
         return super().from_bundle(bundle, precision, device, threads, artifact or bundle.require("onnx", precision).name)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..artifacts import RUNS, TARGET, runs
 from ..util import INPUT_FORMAT_KEY, OUTPUT_KIND_KEY, BatchRange, ort_session
 from ..config import CvtConfig
 from ..errors import CvtDeployError
@@ -28,7 +29,6 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 
 class OrtRuntime(Runtime):
     backend: ClassVar[str] = "onnxruntime"
-    artifact_kind: ClassVar[str] = "onnx"
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[onnx]' (CPU) or 'cvt-deploy[gpu]' (CUDA/TensorRT providers)"
 
     def __init__(self, path: str | os.PathLike[str], config: CvtConfig | None = None, precision: str | None = None,
@@ -80,21 +80,20 @@ class OrtRuntime(Runtime):
         device = device or "cpu"
         if artifact is not None:
             art = bundle.artifacts.get(artifact)
-            if art is None or art.kind != "onnx":
+            if art is None or art.kind not in RUNS[cls.backend]:
                 raise CvtDeployError(f"bundle {bundle.root} has no ONNX graph named {artifact!r}",
-                                     f"choose one of: {', '.join(n for n, a in bundle.artifacts.items() if a.kind == 'onnx')}")
-            if art.target == "onnxruntime-cpu" and device != "cpu":
-                raise CvtDeployError(f"{artifact} is built for ONNX Runtime's CPU provider, not {device}",
+                                     f"choose one of: {', '.join(n for n, a in bundle.artifacts.items() if a.kind in RUNS[cls.backend])}")
+            if not runs(art, cls.backend, device):
+                raise CvtDeployError(f"{artifact} is built for {TARGET[art.target].what}, not {device}",
                                      "load the portable graph (leave the artifact out) or use --device cpu")
         else:
-            art = (bundle.find("onnx", precision, "onnxruntime-cpu") if device == "cpu" else None) \
-                or bundle.require("onnx", precision)
+            art = bundle.select(cls.backend, precision, device)
         runtime = cls(bundle.path(art), bundle.config, art.precision, device, threads, graph=bundle.verified_bytes(art))
         runtime.target, runtime.artifact = art.target, art.name
         return runtime
 
     def describe(self) -> str:
-        return super().describe() + (f" ({self.target} graph)" if self.target != "portable" else "")
+        return super().describe() + (f" ({self.target} graph)" if TARGET[self.target].meant_for is not None else "")
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike[str], device: str | None = None, threads: int | None = None) -> OrtRuntime:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ..artifacts import PRECISION, REFERENCE
 from ..errors import CvtDeployError
 from .base import Runtime
 
@@ -20,21 +21,23 @@ if TYPE_CHECKING:
 
 class TorchRuntime(Runtime):
     backend: ClassVar[str] = "torch"
-    artifact_kind: ClassVar[str] = "torch"
     install_hint: ClassVar[str] = "pip install 'cvt-deploy[torch]'"
 
     def __init__(self, model: CvT, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
         import torch
 
-        if precision not in ("fp32", "fp16"):
-            raise CvtDeployError(f"the torch backend runs fp32 or fp16, not {precision}",
-                                 "use --backend onnxruntime or tensorrt for int8")
-        if precision == "fp16" and device == "cpu":
-            raise CvtDeployError("fp16 on the torch backend needs a CUDA device", "pass --device cuda, or use fp32 on CPU")
+        facts = PRECISION.get(precision)
+        if facts is None or facts.torch_dtype is None:
+            computed = [p.name for p in PRECISION.values() if p.torch_dtype is not None]
+            raise CvtDeployError(f"the torch backend runs {' or '.join(computed)}, not {precision}",
+                                 f"use --backend onnxruntime or tensorrt for {precision}")
+        if device.split(":")[0] not in facts.torch_devices:
+            raise CvtDeployError(f"{precision} on the torch backend needs a CUDA device",
+                                 f"pass --device cuda, or use fp32 on {device.upper()}")
         if threads:
             torch.set_num_threads(threads)  # process-wide in PyTorch; there is no per-model setting
         super().__init__(model.cfg, precision, device)
-        dtype = torch.float16 if precision == "fp16" else torch.float32
+        dtype = getattr(torch, facts.torch_dtype)
         self.model = model.to(device=device, dtype=dtype).eval()
         self._dtype = dtype
 
@@ -56,7 +59,7 @@ class TorchRuntime(Runtime):
                     threads: int | None = None) -> TorchRuntime:
         from ..checkpoints import load_checkpoint
 
-        art = bundle.require("torch", "fp32")
+        art = bundle.select(TorchRuntime.backend, precision, device)  # torch.compile runs the same weights
         model = load_checkpoint(bundle.verified_path(art))
         return cls(model, device or "cpu", precision or "fp32", threads)
 
@@ -80,11 +83,12 @@ class TorchCompiledRuntime(TorchRuntime):
     """
 
     backend: ClassVar[str] = "torch-compile"
+    artifact_kinds: ClassVar[tuple[str, ...]] = ("torch",)
 
     def __init__(self, model: CvT, device: str = "cpu", precision: str = "fp32", threads: int | None = None) -> None:
         import torch
 
-        if precision != "fp32":
+        if precision != REFERENCE:  # a reference is the run's baseline, not a backend with precisions of its own
             raise CvtDeployError(f"the torch.compile reference runs fp32 only, not {precision}", "compare it at fp32")
         super().__init__(model, device, precision, threads)
         # One graph per batch size (dynamic=False): the fastest kernels, as a deployment would fix its batch.

@@ -23,13 +23,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from ..errors import CvtDeployError, require
 from .protocol import DEFAULT_MODEL_NAME, IMAGES, PIXELS, request_inputs
+
+if TYPE_CHECKING:
+    from ..bench.timing import TimingOptions
 
 PROTOCOLS = ("http", "grpc")
 
@@ -71,6 +74,8 @@ class LoadOptions:
     endpoint. ``metrics_url``: default the same host, port 8002. ``send``: "pixels" (preprocessed
     float32, what in-process ``run`` times) or "images" (encoded files, ``image`` or a demo
     digit; preprocessing then runs on the server). ``images_per_request``: batch of one request.
+    ``min_time``, ``warmup``, ``rounds``, ``settle``, ``threads``: the timing the in-process
+    benchmark shares (:class:`~cvt_deploy.bench.timing.TimingOptions`, held as ``timing``).
     """
 
     url: str
@@ -87,6 +92,8 @@ class LoadOptions:
     bundle: str | None = None
     batches: Sequence[int] = (1, 8, 32)
     threads: int | None = None
+    settle: int = 1
+    timing: TimingOptions = field(init=False, repr=False, compare=False)  # built from the fields above
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -98,10 +105,16 @@ class LoadOptions:
             raise CvtDeployError(f"--concurrency {list(self.concurrency)}: levels must be whole numbers >= 1",
                                  "e.g. --concurrency 1,2,4,8,16")
         object.__setattr__(self, "concurrency", levels)
-        from ..bench.timing import check_settings
+        from ..bench.timing import TimingOptions, check_settings
 
-        check_settings([("--images-per-request", self.images_per_request, 1), ("--warmup", self.warmup, 0),
-                        ("--rounds", self.rounds, 1)], self.min_time)
+        check_settings([("--images-per-request", self.images_per_request, 1)])
+        object.__setattr__(self, "timing", TimingOptions(min_time=self.min_time, warmup=self.warmup, rounds=self.rounds,
+                                                         settle=self.settle, threads=self.threads))
+
+    @classmethod
+    def with_timing(cls, timing: TimingOptions, **fields: Any) -> LoadOptions:
+        """The options with ``timing``'s fields (``cvt-bench`` builds one for the benchmark and the load test)."""
+        return cls(**timing.fields(), **fields)
 
     @property
     def endpoint(self) -> str:
@@ -229,24 +242,25 @@ def sweep(options: LoadOptions, progress: bool = True) -> Any:
 
     levels = [_Level(c) for c in options.concurrency]
     connect = lambda: module.InferenceServerClient(options.endpoint)  # noqa: E731
+    timing = options.timing
     warm = connect()
-    for _ in range(options.warmup):
+    for _ in range(timing.warmup):
         send(warm)
     local = _local_cases(options, chw) if options.bundle else []
-    block = options.min_time / options.rounds
-    schedule = [(r, item) for r in range(options.rounds) for item in [*levels, *local]]
+    block = timing.min_time / timing.rounds
+    schedule = [(r, item) for r in range(timing.rounds) for item in [*levels, *local]]
     for _, item in track(schedule, len(schedule), "measuring", show=progress):
         if isinstance(item, _Level):
             if not item.errors:
-                _run_block(item, connect, send, block, read, options.images_per_request)
+                _run_block(item, connect, send, block, read, options.images_per_request, timing.settle)
         else:
-            _time_block(item, block)
+            _time_block(item, block, timing.settle)
 
     host = options.endpoint
     backend = f"triton-{options.protocol}"
     rows = []
     for lv in levels:
-        row = BenchRow(options.model, backend, "", options.images_per_request, "server", options.threads or 0,
+        row = BenchRow(options.model, backend, "", options.images_per_request, "server", timing.threads or 0,
                        concurrency=lv.concurrency)
         if lv.errors or not lv.times:
             row.status, row.reason = "failed", lv.errors[0] if lv.errors else "no request completed"
@@ -257,8 +271,8 @@ def sweep(options: LoadOptions, progress: bool = True) -> Any:
         rows.append(row)
     meta: dict[str, Any] = {"url": options.url, "endpoint": host, "model": options.model, "protocol": options.protocol,
                             "metrics_url": options.metrics, "send": options.send,
-                            "images_per_request": options.images_per_request, "rounds": options.rounds,
-                            "min_time_s": options.min_time, "started": started,
+                            "images_per_request": options.images_per_request, "rounds": timing.rounds,
+                            "min_time_s": timing.min_time, "started": started,
                             "timing": "per-request time.perf_counter around client.infer, C threads in flight; "
                                       "throughput = images completed / block wall time; server_batch = Triton's "
                                       "nv_inference_count / nv_inference_exec_count over the blocks"}
@@ -279,13 +293,13 @@ def _local_cases(options: LoadOptions, chw: list[int]) -> list[Any]:
     from ..backends import load
 
     assert options.bundle is not None
-    runtime = load(options.bundle, "onnxruntime", "cpu", "fp32", options.threads)
+    runtime = load(options.bundle, "onnxruntime", "cpu", "fp32", options.timing.threads)
     cases = []
     for b in options.batches:
         x = np.random.default_rng(b).standard_normal((b, *chw)).astype(np.float32)
         case = Case(f"in-process b{b}", functools.partial(runtime.run, x))
         case.runtime = runtime  # type: ignore[attr-defined]  # kept alive with the case
-        for _ in range(max(1, options.warmup)):
+        for _ in range(max(1, options.timing.warmup)):
             case._once()
         cases.append(case)
     return cases
@@ -306,7 +320,7 @@ def _local_rows(cases: list[Any], options: LoadOptions, meta: dict[str, Any]) ->
     rows = []
     variant = cases[0].runtime.config.variant
     for case, b in zip(cases, options.batches):
-        row = BenchRow(variant, "onnxruntime", "fp32", b, "cpu", options.threads or 0, role="in-process")
+        row = BenchRow(variant, "onnxruntime", "fp32", b, "cpu", options.timing.threads or 0, role="in-process")
         s = summarize(case.times)
         _fill(row, s)
         # images / wall time, as the served rows: batch / p50 would flatter the side with the heavier tail

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from ..artifacts import PRECISION, select
 from ..errors import CvtDeployError, require
 from ..outlock import INNER_LOCK, output_lock
 from ..sandbox import plain_name
@@ -95,7 +96,7 @@ def _config_text(name: str, platform: str, art: Artifact, bundle: Bundle, option
     from ..preprocess import graph_dims
 
     cfg = bundle.config
-    dtype = "TYPE_FP16" if art.info.get("io") == "fp16" else "TYPE_FP32"
+    dtype = "TYPE_FP16" if art.info.get("io") == "fp16" else "TYPE_FP32"  # decision: the graph's I/O type, not its precision
     out_dtype = dtype
     fmt = art.info.get("input_format", "float")
     if fmt.startswith("uint8"):  # a raw-pixel graph (export/rawpixel.py): uint8 pixels in its own layout
@@ -186,12 +187,17 @@ def validate_config(text: str, where: str) -> Any:
                              "this is a bug in cvt-deploy: report it with the bundle's manifest.json") from None
 
 
+def _portable(bundle: Bundle, precision: str) -> Artifact | None:
+    # decision: Triton's onnxruntime_onnx models get the portable graph: every execution provider compiles it
+    return bundle.find("onnx", precision)
+
+
 def _plan_models(bundle: Bundle, precisions: Sequence[str]) -> list[tuple[Artifact, Any]]:
     from ..trt.sidecar import EngineMeta
 
     out = []
     for p in precisions:
-        art = bundle.find("tensorrt", p)
+        art = select(bundle, "tensorrt", p, "cuda")
         if art is not None:
             meta = EngineMeta.read(bundle.sidecar_path(art))
             if meta.batch.min > 1:
@@ -210,7 +216,7 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     bundle = bundle if isinstance(bundle, _Bundle) else _Bundle.open(bundle)
     out = Path(out)
     _check_out(out)  # before the graphs are read; again under the lock
-    precisions = list(options.precisions or [p for p in PRECISIONS if bundle.find("onnx", p) or bundle.find("tensorrt", p)])
+    precisions = list(options.precisions or [p for p in PRECISIONS if _portable(bundle, p) or select(bundle, "tensorrt", p, "cuda")])
     max_batch = options.max_batch or bundle.batch.max
     if bundle.batch.dynamic and bundle.batch.min > 1:
         raise CvtDeployError(f"the bundle's batch range starts at {bundle.batch.min}; Triton forms batches from 1",
@@ -224,12 +230,12 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
     models: list[tuple[str, str, Path, str]] = []
     kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
     for p in precisions:
-        art = bundle.find("onnx", p)
+        art = _portable(bundle, p)
         if art is None:
             continue
         extra = []
         if options.ort_tensorrt:
-            mode = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}[p]
+            mode = PRECISION[p].triton_mode
             extra.append('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
                          f'parameters {{ key: "precision_mode" value: "{mode}" }} '
                          'parameters { key: "max_workspace_size_bytes" value: "1073741824" } '
@@ -245,7 +251,8 @@ def write_model_repository(bundle: Bundle | str | os.PathLike[str], out: str | o
             raise CvtDeployError(f"the {art.precision} engine takes {tuple(meta.chw)} images, the bundle's manifest "
                                  f"{expected}", "rebuild the engine: cvt-export --format trt --bundle BUNDLE")
         cc = f"{meta.compute_capability[0]}.{meta.compute_capability[1]}"
-        source = bundle.find("onnx", meta.precision) if art.info.get("source") is None else bundle.artifacts.get(art.info["source"])
+        # decision: the graph an engine was built from, as its manifest entry names it (older bundles: by precision)
+        source = _portable(bundle, meta.precision) if art.info.get("source") is None else bundle.artifacts.get(art.info["source"])
         io_art = source or art
         name = f"{options.model_name}-trt-{art.precision}"
         text = _config_text(name, "tensorrt_plan", _with_io(art, io_art, meta), bundle, options,

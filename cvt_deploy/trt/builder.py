@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..artifacts import PRECISION
 from ..errors import CvtDeployError
 from ..util import BatchRange, atomic_output, file_sha256
 from .progress import attach_progress, heartbeat
-from .report import BuildFailed, BuildReport, counted
+from .network import check_io, parse_into, serialize_into, static_findings
+from .report import BuildFailed, BuildReport
 from .sidecar import EngineMeta, profile_shapes, sidecar_path
-from .util import (MESSAGES, TENSORRT, Toolkit, check_hardware_compatible, cuda_call, cuda_device_index, cuda_device_info,
-                   cuda_free_memory, default_workspace_mib, dims, format_errors, import_cudart, require_tensorrt, trt_logger,
+from .util import (TENSORRT, Toolkit, check_hardware_compatible, cuda_call, cuda_device_index, cuda_device_info,
+                   cuda_free_memory, default_workspace_mib, format_errors, import_cudart, require_tensorrt, trt_logger,
                    version_tuple)
 
 if TYPE_CHECKING:
@@ -94,6 +96,25 @@ class BuildOptions:
                                  f"drop {', '.join(unused)}, or build TensorRT engines on the target GPU (--format trt)")
 
 
+@dataclass(frozen=True)
+class PlanSource:
+    """The graph one plan is built from, and what the engine must take: the bundle's facts about
+    that graph (its file, precision, batch range, input name and pixel dims, the nodes its
+    export pinned to fp32, its recorded sha256), beside the :class:`BuildOptions` of the build."""
+
+    onnx_path: Path
+    precision: str
+    batch: BatchRange
+    input_name: str | None
+    chw: tuple[int, int, int]
+    fp32_nodes: Sequence[str] = ()
+    onnx_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "onnx_path", Path(self.onnx_path))
+        object.__setattr__(self, "fp32_nodes", tuple(self.fp32_nodes))
+
+
 @dataclass
 class Built:
     plan: tensorrt.IHostMemory  # bytes-like
@@ -101,10 +122,9 @@ class Built:
     report: BuildReport
 
 
-def build_plan(onnx_path: str | os.PathLike[str], precision: str, batch: BatchRange, input_name: str | None,
-               chw: tuple[int, int, int], options: BuildOptions | None = None, *, toolkit: Toolkit = TENSORRT,
-               strongly_typed: bool | None = None, progress: bool = True, device: str | None = None,
-               fp32_nodes: Sequence[str] = (), onnx_sha256: str | None = None, rebuild_hint: str = "") -> Built:
+def build_plan(source: PlanSource, options: BuildOptions | None = None, *, toolkit: Toolkit = TENSORRT,
+                    strongly_typed: bool | None = None, progress: bool = True, device: str | None = None,
+                    rebuild_hint: str = "") -> Built:
     """Parse and build one plan in memory (nothing written); :class:`BuildFailed` with every parser
     or builder message when either refuses. ``strongly_typed``: None picks by toolkit and version."""
     options = options or BuildOptions()
@@ -114,82 +134,46 @@ def build_plan(onnx_path: str | os.PathLike[str], precision: str, batch: BatchRa
         import tensorrt as trt  # checked against tensorrt-stubs; TensorRT-RTX has the same API for all used here
     else:
         trt = module
-    onnx_path = Path(onnx_path)
+    onnx_path, batch = source.onnx_path, source.batch
     if not onnx_path.is_file():
         raise CvtDeployError(f"ONNX file {onnx_path} does not exist", "pass a bundle made by cvt-export --format onnx")
     version = str(trt.__version__)
     strongly_typed = _typing(toolkit, version, strongly_typed, options)
-    report = BuildReport(onnx_path.name, toolkit.name, version, precision)
+    report = BuildReport(onnx_path.name, toolkit.name, version, source.precision)
     rebuild_hint = rebuild_hint or f"cvt-export --format {toolkit.format} --bundle <bundle>"
-
-    if toolkit.aot:
-        # No device memory to share: TensorRT-RTX's own limit unless asked (the 1 GiB that suits a Jetson
-        # failed CvT-13's fp32 build at batch 32: one tactic asked for 1.1 GB).
-        gpu_name, cc, workspace_mib = AOT_GPU, (0, 0), options.workspace_mib
-    else:
-        index = cuda_device_index(device)
-        cuda_call(import_cudart().cudaSetDevice(index), f"cudaSetDevice({index})")
-        gpu_name, cc = cuda_device_info(index)
-        if options.hardware_compatible and cc < (8, 0):
-            raise CvtDeployError(f"hardware-compatible engines need an Ampere or newer GPU to build on (compute "
-                                 f"capability >= 8.0); {gpu_name} has {cc[0]}.{cc[1]}", "build without --hardware-compatible")
-        workspace_mib = _workspace(options.workspace_mib, index)
+    gpu_name, cc, workspace_mib = _target_gpu(toolkit, options, device)
 
     logger = trt_logger(toolkit)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(module, version, strongly_typed, toolkit))
-    parser = trt.OnnxParser(network, logger)
-    static = _static_findings(onnx_path, version, progress) if not toolkit.aot else []
-    start = time.perf_counter()
-    if not parse_into(report, parser, network, onnx_path):
-        raise BuildFailed(
-            f"{toolkit.name} {version} cannot parse {onnx_path.name} ({len(report.errors)} error"
-            f"{'s' * (len(report.errors) != 1)}): " + format_errors(report.errors)
-            + (f"; the static readiness check found: {'; '.join(static)}" if static else ""),
-            "an unsupported operator usually means an op this TensorRT lacks: export the bundle for it "
-            "(cvt-export --tensorrt 8.5|8.6|10), or upgrade TensorRT", report)
-    image = _check_io(network, onnx_path, input_name, chw, batch)
+    start = _parse(trt.OnnxParser(network, logger), network, report, toolkit, onnx_path, progress)
+    image = check_io(network, onnx_path, source.input_name, source.chw, batch)
 
-    config = builder.create_builder_config()
-    if workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    workspace_mib = config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) >> 20
-    profile = builder.create_optimization_profile()
-    lo, opt, hi = profile_shapes(batch, chw)
-    profile.set_shape(image, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-    config.add_optimization_profile(profile)
-    flags, extra = _configure(module, builder, config, network, precision, version, strongly_typed, options, fp32_nodes,
-                              gpu_name)
+    config, workspace_mib = _new_config(module, builder, image, source, workspace_mib)
+    flags, extra = _configure(module, builder, config, network, source.precision, version, strongly_typed, options,
+                              source.fp32_nodes, gpu_name)
     targets = set_rtx_targets(module, config) if toolkit.aot else []
-    level = "NONE"
-    if options.hardware_compatible and version_tuple(version) >= SINCE["HardwareCompatibilityLevel"]:  # else refused above
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-        level = "AMPERE_PLUS"
+    level = _compatibility_level(module, config, version, options)
     cache_path = Path(options.timing_cache) if options.timing_cache is not None else None
     if cache_path is not None:
         _attach_timing_cache(config, cache_path)
 
     if progress:
         kind = "strongly typed" if strongly_typed else "flags " + "+".join(flags or ["none"])
-        print(f"building {toolkit.name} {precision} engine from {onnx_path.name} on {gpu_name} ({toolkit.name} "
+        print(f"building {toolkit.name} {source.precision} engine from {onnx_path.name} on {gpu_name} ({toolkit.name} "
               f"{version}, {kind}, batch {batch.min}..{batch.max} opt {batch.opt}, workspace {workspace_mib} MiB) ...",
               file=sys.stderr)
-    cancel = threading.Event()
-    monitored = progress and attach_progress(module, config, cancel)  # False where there is none (8.x: SINCE)
-    with heartbeat(progress and not monitored):
-        plan = serialize_into(report, builder, network, config, start)
+    plan = _serialize(module, builder, network, config, report, start, progress)
     if plan is None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
         raise BuildFailed(
-            f"{toolkit.name} {version} failed to build the {precision} engine from {onnx_path.name}: "
+            f"{toolkit.name} {version} failed to build the {source.precision} engine from {onnx_path.name}: "
             f"{format_errors(report.errors)}",
             f"if it ran out of memory (common on a Jetson): lower --workspace (was {workspace_mib} MiB) or the batch "
             f"maximum (--batch-range, was {batch.max}) and close other GPU programs; then rerun {rebuild_hint}", report)
     meta = EngineMeta(
-        tensorrt_version=version, gpu_name=gpu_name, compute_capability=cc, precision=precision, batch=batch,
-        input_name=image, output_name=network.get_output(0).name, chw=chw,
-        onnx_sha256=onnx_sha256 or file_sha256(onnx_path), onnx_file=onnx_path.name, strongly_typed=strongly_typed,
+        tensorrt_version=version, gpu_name=gpu_name, compute_capability=cc, precision=source.precision, batch=batch,
+        input_name=image, output_name=network.get_output(0).name, chw=source.chw,
+        onnx_sha256=source.onnx_sha256 or file_sha256(onnx_path), onnx_file=onnx_path.name, strongly_typed=strongly_typed,
         builder_flags=flags, workspace_mib=workspace_mib, version_compatible=options.version_compatible,
         hardware_compatibility_level=level, toolkit=toolkit.name, targets=targets, extra=extra)
     if cache_path is not None:
@@ -198,49 +182,96 @@ def build_plan(onnx_path: str | os.PathLike[str], precision: str, batch: BatchRa
     return Built(plan, meta, report)
 
 
-def parse_into(report: BuildReport, parser: tensorrt.OnnxParser, network: tensorrt.INetworkDefinition,
-               onnx_path: Path) -> bool:
-    """Parse ``onnx_path`` into ``network``; the verdict, the layer count and every parser message
-    (errors with node names and operators, warnings counted) go into ``report``."""
-    start = time.perf_counter()
-    with MESSAGES.capture(warnings=True) as logged:
-        report.parsed = bool(parser.parse_from_file(str(onnx_path)))
-    report.seconds += time.perf_counter() - start
-    report.warnings += counted(logged.warnings)
-    if report.parsed:
-        report.layers = int(network.num_layers)
-    else:
-        report.errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)] or list(logged)
-    return report.parsed
-
-
-def serialize_into(report: BuildReport, builder: tensorrt.Builder, network: tensorrt.INetworkDefinition,
-                   config: tensorrt.IBuilderConfig, start: float) -> tensorrt.IHostMemory | None:
-    """Build the plan; the verdict, the time since ``start`` and the builder's messages go into ``report``."""
-    with MESSAGES.capture(warnings=True) as logged:
-        plan: tensorrt.IHostMemory | None = builder.build_serialized_network(network, config)
-    report.seconds = time.perf_counter() - start
-    report.warnings += counted(logged.warnings)
-    report.built = plan is not None
-    if plan is None:
-        report.errors = counted(logged) or ["the builder returned no engine and logged no error"]
-    return plan
-
-
-def build_engine_file(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], precision: str,
-                      batch: BatchRange, input_name: str | None, chw: tuple[int, int, int],
-                      options: BuildOptions | None = None, **how: Any) -> Built:
+def build_engine_file(source: PlanSource, engine_path: str | os.PathLike[str], options: BuildOptions | None = None,
+                           *, toolkit: Toolkit = TENSORRT, strongly_typed: bool | None = None, progress: bool = True,
+                           device: str | None = None, rebuild_hint: str = "") -> Built:
     """:func:`build_plan`, then the plan and its sidecar written atomically (a failure keeps the old plan)."""
     start = time.perf_counter()
-    built = build_plan(onnx_path, precision, batch, input_name, chw, options, **how)
+    built = build_plan(source, options, toolkit=toolkit, strongly_typed=strongly_typed, progress=progress,
+                            device=device, rebuild_hint=rebuild_hint)
     engine_path = Path(engine_path)
     with atomic_output(engine_path) as tmp:
         tmp.write_bytes(built.plan)
         built.meta.write(sidecar_path(engine_path))  # lands just before the plan
-    if how.get("progress", True):
+    if progress:
         size = engine_path.stat().st_size / 2**20
         print(f"built {engine_path.name} ({size:.1f} MiB) in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return built
+
+
+def _target_gpu(toolkit: Toolkit, options: BuildOptions, device: str | None) -> tuple[str, tuple[int, int], int | None]:
+    """(GPU name, compute capability, workspace MiB or None for the toolkit's own) of this build."""
+    if toolkit.aot:
+        # No device memory to share: TensorRT-RTX's own limit unless asked (the 1 GiB that suits a Jetson
+        # failed CvT-13's fp32 build at batch 32: one tactic asked for 1.1 GB).
+        return AOT_GPU, (0, 0), options.workspace_mib
+    index = cuda_device_index(device)
+    cuda_call(import_cudart().cudaSetDevice(index), f"cudaSetDevice({index})")
+    gpu_name, cc = cuda_device_info(index)
+    if options.hardware_compatible and cc < (8, 0):
+        raise CvtDeployError(f"hardware-compatible engines need an Ampere or newer GPU to build on (compute "
+                             f"capability >= 8.0); {gpu_name} has {cc[0]}.{cc[1]}", "build without --hardware-compatible")
+    return gpu_name, cc, _workspace(options.workspace_mib, index)
+
+
+def _parse(parser: tensorrt.OnnxParser, network: tensorrt.INetworkDefinition, report: BuildReport, toolkit: Toolkit,
+           onnx_path: Path, progress: bool) -> float:
+    """Parse the graph into ``network``, the static findings said first (a GPU build's; they come
+    back in the error when the parser refuses); returns when the build's clock started."""
+    static = static_findings(onnx_path, report.version, progress) if not toolkit.aot else []
+    start = time.perf_counter()
+    if not parse_into(report, parser, network, onnx_path):
+        raise BuildFailed(
+            f"{toolkit.name} {report.version} cannot parse {onnx_path.name} ({len(report.errors)} error"
+            f"{'s' * (len(report.errors) != 1)}): " + format_errors(report.errors)
+            + (f"; the static readiness check found: {'; '.join(static)}" if static else ""),
+            "an unsupported operator usually means an op this TensorRT lacks: export the bundle for it "
+            "(cvt-export --tensorrt 8.5|8.6|10), or upgrade TensorRT", report)
+    return start
+
+
+def _new_config(module: Any, builder: tensorrt.Builder, image: str, source: PlanSource,
+                workspace_mib: int | None) -> tuple[tensorrt.IBuilderConfig, int]:
+    """A builder config with the workspace limit (None: the toolkit's own) and the batch profile of
+    the input ``image``; returns it with the limit it holds, MiB."""
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = module
+    config = builder.create_builder_config()
+    if workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    workspace_mib = config.get_memory_pool_limit(trt.MemoryPoolType.WORKSPACE) >> 20
+    profile = builder.create_optimization_profile()
+    lo, opt, hi = profile_shapes(source.batch, source.chw)
+    profile.set_shape(image, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+    config.add_optimization_profile(profile)
+    return config, workspace_mib
+
+
+def _compatibility_level(module: Any, config: tensorrt.IBuilderConfig, version: str, options: BuildOptions) -> str:
+    """The hardware compatibility level set on ``config`` (8.5 has none: refused before, by _typing)."""
+    if TYPE_CHECKING:
+        import tensorrt as trt
+    else:
+        trt = module
+    if options.hardware_compatible and version_tuple(version) >= SINCE["HardwareCompatibilityLevel"]:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+        return "AMPERE_PLUS"
+    return "NONE"
+
+
+def _serialize(module: Any, builder: tensorrt.Builder, network: tensorrt.INetworkDefinition,
+               config: tensorrt.IBuilderConfig, report: BuildReport, start: float,
+               progress: bool) -> tensorrt.IHostMemory | None:
+    """The plan, or None when the builder made none; Ctrl-C in TensorRT's progress monitor cancels it."""
+    cancel = threading.Event()
+    monitored = progress and attach_progress(module, config, cancel)  # False where there is none (8.x: SINCE)
+    with heartbeat(progress and not monitored):
+        plan = serialize_into(report, builder, network, config, start)
+    if plan is None and cancel.is_set():
+        raise KeyboardInterrupt
+    return plan
 
 
 def _typing(toolkit: Toolkit, version: str, strongly_typed: bool | None, options: BuildOptions) -> bool:
@@ -295,7 +326,8 @@ def _configure(module: Any, builder: tensorrt.Builder, config: tensorrt.IBuilder
         flags.append(flag.name)
 
     extra: dict[str, object] = {}
-    if precision == "fp32":
+    wanted = PRECISION[precision].trt_flags
+    if not wanted:
         # TF32 (on by default) rounds fp32 matmuls to 10-bit mantissas: fp32 must mean fp32 here,
         # or the engine misses the fp32 parity gate against ONNX Runtime.
         config.clear_flag(trt.BuilderFlag.TF32)
@@ -304,9 +336,8 @@ def _configure(module: Any, builder: tensorrt.Builder, config: tensorrt.IBuilder
         if not builder.platform_has_fast_fp16:
             print(f"warning: {gpu_name} has no fast fp16; the {precision} engine may be no faster than fp32",
                   file=sys.stderr)
-        set_flag(trt.BuilderFlag.FP16)
-        if precision == "int8":
-            set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the Q/DQ nodes set the scales
+        for name in wanted:
+            set_flag(getattr(trt.BuilderFlag, name))
         kept = _keep_fp32(module, network, version, fp32_nodes)
         if kept:
             set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
@@ -344,38 +375,6 @@ def _workspace(requested: int | None, index: int) -> int:
     return requested
 
 
-def _parser_error(err: tensorrt.ParserError) -> str:
-    where = f"node {err.node()}" if err.node() >= 0 else "graph"
-    # node_name / node_operator exist from TensorRT 10 on only.
-    name = err.node_name() if hasattr(err, "node_name") else ""
-    op = err.node_operator() if hasattr(err, "node_operator") else ""
-    where += f" {name!r}" if name else ""
-    where += f" ({op})" if op else ""
-    return f"{where}: {err.desc()} [{err.code()}]"
-
-
-def _check_io(network: tensorrt.INetworkDefinition, onnx_path: Path, input_name: str | None,
-              chw: tuple[int, int, int], batch: BatchRange) -> str:
-    """The image input's name, after checking the graph is one NCHW image in, one tensor out."""
-    fix = "re-export the bundle with cvt-export (one NCHW image input, one logits output)"
-    ins = [network.get_input(i) for i in range(network.num_inputs)]
-    if len(ins) != 1 or network.num_outputs != 1:
-        raise CvtDeployError(f"{onnx_path.name} has {len(ins)} inputs and {network.num_outputs} outputs; a CvT "
-                             "classifier graph has one of each", fix)
-    tensor = ins[0]
-    if input_name and tensor.name != input_name:
-        raise CvtDeployError(f"{onnx_path.name}'s input is {tensor.name!r}, but the bundle says {input_name!r}", fix)
-    shape = dims(tensor.shape)
-    if len(shape) != 4 or any(s not in (-1, want) for s, want in zip(shape[1:], chw)):
-        raise CvtDeployError(f"{onnx_path.name}'s input {tensor.name!r} has shape {shape}; expected (N, {chw[0]}, "
-                             f"{chw[1]}, {chw[2]}) for this model", fix)
-    if shape[0] != -1 and not batch.min == batch.max == shape[0]:
-        raise CvtDeployError(f"{onnx_path.name} has a fixed batch of {shape[0]}, but the engine should take batches "
-                             f"{batch.min}..{batch.max}",
-                             "re-export with a dynamic batch (cvt-export --batch-range 1:8:32) or the same fixed --batch-range")
-    return tensor.name
-
-
 def _keep_fp32(module: Any, network: tensorrt.INetworkDefinition, version: str, names: Sequence[str] = ()) -> list[str]:
     """Pin every Normalization and SoftMax layer, and the layers named ``names``, to fp32; returns
     the pinned layers' names. By layer type, never by a name pattern: a pattern also catches the
@@ -405,22 +404,6 @@ def _keep_fp32(module: Any, network: tensorrt.INetworkDefinition, version: str, 
             layer.set_output_type(j, trt.DataType.FLOAT)
         kept.append(layer.name)
     return kept
-
-
-def _static_findings(onnx_path: Path, version: str, progress: bool) -> list[str]:
-    """What the static readiness check says about this graph on this TensorRT (printed as
-    warnings before parsing; the real parser decides, and a failure repeats them)."""
-    from .readiness import check_readiness, release_of
-
-    key = release_of(version)
-    if key is None:
-        return []
-    report = check_readiness(onnx_path, key)
-    errors = [str(f) for f in report.errors]
-    if progress:
-        for line in errors:
-            print(f"warning: {line}", file=sys.stderr)
-    return errors
 
 
 def _attach_timing_cache(config: tensorrt.IBuilderConfig, path: Path) -> None:

@@ -31,12 +31,12 @@ def check_dla_request(dla_core: int | None, precision: str, batch: BatchRange) -
     check_dla_core(dla_core)
     if dla_core is None:
         return
-    if precision == "int8":
+    if precision == "int8":  # decision: DLA's rules, from NVIDIA's DLA docs, are trt/dla.py's to keep
         raise CvtDeployError(
             "the int8 engine is built from the Q/DQ graph (explicit quantization), which does not run on DLA; DLA "
             "int8 needs implicit calibration, which TensorRT deprecates and cvt-deploy does not do",
             "build fp16 for the DLA (--precision fp16 --dla-core N), or int8 on the GPU (omit --dla-core)")
-    if precision != "fp16":
+    if precision != "fp16":  # decision: as above
         raise CvtDeployError(f"DLA runs fp16 and int8 only, not {precision}", "pass --precision fp16 with --dla-core")
     if batch.dynamic:
         raise CvtDeployError(f"DLA needs static shapes, but the bundle's batch is dynamic ({batch.min}..{batch.max})",

@@ -12,17 +12,19 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from ..artifacts import REFERENCE, artifact_file, engine_source
 from ..bundle import Artifact, Bundle, artifact_name
+from ..bundle_write import changing
 from ..errors import CvtDeployError
 from ..util import check_precision
-from .builder import MIN_TENSORRT, BuildOptions, build_engine_file  # noqa: F401  (MIN_TENSORRT: public)
+from .builder import MIN_TENSORRT, BuildOptions, PlanSource, build_engine_file  # noqa: F401  (MIN_TENSORRT: public)
 from .sidecar import sidecar_path
 from .util import TENSORRT, Toolkit, require_tensorrt, version_tuple
 
 
 def engine_file(precision: str, toolkit: Toolkit = TENSORRT) -> str:
     """The plan's file name inside a bundle: ``model.<precision>.engine`` (TensorRT-RTX: ``.rtx.engine``)."""
-    return f"model.{precision}{toolkit.engine_suffix}"
+    return artifact_file(toolkit.kind, precision)
 
 
 def build_engine(bundle: Bundle, precision: str = "fp16", options: BuildOptions | None = None, *,
@@ -43,55 +45,42 @@ def build_engine(bundle: Bundle, precision: str = "fp16", options: BuildOptions 
     strongly_typed = toolkit.aot or (major >= 10 if options.dla_core is None else dla_strongly_typed(major))
     source = source_graph(bundle, precision, strongly_typed, version, toolkit)
     io: dict[str, object] = {k: source.info[k] for k in ("input_format", "output_kind") if k in source.info}
-    engine = bundle.root / engine_file(precision, toolkit)
-    built = build_engine_file(
-        bundle.verified_path(source), engine, precision, bundle.batch, source.info.get("input"),
-        graph_dims(bundle.config.preprocess, str(io.get("input_format", "float"))), options, toolkit=toolkit,
-        strongly_typed=strongly_typed, progress=progress, device=device, onnx_sha256=source.sha256 or None,
-        fp32_nodes=source.info.get("fp32_nodes") or (),
-        rebuild_hint=f"cvt-export --format {toolkit.format} --bundle {bundle.root} "
-                     f"--precision {precision}")
-    meta = built.meta
-    io.update((k, v) for k, v in meta.extra.items() if k == "dla_core")
-    info = {"sidecar": sidecar_path(engine).name, "source": source.name, "toolkit": toolkit.name,
-            "tensorrt_version": meta.tensorrt_version, "gpu": meta.gpu_name,
-            **({"targets": meta.targets} if meta.targets else
-               {"compute_capability": "{}.{}".format(*meta.compute_capability)}),
-            "strongly_typed": meta.strongly_typed, "builder_flags": meta.builder_flags,
-            "workspace_mib": meta.workspace_mib, "version_compatible": meta.version_compatible,
-            "hardware_compatibility_level": meta.hardware_compatibility_level, "layers": built.report.layers,
-            "build_seconds": round(built.report.seconds, 2), **io}
-    return bundle.add(Artifact(artifact_name(toolkit.kind, precision), engine.name, toolkit.kind, precision, info=info))
+    with changing(bundle):  # the plan and its sidecar land with their manifest entry, or not at all
+        engine = bundle.new_file(engine_file(precision, toolkit))
+        bundle.new_file(sidecar_path(engine).name)
+        graph = PlanSource(bundle.verified_path(source), precision, bundle.batch, source.info.get("input"),
+                           graph_dims(bundle.config.preprocess, str(io.get("input_format", "float"))),
+                           fp32_nodes=source.info.get("fp32_nodes") or (), onnx_sha256=source.sha256 or None)
+        built = build_engine_file(
+            graph, engine, options, toolkit=toolkit, strongly_typed=strongly_typed, progress=progress, device=device,
+            rebuild_hint=f"cvt-export --format {toolkit.format} --bundle {bundle.root} "
+                         f"--precision {precision}")
+        meta = built.meta
+        io.update((k, v) for k, v in meta.extra.items() if k == "dla_core")
+        info = {"sidecar": sidecar_path(engine).name, "source": source.name, "toolkit": toolkit.name,
+                "tensorrt_version": meta.tensorrt_version, "gpu": meta.gpu_name,
+                **({"targets": meta.targets} if meta.targets else
+                   {"compute_capability": "{}.{}".format(*meta.compute_capability)}),
+                "strongly_typed": meta.strongly_typed, "builder_flags": meta.builder_flags,
+                "workspace_mib": meta.workspace_mib, "version_compatible": meta.version_compatible,
+                "hardware_compatibility_level": meta.hardware_compatibility_level, "layers": built.report.layers,
+                "build_seconds": round(built.report.seconds, 2), **io}
+        return bundle.add(Artifact(artifact_name(toolkit.kind, precision), engine.name, toolkit.kind, precision, info=info))
 
 
 def build_engines(bundle: Bundle, precisions: Sequence[str], options: BuildOptions | None = None, *,
-                  toolkit: Toolkit = TENSORRT, check: bool = True, data: str | None = None,
-                  check_limit: int | None = None, progress: bool = True) -> list[Artifact]:
-    """The engine stage of an export: an engine per precision, then (``check``, where the engines
-    can run here) parity of the engines against PyTorch fp32 on this GPU, recorded in the
-    manifest; the same gates as the ONNX graphs (:class:`~cvt_deploy.parity.ParityFailure` when
-    one fails). TensorRT-RTX engines built on a machine without a GPU are not checked: said so."""
-    from ..parity import check_bundle, record_parity
-    from ..backends import backend_class
-
+                  toolkit: Toolkit = TENSORRT, progress: bool = True) -> list[Artifact]:
+    """The engine stage of an export: an engine per precision, added to the bundle together (a
+    failed build leaves it as it was). Their parity is the export's to check
+    (``export.pipeline.add_engines`` builds and checks)."""
     options = options or BuildOptions()
     require_tensorrt(f"--format {toolkit.format}", toolkit)
-    built = []
-    for precision in precisions:
-        art = build_engine(bundle, precision, options, toolkit=toolkit, progress=progress)
-        print(f"built {bundle.path(art)}", file=sys.stderr)
-        built.append(art)
-    if not check:
-        return built
-    cannot_run = backend_class(toolkit.kind).unavailable_reason() if toolkit.aot else None
-    if cannot_run is not None:
-        print(f"  note: the {toolkit.name} engines are built and their graphs checked here, but not run: "
-              f"{cannot_run}. Run cvt-check --bundle {bundle.root} --backend {toolkit.kind} on a machine with "
-              "an RTX or Ampere-or-newer GPU", file=sys.stderr)
-        return built
-    reports = check_bundle(bundle, data=data, limit=check_limit, backends=[toolkit.kind], precisions=precisions,
-                           progress=progress)
-    record_parity(bundle, toolkit.kind, reports, show=True)
+    with changing(bundle):
+        built = []
+        for precision in precisions:
+            art = build_engine(bundle, precision, options, toolkit=toolkit, progress=progress)
+            print(f"built {bundle.root / art.file}", file=sys.stderr)
+            built.append(art)
     return built
 
 
@@ -104,13 +93,8 @@ INT8_FALLBACK = ("everything outside the Q/DQ pairs (LayerNorm, Softmax, GELU, a
 def source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version: str,
                  toolkit: Toolkit = TENSORRT) -> Artifact:
     """The ONNX artifact an engine of ``precision`` is built from on this TensorRT."""
-    # Weakly typed (8.6) fp16 = the fp32 graph + FP16 flag; everything else needs its own typed graph.
-    want = "fp32" if precision == "fp16" and not strongly_typed else precision
-    # Strongly typed int8: the int8+fp16 graph where the bundle has it (else what lies outside
-    # Q/DQ would run in fp32), the fp32 Q/DQ graph otherwise.
-    typed_int8 = bundle.find("onnx", want, "tensorrt-10") if strongly_typed and want == "int8" else None
-    art = typed_int8 or bundle.find("onnx", want)
-    if art is not None and strongly_typed and want == "int8" and typed_int8 is None:
+    art, want, fell_back = engine_source(bundle, precision, strongly_typed)
+    if fell_back and art is not None:
         print(f"warning: bundle {bundle.root} has no int8+fp16 graph, so {toolkit.name} {version} builds the int8 "
               f"engine strongly typed from {art.file}: {INT8_FALLBACK}.\n  fix: re-export the bundle with "
               f"cvt-export --precision int8 --out {bundle.root} (it writes model.int8-fp16.onnx), then rebuild",
@@ -126,7 +110,7 @@ def source_graph(bundle: Bundle, precision: str, strongly_typed: bool, version: 
         return art
     have = ", ".join(sorted(bundle.artifacts)) or "nothing"
     why = (f"{toolkit.name} {version} builds {precision} engines strongly typed, from the {precision} ONNX graph"
-           if strongly_typed and precision != "fp32" else f"a {precision} engine is built from the {want} ONNX graph")
+           if strongly_typed and precision != REFERENCE else f"a {precision} engine is built from the {want} ONNX graph")
     raise CvtDeployError(f"bundle {bundle.root} has no {want} ONNX graph ({why}); it has: {have}",
                          f"export the bundle with it: cvt-export --precision {precision} --out {bundle.root} "
                          "(on the machine with PyTorch), then copy the bundle here")

@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import release_name
+
 TABLE = Path(__file__).with_name("parser_ops.json")
 GUIDE_8 = "TensorRT 8.6 developer guide, 'Explicit Quantization' (Q/DQ layer placement, per-channel weights)"
 GUIDE_10 = "TensorRT 10 developer guide, 'Explicit Quantization'"
@@ -56,9 +58,8 @@ def release_refs() -> list[str]:
 def release_of(version: str) -> str | None:
     """The parser table a TensorRT version is checked against ("8.5.2.2" -> "8.5", "10.3.0" -> "10");
     None for releases the table does not describe (older than 8.5, newer than 10)."""
-    parts = version.split(".")
-    key = "10" if parts[0] == "10" else ".".join(parts[:2])
-    return key if key in parser_table()["ops"] else None
+    key = release_name(version)
+    return key if key is not None and key in parser_table()["ops"] else None
 
 
 def source_of(version: str, what: str = "docs/operators.md") -> str:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from ..artifacts import RELEASE, tensorrt_bound
 from ..errors import CvtDeployError, require
 from .parser_facts import TYPES, Finding, Graph, attr, label, note_of, parser_table, release_of, release_refs, \
     source_of
@@ -50,7 +51,7 @@ PROFILE = "cvt-deploy: the engine's optimization profile sets the batch only (tr
 RANKS = {"Conv": (3, 4, 5), "ConvTranspose": (3, 4, 5)}
 #: The newest opset each release's docs claim (its docs/operators.md header; the importer itself
 #: only warns, so a newer graph is a note, not an error).
-MAX_OPSET = {"8.5": 17, "8.6": 17, "10": 20}
+MAX_OPSET = {r.name: r.max_opset for r in RELEASE.values()}  # the registry's (artifacts.RELEASE)
 REDUCE_OPS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
                         "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum"})
 # Issues where NVIDIA explains how 8.x builds a graph that casts to FP16 (weakly typed).
@@ -222,7 +223,7 @@ def _check_fp16_casts(model: Any, g: Graph, version: str, graph: str, add: Any) 
 def portable_graphs(bundle: Bundle) -> list[Any]:
     """The bundle's ONNX artifacts TensorRT builds from: the portable graphs and those written
     for TensorRT 10 alone (the int8+fp16 graph)."""
-    return [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.target in ("portable", "tensorrt-10")]
+    return tensorrt_bound(bundle)
 
 
 def check_bundle_readiness(bundle: Bundle, versions: Iterable[str] | None = None,
@@ -265,7 +266,9 @@ def require_ready(bundle: Bundle) -> list[ReadinessReport]:
         raise CvtDeployError("the exported graphs would not parse on the TensorRT they were written for: "
                              + "; ".join(str(f) for r in failed for f in r.errors),
                              "export for a newer TensorRT (--tensorrt 10) meanwhile, and report this with the model")
-    for art in portable_graphs(bundle):  # the files are unchanged: no re-hashing, one manifest write
-        art.info["tensorrt_ready"] = [r.version for r in reports if r.graph == art.file]
-    bundle.save()
+    from ..bundle_write import changing
+
+    with changing(bundle):  # the files are unchanged: no re-hashing, one manifest write
+        for art in portable_graphs(bundle):
+            art.info["tensorrt_ready"] = [r.version for r in reports if r.graph == art.file]
     return reports

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CvtDeployError
 from ..progress import say
-from .builder import build_plan, network_flags, parse_into, serialize_into, set_rtx_targets
+from .builder import PlanSource, build_plan, network_flags, parse_into, serialize_into, set_rtx_targets
 from .report import BuildFailed, BuildReport
 from .util import TENSORRT_RTX, dims, require_tensorrt, tensorrt_unavailable_reason, tensorrt_version, trt_logger
 
@@ -43,9 +43,9 @@ def check_graph(bundle: Bundle, art: Artifact, progress: bool = False) -> BuildR
 
     chw = graph_dims(bundle.config.preprocess, str(art.info.get("input_format", "float")))
     try:
-        return build_plan(bundle.verified_path(art), art.precision, bundle.batch, art.info.get("input"), chw,
-                          toolkit=TENSORRT_RTX, strongly_typed=True, progress=progress,
-                          onnx_sha256=art.sha256 or None).report
+        graph = PlanSource(bundle.verified_path(art), art.precision, bundle.batch, art.info.get("input"), chw,
+                           onnx_sha256=art.sha256 or None)
+        return build_plan(graph, toolkit=TENSORRT_RTX, strongly_typed=True, progress=progress).report
     except BuildFailed as e:
         return e.report
     except CvtDeployError as e:  # our own check of the parsed network (inputs, outputs, shapes)
@@ -125,10 +125,12 @@ def require_builds(bundle: Bundle, progress: bool = True) -> list[BuildReport]:
     by_file = {r.graph: r for r in reports}
     from .readiness import portable_graphs
 
-    for art in portable_graphs(bundle):
-        if art.file in by_file:
-            art.info[MANIFEST_KEY] = record(by_file[art.file])
-    bundle.save()
+    from ..bundle_write import changing
+
+    with changing(bundle):
+        for art in portable_graphs(bundle):
+            if art.file in by_file:
+                art.info[MANIFEST_KEY] = record(by_file[art.file])
     return reports
 
 

@@ -44,7 +44,6 @@ class TensorRTRuntime(Runtime):
 
     toolkit: ClassVar[Toolkit] = TENSORRT
     backend: ClassVar[str] = TENSORRT.kind
-    artifact_kind: ClassVar[str] = TENSORRT.kind
     install_hint: ClassVar[str] = TENSORRT.hint + "; the TensorRT runtime also needs cuda-python"
 
     def __init__(self, engine_path: str | os.PathLike[str], meta: EngineMeta, config: CvtConfig,
@@ -161,7 +160,7 @@ class TensorRTRuntime(Runtime):
         reason = cls.unavailable_reason(device)
         if reason is not None:
             raise CvtDeployError(f"the {cls.toolkit.name} backend cannot run here: {reason}", cls.install_hint)
-        art = bundle.require(cls.artifact_kind, precision)
+        art = bundle.select(cls.backend, precision, device)
         engine = bundle.verified_path(art)
         meta = EngineMeta.read(bundle.sidecar_path(art))
         runtime = cls(engine, meta, bundle.config, device=device, bundle_root=bundle.root)
@@ -231,6 +230,5 @@ class TensorRTRTXRuntime(TensorRTRuntime):
 
     toolkit: ClassVar[Toolkit] = TENSORRT_RTX
     backend: ClassVar[str] = TENSORRT_RTX.kind
-    artifact_kind: ClassVar[str] = TENSORRT_RTX.kind
     install_hint: ClassVar[str] = (TENSORRT_RTX.hint + "; running its engines also needs cuda-python and an NVIDIA "
                                    "driver with an RTX or Ampere-or-newer GPU")

@@ -19,6 +19,7 @@ import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+from ..artifacts import KIND
 from ..errors import CvtDeployError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -64,12 +65,15 @@ class Toolkit:
     kind: str           # the bundle's artifact kind and backend name of its engines
     aot: bool           # builds with no GPU present
     hint: str           # how to install it
-    engine_suffix: str  # model.<precision><engine_suffix>
-    format: str         # cvt-export --format that builds its engines
+
+    @property
+    def format(self) -> str:
+        """The cvt-export --format that builds its engines (the registry's: artifacts.KIND)."""
+        return str(KIND[self.kind].format)
 
 
-TENSORRT = Toolkit("TensorRT", "tensorrt", "tensorrt", False, TENSORRT_INSTALL_HINT, ".engine", "trt")
-TENSORRT_RTX = Toolkit("TensorRT-RTX", "tensorrt_rtx", "tensorrt-rtx", True, RTX_INSTALL_HINT, ".rtx.engine", "trt-rtx")
+TENSORRT = Toolkit("TensorRT", "tensorrt", "tensorrt", False, TENSORRT_INSTALL_HINT)
+TENSORRT_RTX = Toolkit("TensorRT-RTX", "tensorrt_rtx", "tensorrt-rtx", True, RTX_INSTALL_HINT)
 TOOLKITS = {t.kind: t for t in (TENSORRT, TENSORRT_RTX)}
 
 
