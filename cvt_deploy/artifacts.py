@@ -24,7 +24,7 @@ runtime reads bundles with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from .errors import CvtDeployError
 
@@ -249,15 +249,16 @@ def candidates(bundle: BundleLike, backend: str, precision: str, device: str | N
     """Every graph of ``precision`` that ``backend`` could be given on ``device``: one per target
     meant for it (its preferred kind there), preferred targets first. What the measured CPU choice
     times; :func:`select` takes the first."""
+    if not _computes(backend, precision, device):
+        return []
     out = []
     targets = sorted((t for t in TARGET.values() if t.meant_for is None or backend in t.meant_for),
                      key=lambda t: not t.preferred)
     for target in targets:
         for kind in RUNS.get(backend, ()):
-            art = bundle.artifacts.get(artifact_name(kind, "fp32" if KIND[kind].any_precision else precision,
+            art = bundle.artifacts.get(artifact_name(kind, REFERENCE if KIND[kind].any_precision else precision,
                                                      target.name))
-            if art is not None and art.target == target.name and runs(art, backend, device) \
-                    and _computes(backend, precision, device):
+            if art is not None and art.target == target.name and runs(art, backend, device):
                 out.append(art)
                 break
     return out
@@ -298,7 +299,7 @@ def engine_source(bundle: BundleLike, precision: str, strongly_typed: bool) -> t
 def tensorrt_bound(bundle: BundleLike) -> list[Any]:
     """The ONNX graphs TensorRT builds from: those of every target meant for it (portable included)."""
     return [a for a in bundle.artifacts.values() if a.kind == "onnx" and a.target in TARGET
-            and (TARGET[a.target].meant_for is None or "tensorrt" in (TARGET[a.target].meant_for or ()))]
+            and "tensorrt" in (TARGET[a.target].meant_for or ("tensorrt",))]  # None: meant for every backend
 
 
 def label(name: str) -> str:
@@ -313,11 +314,6 @@ def label(name: str) -> str:
 def gate_backend(kind: str) -> str | None:
     """The backend whose parity report an artifact's ``parity`` entry holds."""
     return KIND[kind].gate_backend
-
-
-def by_precision(arts: Iterable[Any]) -> list[Any]:
-    """Artifacts most precise first, then by name: the order tables and checks list them in."""
-    return sorted(arts, key=lambda a: (PRECISIONS.index(a.precision), a.name))
 
 
 def precisions_present(bundle: BundleLike, backend: str, device: str | None = "cpu",
