@@ -359,7 +359,7 @@ def write_ort_cpu_graphs(bundle: Any, precisions: Sequence[str], metadata: dict[
 
     # The target's graphs (artifacts.TARGET): the float rewrite, and its dynamic quantization.
     floats, ints = TARGET_INFO.precisions
-    src = bundle.new_file(artifact_file("onnx", floats))
+    src = bundle.path(bundle.require("onnx", floats))  # decision: the portable graph it rewrites, by definition
     arts = []
     try:
         with stage("rewriting for ONNX Runtime CPU (MultiHeadAttention, NHWC token maps)", progress):

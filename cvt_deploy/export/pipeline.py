@@ -44,6 +44,11 @@ def _file(precision: str, target: str = "portable") -> str:
     return artifact_file("onnx", precision, target)
 
 
+def _fp32_graph(bundle: Bundle) -> Path:
+    """The portable fp32 graph every other graph of the export is made from (read, not written)."""
+    return bundle.path(bundle.require("onnx", REFERENCE))  # decision: the export's source graph, by definition
+
+
 @dataclass
 class ExportResult:
     bundle: Bundle
@@ -356,7 +361,7 @@ def _auto(bundle: Bundle, base: Int8Plan, data: EvalData, options: ExportOptions
     if progress:
         print("choosing the layers int8 keeps float (auto): the quantized layers ranked, then kept float, the most "
               "costly first, until the int8 gates hold", file=sys.stderr)
-    plan = auto_plan(bundle.new_file(_file("int8")), bundle.new_file(_file("fp32")), base, data,
+    plan = auto_plan(bundle.new_file(_file("int8")), _fp32_graph(bundle), base, data,
                      max_drop=options.int8_max_drop, cache=default_cache_dir() / "sensitivity", progress=progress)
     if progress:
         print(explain(plan), file=sys.stderr)
@@ -368,7 +373,7 @@ def _fp16_graph(run: _Run, fp32_nodes: Sequence[str]) -> dict[str, Any]:
     from .fp16 import convert_fp16
 
     with stage("converting to fp16 (LayerNorm/Softmax kept fp32)", run.progress):
-        return convert_fp16(run.bundle.new_file(_file(REFERENCE)), run.bundle.new_file(_file("fp16")),
+        return convert_fp16(_fp32_graph(run.bundle), run.bundle.new_file(_file("fp16")),
                             metadata=run.graph_meta("fp16"), keep_fp32_nodes=fp32_nodes)
 
 
@@ -376,7 +381,7 @@ def _int8_graphs(run: _Run, fp32_nodes: Sequence[str]) -> dict[str, Any]:
     """The int8 stage: the plan of layers kept float (``auto``'s search included), the Q/DQ graph
     that follows it, and the int8+fp16 graph for strongly typed TensorRT; the Q/DQ graph's facts."""
     bundle, options, progress = run.bundle, run.options, run.progress
-    plan = _plan(bundle.new_file(_file(REFERENCE)), options, progress)
+    plan = _plan(_fp32_graph(bundle), options, progress)
     info = _quantize(run, plan)
     if options.int8_auto and run.eval_data is not None:
         plan = _auto(bundle, plan, run.eval_data, options, progress)
@@ -396,7 +401,7 @@ def _quantize(run: _Run, plan: Int8Plan) -> dict[str, Any]:
     from .int8 import check_cache_location, quantize_int8
 
     bundle, options, progress = run.bundle, run.options, run.progress
-    src, dst = bundle.new_file(_file(REFERENCE)), bundle.new_file(_file("int8"))
+    src, dst = _fp32_graph(bundle), bundle.new_file(_file("int8"))
     batch, description = load_calibration(options.calib, bundle.config, options.calib_count or DEFAULT_CALIB_COUNT,
                                           progress=progress)
     cache: Path | None = options.calib_cache
